@@ -1,0 +1,52 @@
+"""`create_app(settings)`: the FastAPI application with its service started in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Response
+
+from eztinker import __version__
+from eztinker.api import native
+from eztinker.api.deps import ServiceDep, get_owner
+from eztinker.api.errors import install_error_handlers
+from eztinker.models.api import Health
+from eztinker.service import Service
+from eztinker.settings import Settings
+from eztinker.telemetry import CONTENT_TYPE
+
+
+def create_app(settings: Settings | None = None, *, service: Service | None = None) -> FastAPI:
+    """The app for `settings` (default: from the environment). The service starts with the app."""
+    service = service or Service(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncGenerator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(
+        title="EZTinker",
+        version=__version__,
+        description="A self-hosted Tinker: LoRA training and sampling over HTTP. Every op returns a job.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(native.router, dependencies=[Depends(get_owner)])
+
+    @app.get("/health", tags=["server"])
+    def health(service: ServiceDep) -> Health:
+        """Liveness and what is loaded; needs no API key."""
+        return service.health()
+
+    @app.get("/metrics", tags=["server"], dependencies=[Depends(get_owner)])
+    def metrics(service: ServiceDep) -> Response:
+        """Prometheus metrics: ops, latency, tokens, queue depth."""
+        return Response(service.telemetry.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,62 @@
+"""The EZTinker engine: LoRA training and sampling on shared, frozen base models, in-process.
+
+It takes typed inputs (`Datum`, `AdamParams`, `SamplingParams`) and returns typed outputs; it knows
+nothing about HTTP, JSON, request ids or queues — the server's facades translate to and from these
+types, and its scheduler decides when each op runs. It imports without FastAPI or httpx.
+
+```python
+from eztinker.engine import AdamParams, Datum, Engine
+
+engine = Engine()
+run = engine.create_run("Qwen/Qwen2-0.5B-Instruct", {"r": 8})
+engine.forward_backward(run.run_id, [Datum.from_labels(token_ids)])
+engine.optim_step(run.run_id, AdamParams(learning_rate=1e-4))
+```
+"""
+
+from eztinker.engine.engine import Engine, EngineConfig, RunInfo, SamplerInfo
+from eztinker.engine.errors import (
+    ComputeError,
+    ConflictError,
+    EngineError,
+    InvalidInputError,
+    NonFiniteError,
+    NotFoundError,
+    UnknownLossError,
+)
+from eztinker.engine.losses import get_loss_function, list_losses, register_loss_function
+from eztinker.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardResult,
+    OptimStepResult,
+    SampledSequence,
+    SampleResult,
+    SamplingParams,
+    TokenLoss,
+)
+
+__all__ = [
+    "AdamParams",
+    "ComputeError",
+    "ConflictError",
+    "Datum",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "ForwardBackwardResult",
+    "InvalidInputError",
+    "NonFiniteError",
+    "NotFoundError",
+    "OptimStepResult",
+    "RunInfo",
+    "SampleResult",
+    "SampledSequence",
+    "SamplerInfo",
+    "SamplingParams",
+    "TokenLoss",
+    "UnknownLossError",
+    "get_loss_function",
+    "list_losses",
+    "register_loss_function",
+]

@@ -1,0 +1,838 @@
+"""Checkpoints: PEFT adapter directories, plus the optimizer state and step of a training run.
+
+A checkpoint is a directory that `peft.PeftModel.from_pretrained(base_model, path)` loads unchanged:
+
+```
+adapter_config.json          peft.LoraConfig(...), serialised as PEFT serialises it
+adapter_model.safetensors    base_model.model.<module path>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+eztinker.json                format version, kind, step, base model, lora and loss configs, creation time
+optimizer.safetensors        kind "state" only: <module path>.lora_A.<stat> / .lora_B.<stat> for each
+                             AdamW statistic (step, exp_avg, exp_avg_sq), exactly as torch keeps them
+```
+
+Only safetensors and JSON are written and read (an old-style `adapter_model.bin` is read with
+`torch.load(weights_only=True)`, which unpickles tensors only), so loading a checkpoint never runs code.
+
+Saving is atomic: every file is written into a hidden temporary directory beside the target, each
+file and the directory are fsynced, and the directory is renamed to its final name (then the parent is
+fsynced). A crash mid-save leaves at most a hidden `.<name>.eztinker-tmp-<hex>` directory, which
+`list_checkpoints` ignores and `remove_stale_temp_dirs` deletes; never a half checkpoint under the
+final name. Deleting renames the directory to a hidden name first, then removes it.
+
+`read_checkpoint` accepts any plain-LoRA PEFT adapter directory, e.g. one that PEFT itself saved
+(`get_peft_model(...).save_pretrained(path)`): without `eztinker.json` it has step 0 and no optimizer
+state. LoRA variants whose maths differ from plain LoRA (DoRA, per-layer ranks or alphas, biases,
+extra trainable modules, ...) are refused with a message that names the feature. Rank-stabilised LoRA
+(`use_rslora`) is converted: scaling alpha/sqrt(r) is the plain scaling of alpha' = alpha·sqrt(r).
+
+`restore_into_run` is all-or-nothing: everything is checked, and every tensor converted to the run's
+device and dtype, before the first weight is overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.models import LoRAConfig, LossFunctionConfig
+
+if TYPE_CHECKING:
+    from eztinker.engine.run import TrainingRun
+
+FORMAT_VERSION = 1
+"""Version of the EZTinker part of the format (`eztinker.json`, `optimizer.safetensors`)."""
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+LEGACY_ADAPTER_WEIGHTS_FILE = "adapter_model.bin"  # PEFT < 0.7; read with torch.load(weights_only=True)
+OPTIMIZER_FILE = "optimizer.safetensors"
+METADATA_FILE = "eztinker.json"
+
+PEFT_PREFIX = "base_model.model."
+"""PEFT's prefix of every saved key: the model's module path follows it."""
+
+OPTIMIZER_STATS = ("step", "exp_avg", "exp_avg_sq")
+"""The AdamW statistics every saved parameter has (`max_exp_avg_sq` too under amsgrad)."""
+
+_TEMP_MARK = ".eztinker-tmp-"
+_TRASH_MARK = ".eztinker-del-"
+_KEY_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+_SAFETENSORS_METADATA = {"format": "pt"}  # what PEFT and transformers write
+
+# A rename onto an existing empty directory would replace it on POSIX: the existence check and the
+# rename happen under this lock, so two saves to one name in this process cannot both succeed.
+_RENAME_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    kind: Literal["state", "weights"]
+    step: int
+    base_model: str | None
+    created_at: float
+    size_bytes: int
+    optimizer_path: Path | None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    path: Path
+    kind: Literal["state", "weights"]
+    lora_config: LoRAConfig
+    base_model: str | None
+    step: int
+    loss_config: LossFunctionConfig | None
+    # module path -> (A (r, in), B (out, r)), on the CPU as stored
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # "<module path>.lora_A" -> {"step", "exp_avg", "exp_avg_sq"}; None for an adapter without optimizer state
+    optimizer: dict[str, dict[str, torch.Tensor]] | None
+    created_at: float | None = None  # from eztinker.json; None for a plain PEFT adapter
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | Path, run: TrainingRun, *, kind: Literal["state", "weights"]
+) -> CheckpointInfo:
+    """Write `run`'s adapter (and with kind "state" its optimizer state) to the new directory `path`.
+
+    Atomic: `path` appears complete or not at all. `ConflictError` if `path` already exists. The
+    caller holds the base model's lock, so the run does not change while its tensors are copied out.
+    (To hold the lock only for the copy, call `prepare_checkpoint` under it and `write_checkpoint` after.)
+    """
+    check_checkpoint_path(path)
+    return write_checkpoint(path, prepare_checkpoint(run, kind=kind))
+
+
+@dataclass(frozen=True)
+class PreparedCheckpoint:
+    """A run's checkpoint content, copied out of the run: writing it needs no lock."""
+
+    kind: Literal["state", "weights"]
+    step: int
+    base_model: str
+    created_at: float
+    adapter: dict[str, torch.Tensor]  # PEFT keys -> CPU tensors
+    optimizer: dict[str, torch.Tensor] | None  # "<path>.lora_A.<stat>" -> CPU tensors
+    adapter_config_json: str
+    metadata_json: str
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """`path` as a Path if a checkpoint can be created there; `ConflictError` if it exists already."""
+    target = Path(path)
+    if not target.name or target.name in (".", ".."):
+        raise InvalidInputError("path", f"{str(path)!r} does not name a directory to create")
+    if os.path.lexists(target):
+        raise ConflictError(f"checkpoint {str(target)!r} already exists")
+    return target
+
+
+def prepare_checkpoint(run: TrainingRun, *, kind: Literal["state", "weights"]) -> PreparedCheckpoint:
+    """Copy out everything a checkpoint of `run` holds (call it under the base model's lock).
+
+    Everything that can fail on bad data happens here, before the first byte is written.
+    """
+    if kind not in ("state", "weights"):
+        raise InvalidInputError("kind", f"must be 'state' or 'weights', got {kind!r}")
+    created_at = time.time()
+    metadata = {
+        "format": "eztinker-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "step": run.step,
+        "run_id": run.run_id,
+        "base_model": run.base.name,
+        "lora_config": run.lora_config.model_dump(mode="json"),
+        "loss_config": run.loss_config.model_dump(mode="json"),
+        "target_modules": list(run.target_modules),
+        "optimizer": "adamw" if kind == "state" else None,
+        "created_at": created_at,
+    }
+    return PreparedCheckpoint(
+        kind=kind,
+        step=run.step,
+        base_model=run.base.name,
+        created_at=created_at,
+        adapter=_adapter_tensors(run),
+        optimizer=_optimizer_tensors(run) if kind == "state" else None,
+        adapter_config_json=json.dumps(_peft_config_dict(run), indent=2, sort_keys=True),
+        metadata_json=json.dumps(metadata, indent=2, sort_keys=True),
+    )
+
+
+def write_checkpoint(path: str | Path, prepared: PreparedCheckpoint) -> CheckpointInfo:
+    """Write a prepared checkpoint to the new directory `path`, atomically (see the module docstring)."""
+    target = check_checkpoint_path(path)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    temp = parent / f".{target.name}{_TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    temp.mkdir()
+    renamed = False
+    try:
+        _write_text(temp / ADAPTER_CONFIG_FILE, prepared.adapter_config_json)
+        _write_safetensors(temp / ADAPTER_WEIGHTS_FILE, prepared.adapter)
+        if prepared.optimizer is not None:
+            _write_safetensors(temp / OPTIMIZER_FILE, prepared.optimizer)
+        _write_text(temp / METADATA_FILE, prepared.metadata_json)
+        _fsync(temp)
+        with _RENAME_LOCK:
+            if os.path.lexists(target):
+                raise ConflictError(f"checkpoint {str(target)!r} already exists")
+            os.rename(temp, target)
+            renamed = True
+    finally:
+        if not renamed:
+            shutil.rmtree(temp, ignore_errors=True)
+    _fsync(parent)
+    return CheckpointInfo(
+        path=target,
+        kind=prepared.kind,
+        step=prepared.step,
+        base_model=prepared.base_model,
+        created_at=prepared.created_at,
+        size_bytes=_dir_size(target),
+        optimizer_path=target / OPTIMIZER_FILE if prepared.optimizer is not None else None,
+    )
+
+
+def _adapter_tensors(run: TrainingRun) -> dict[str, torch.Tensor]:
+    """PEFT's state dict of the run's adapter: CPU copies, contiguous, nothing shared with the run."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_path in sorted(run.slots):
+        slot = run.slots[module_path]
+        tensors[f"{PEFT_PREFIX}{module_path}.lora_A.weight"] = _cpu_copy(slot.lora_A)
+        tensors[f"{PEFT_PREFIX}{module_path}.lora_B.weight"] = _cpu_copy(slot.lora_B)
+    return tensors
+
+
+def _optimizer_tensors(run: TrainingRun) -> dict[str, torch.Tensor]:
+    """`<module path>.lora_A.<stat>` -> tensor, for every parameter the optimizer has state for."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, param in _named_params(run).items():
+        state = run.optimizer.state.get(param)
+        if not state:
+            continue
+        for stat, value in state.items():
+            if not isinstance(value, torch.Tensor):  # torch keeps only tensors for AdamW; be safe
+                value = torch.tensor(float(value), dtype=torch.float32)
+            tensors[f"{key}.{stat}"] = _cpu_copy(value)
+    return tensors
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _named_params(run: TrainingRun) -> dict[str, torch.nn.Parameter]:
+    """`<module path>.lora_A` / `.lora_B` -> the run's parameter, in the optimizer's order."""
+    named: dict[str, torch.nn.Parameter] = {}
+    for module_path in sorted(run.slots):
+        slot = run.slots[module_path]
+        named[f"{module_path}.lora_A"] = slot.lora_A
+        named[f"{module_path}.lora_B"] = slot.lora_B
+    return named
+
+
+def _peft_config_dict(run: TrainingRun) -> dict[str, Any]:
+    """adapter_config.json's content, from `peft.LoraConfig` and its own serialisation."""
+    from peft import LoraConfig  # heavy import, only needed when saving
+
+    config = run.lora_config
+    layers = [run.base.lora_layers[p] for p in run.slots if p in run.base.lora_layers]
+    # PEFT annotates lora_alpha as int but computes with any number: an integral alpha is written as an
+    # int (what PEFT writes), a fractional one as is.
+    alpha: Any = int(config.lora_alpha) if float(config.lora_alpha).is_integer() else config.lora_alpha
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=_peft_target_modules(run),
+        fan_in_fan_out=bool(layers) and all(layer.fan_in_fan_out for layer in layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=run.base.name,
+        inference_mode=True,  # as PeftModel.save_pretrained writes it
+    )
+    out = peft_config.to_dict()
+    for key, value in out.items():  # as PeftConfigMixin.save_pretrained does: sets become lists
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return out
+
+
+def _peft_target_modules(run: TrainingRun) -> list[str]:
+    """The run's short layer names if PEFT would resolve them to exactly the run's layers; else the paths.
+
+    Short names (`q_proj`) keep the config readable and match what users write; but a run made from
+    full module paths, or a subset of layers, must not grow adapters on other layers once loaded by PEFT.
+    """
+    names = sorted(run.target_modules)
+    paths = set(run.slots)
+    matched = {
+        path
+        for path, _ in run.base.model.named_modules()
+        if path
+        and any(path == n or path.endswith("." + n) for n in names)
+        and ".base_layer" not in path  # inside our LoRA wrappers: PEFT never sees these
+    }
+    return names if matched == paths else sorted(paths)
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read an EZTinker checkpoint or any plain-LoRA PEFT adapter directory (tensors on the CPU).
+
+    `NotFoundError` if `path` does not exist; `InvalidInputError` (field "adapter_path") if it is not a
+    LoRA adapter directory EZTinker can use, naming the problem.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise NotFoundError(f"no checkpoint at {str(root)!r}")
+    if not root.is_dir():
+        raise _invalid(root, "is not a directory")
+    config = _read_json(root / ADAPTER_CONFIG_FILE, root, required=True)
+    assert config is not None
+    _check_peft_config(config, root)
+    tensors = _read_adapter_tensors(root)
+    r = int(config["r"])
+    for module_path, (a, b) in tensors.items():
+        if a.shape[0] != r or b.shape[1] != r:
+            raise _invalid(
+                root,
+                f"layer {module_path} has rank {a.shape[0]} (A {tuple(a.shape)}, B {tuple(b.shape)}) "
+                f"but adapter_config.json says r={r}",
+            )
+    alpha = float(config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # alpha / sqrt(r) == (alpha * sqrt(r)) / r
+    metadata = _read_json(root / METADATA_FILE, root, required=False)
+    if metadata is None:
+        lora_config = _validated_lora_config(
+            root,
+            {
+                "r": r,
+                "lora_alpha": alpha,
+                "lora_dropout": float(config.get("lora_dropout") or 0.0),
+                "target_modules": _target_modules_from(config, tensors),
+            },
+        )
+        return LoadedCheckpoint(
+            path=root,
+            kind="weights",
+            lora_config=lora_config,
+            base_model=config.get("base_model_name_or_path"),
+            step=0,
+            loss_config=None,
+            tensors=tensors,
+            optimizer=None,
+        )
+
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _invalid(
+            root,
+            f"{METADATA_FILE} has format_version {version!r}; this EZTinker reads up to {FORMAT_VERSION}",
+        )
+    kind = metadata.get("kind")
+    if kind not in ("state", "weights"):
+        raise _invalid(root, f"{METADATA_FILE} has kind {kind!r}; expected 'state' or 'weights'")
+    lora_config = _validated_lora_config(root, metadata.get("lora_config") or {})
+    if lora_config.r != r or not math.isclose(lora_config.lora_alpha, alpha, rel_tol=1e-6):
+        raise _invalid(
+            root,
+            f"{METADATA_FILE} (r={lora_config.r}, lora_alpha={lora_config.lora_alpha}) disagrees with "
+            f"{ADAPTER_CONFIG_FILE} (r={r}, lora_alpha={alpha})",
+        )
+    loss_config = None
+    if metadata.get("loss_config") is not None:
+        try:
+            loss_config = LossFunctionConfig.model_validate(metadata["loss_config"])
+        except ValidationError as exc:
+            raise _invalid(root, f"{METADATA_FILE} has an invalid loss_config: {exc}") from exc
+    step = metadata.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _invalid(root, f"{METADATA_FILE} has step {step!r}; expected an integer >= 0")
+    optimizer = None
+    if kind == "state":
+        if not (root / OPTIMIZER_FILE).is_file():
+            raise _invalid(root, f"is a 'state' checkpoint without {OPTIMIZER_FILE}")
+        optimizer = _read_optimizer(root, tensors)
+    created_at = metadata.get("created_at")
+    return LoadedCheckpoint(
+        path=root,
+        kind=kind,
+        lora_config=lora_config,
+        base_model=metadata.get("base_model", config.get("base_model_name_or_path")),
+        step=step,
+        loss_config=loss_config,
+        tensors=tensors,
+        optimizer=optimizer,
+        created_at=float(created_at) if isinstance(created_at, int | float) else None,
+    )
+
+
+def _invalid(root: Path, message: str) -> InvalidInputError:
+    return InvalidInputError("adapter_path", f"{str(root)!r} {message}")
+
+
+def _read_json(file: Path, root: Path, *, required: bool) -> dict[str, Any] | None:
+    if not file.is_file():
+        if required:
+            raise _invalid(root, f"has no {file.name}: it is not a PEFT adapter directory")
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _invalid(root, f"has an unreadable {file.name}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _invalid(root, f"has a {file.name} that is not a JSON object")
+    return data
+
+
+def _check_peft_config(config: Mapping[str, Any], root: Path) -> None:
+    """Refuse every PEFT feature whose maths or saved tensors differ from plain LoRA."""
+    peft_type = config.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise _invalid(root, f"is a {peft_type!r} adapter; only LoRA adapters are supported")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise _invalid(root, f"has r={r!r} in {ADAPTER_CONFIG_FILE}; expected a positive integer")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
+        raise _invalid(root, f"has lora_alpha={alpha!r} in {ADAPTER_CONFIG_FILE}; expected a positive number")
+    unsupported = {
+        "use_dora": "DoRA (use_dora)",
+        "rank_pattern": "per-layer ranks (rank_pattern)",
+        "alpha_pattern": "per-layer alphas (alpha_pattern)",
+        "modules_to_save": "fully trained extra modules (modules_to_save)",
+        "lora_bias": "a bias on lora_B (lora_bias)",
+        "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+        "target_parameters": "LoRA on raw parameters (target_parameters)",
+        "layer_replication": "layer replication (layer_replication)",
+        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+        "use_qalora": "QA-LoRA (use_qalora)",
+        "velora_config": "VeLoRA (velora_config)",
+        "monteclora_config": "MonteCLoRA (monteclora_config)",
+        "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+        "arrow_config": "Arrow routing (arrow_config)",
+        "kasa_config": "KaSA (kasa_config)",
+    }
+    for key, feature in unsupported.items():
+        if config.get(key):
+            raise _invalid(root, f"uses {feature}, which EZTinker does not support; only plain LoRA adapters")
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise _invalid(root, f"trains biases (bias={bias!r}); only bias='none' is supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga", "mica")):
+        raise _invalid(
+            root,
+            f"was initialised with {init!r}, whose adapter is relative to modified base weights (or is a "
+            "LoRA variant); convert it to a plain LoRA adapter first",
+        )
+
+
+def _read_adapter_tensors(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module path -> (A, B), from PEFT's keys (`base_model.model.<path>.lora_A.weight`)."""
+    weights_file = root / ADAPTER_WEIGHTS_FILE
+    legacy_file = root / LEGACY_ADAPTER_WEIGHTS_FILE
+    if weights_file.is_file():
+        try:
+            state = load_file(str(weights_file), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise _invalid(root, f"has an unreadable {ADAPTER_WEIGHTS_FILE}: {exc}") from exc
+    elif legacy_file.is_file():
+        try:
+            state = torch.load(legacy_file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses anything but tensors and containers
+            raise _invalid(root, f"has an unreadable {LEGACY_ADAPTER_WEIGHTS_FILE}: {exc}") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise _invalid(root, f"has a {LEGACY_ADAPTER_WEIGHTS_FILE} that is not a dict of tensors")
+    else:
+        raise _invalid(root, f"has no {ADAPTER_WEIGHTS_FILE}")
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(state):
+        name = key.removeprefix(PEFT_PREFIX)
+        match = _KEY_RE.match(name)
+        if match is None:
+            raise _invalid(
+                root,
+                f"holds tensor {key!r}, which is not a plain LoRA weight (`<module>.lora_A.weight` or "
+                "`<module>.lora_B.weight`): biases, DoRA magnitudes, embeddings and saved modules are not "
+                "supported",
+            )
+        halves.setdefault(match["path"], {})[match["which"]] = state[key]
+    if not halves:
+        raise _invalid(root, f"has no LoRA weights in {weights_file.name}")
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module_path, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise _invalid(root, f"has no {missing} weight for layer {module_path}")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise _invalid(
+                root,
+                f"layer {module_path} has A {tuple(a.shape)} and B {tuple(b.shape)}; expected "
+                "A (r, in) and B (out, r) (LoRA on convolutions or embeddings is not supported)",
+            )
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise _invalid(root, f"layer {module_path} has non-floating-point LoRA weights")
+        tensors[module_path] = (a, b)
+    return tensors
+
+
+def _target_modules_from(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> list[str]:
+    """target_modules for a PEFT adapter, from its saved layers (the ground truth).
+
+    A plain list of layer names (`["q_proj", "v_proj"]`, no layer subset, no exclusions) gives the names
+    of the saved layers; anything else (a regex, "all-linear", layers_to_transform, exclude_modules, full
+    paths) gives the saved module paths themselves, which select exactly those layers.
+    """
+    paths = sorted(tensors)
+    targets = config.get("target_modules")
+    plain_names = (
+        isinstance(targets, list)
+        and all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9_]+", t) for t in targets)
+        and config.get("layers_to_transform") is None
+        and not config.get("exclude_modules")
+    )
+    if plain_names:
+        return sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return paths
+
+
+def _validated_lora_config(root: Path, data: Mapping[str, Any]) -> LoRAConfig:
+    try:
+        return LoRAConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise _invalid(root, f"has a LoRA config EZTinker cannot use: {exc}") from exc
+
+
+def _read_optimizer(
+    root: Path, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`<module path>.lora_A` -> {stat: tensor}, checked against the adapter's layers and shapes."""
+    try:
+        flat = load_file(str(root / OPTIMIZER_FILE), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise _invalid(root, f"has an unreadable {OPTIMIZER_FILE}: {exc}") from exc
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    for key in sorted(flat):
+        param_key, _, stat = key.rpartition(".")
+        module_path, _, which = param_key.rpartition(".")
+        if which not in ("lora_A", "lora_B") or module_path not in tensors:
+            raise _invalid(root, f"has optimizer state {key!r} for no LoRA weight of the adapter")
+        optimizer.setdefault(param_key, {})[stat] = flat[key]
+    for param_key, state in optimizer.items():
+        module_path, _, which = param_key.rpartition(".")
+        weight = tensors[module_path][0 if which == "lora_A" else 1]
+        missing = [s for s in OPTIMIZER_STATS if s not in state]
+        if missing:
+            raise _invalid(root, f"has no optimizer {missing[0]} for {param_key}")
+        for stat, value in state.items():
+            expected = () if stat == "step" else tuple(weight.shape)
+            if tuple(value.shape) != expected:
+                raise _invalid(
+                    root,
+                    f"has optimizer {stat} of shape {tuple(value.shape)} for {param_key}; expected {expected}",
+                )
+    return optimizer
+
+
+# --- restoring into a run ----------------------------------------------------------------------------
+
+
+def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimizer: bool) -> None:
+    """Overwrite `run`'s adapter, step and optimizer state with the checkpoint's, all or nothing.
+
+    The checkpoint must have exactly the run's layers, shapes and scaling, else `InvalidInputError`
+    (field "path") naming the first mismatch, and the run is untouched. Accumulated gradients are
+    dropped. The optimizer state is the checkpoint's if `with_optimizer` and it has one; else it is
+    cleared (AdamW starts afresh at the next step).
+    """
+    _check_compatible(run, loaded)
+    params = _named_params(run)
+    use_optimizer = with_optimizer and loaded.optimizer is not None
+    # Convert everything first (this is where an out-of-memory would strike), then commit.
+    new_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    for module_path, (a, b) in loaded.tensors.items():
+        slot = run.slots[module_path]
+        new_weights.append((slot.lora_A, a.to(device=slot.lora_A.device, dtype=slot.lora_A.dtype)))
+        new_weights.append((slot.lora_B, b.to(device=slot.lora_B.device, dtype=slot.lora_B.dtype)))
+    new_states: dict[str, dict[str, torch.Tensor]] = {}
+    if use_optimizer:
+        assert loaded.optimizer is not None
+        groups = {id(p): group for group in run.optimizer.param_groups for p in group["params"]}
+        for key, state in loaded.optimizer.items():
+            param = params[key]
+            new_states[key] = _torch_adam_state(param, state, groups.get(id(param), {}))
+
+    with torch.no_grad():
+        for param, value in new_weights:
+            param.copy_(value)
+    for key, param in params.items():
+        param.grad = None
+        run.optimizer.state.pop(param, None)
+        if key in new_states:
+            run.optimizer.state[param] = new_states[key]
+    run.pending_grad_ops = 0
+    run.step = loaded.step
+
+
+def _check_compatible(run: TrainingRun, loaded: LoadedCheckpoint) -> None:
+    def mismatch(message: str) -> InvalidInputError:
+        return InvalidInputError(
+            "path", f"checkpoint {str(loaded.path)!r} does not fit run {run.run_id!r}: {message}"
+        )
+
+    missing = sorted(set(run.slots) - set(loaded.tensors))
+    if missing:
+        raise mismatch(f"it has no adapter for layer {missing[0]} (run targets {run.target_modules})")
+    extra = sorted(set(loaded.tensors) - set(run.slots))
+    if extra:
+        raise mismatch(f"it has an adapter for layer {extra[0]}, which the run does not adapt")
+    for module_path in sorted(run.slots):
+        slot = run.slots[module_path]
+        a, b = loaded.tensors[module_path]
+        for name, saved, live in (("lora_A", a, slot.lora_A), ("lora_B", b, slot.lora_B)):
+            if tuple(saved.shape) != tuple(live.shape):
+                raise mismatch(
+                    f"{module_path}.{name} has shape {tuple(saved.shape)} in the checkpoint and "
+                    f"{tuple(live.shape)} in the run (checkpoint r={loaded.lora_config.r}, run r={run.lora_config.r})"
+                )
+        scaling = loaded.lora_config.lora_alpha / loaded.lora_config.r
+        if not math.isclose(scaling, slot.scaling, rel_tol=1e-6):
+            raise mismatch(
+                f"its scaling lora_alpha/r = {loaded.lora_config.lora_alpha}/{loaded.lora_config.r} differs "
+                f"from the run's {run.lora_config.lora_alpha}/{run.lora_config.r}"
+            )
+    if loaded.optimizer is not None:
+        named = _named_params(run)
+        for key, state in loaded.optimizer.items():
+            param = named.get(key)
+            if param is None:
+                raise mismatch(f"it has optimizer state for {key}, which the run does not have")
+            for stat, value in state.items():
+                expected = () if stat == "step" else tuple(param.shape)
+                if tuple(value.shape) != expected:
+                    raise mismatch(
+                        f"its optimizer {stat} for {key} has shape {tuple(value.shape)}, not {expected}"
+                    )
+
+
+def _scalar_dtype(fused: bool) -> torch.dtype:
+    """torch.optim's dtype for `step` (`torch.optim.optimizer._get_scalar_dtype`)."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_adam_state(
+    param: torch.Tensor, saved: Mapping[str, torch.Tensor], group: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The state dict torch's Adam/AdamW would hold for `param`, with the saved values (fresh copies).
+
+    As in `torch.optim.Adam`: `step` is a 0-d tensor on the CPU (on the parameter's device, float32 if
+    fused, when the optimizer is fused or capturable); the moments match the parameter's device and dtype.
+    """
+    fused = bool(group.get("fused"))
+    on_device = fused or bool(group.get("capturable"))
+    state: dict[str, torch.Tensor] = {}
+    for stat, value in saved.items():
+        if stat == "step":
+            state[stat] = (
+                value.detach()
+                .reshape(())
+                .to(
+                    device=param.device if on_device else torch.device("cpu"),
+                    dtype=_scalar_dtype(fused),
+                    copy=True,
+                )
+            )
+        else:
+            state[stat] = value.detach().to(device=param.device, dtype=param.dtype, copy=True)
+    return state
+
+
+# --- listing and deleting ----------------------------------------------------------------------------
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a directory name is an unfinished save or a deletion in progress (never a checkpoint)."""
+    return name.startswith(".") and (_TEMP_MARK in name or _TRASH_MARK in name)
+
+
+def checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """What `path` holds, from its JSON files alone (no tensors are read)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise NotFoundError(f"no checkpoint at {str(root)!r}")
+    config = _read_json(root / ADAPTER_CONFIG_FILE, root, required=True)
+    assert config is not None
+    metadata = _read_json(root / METADATA_FILE, root, required=False) or {}
+    optimizer_path = root / OPTIMIZER_FILE
+    kind: Literal["state", "weights"] = "state" if metadata.get("kind") == "state" else "weights"
+    step = metadata.get("step")
+    created_at = metadata.get("created_at")
+    if not isinstance(created_at, int | float):
+        created_at = (root / ADAPTER_CONFIG_FILE).stat().st_mtime
+    return CheckpointInfo(
+        path=root,
+        kind=kind,
+        step=step if isinstance(step, int) and not isinstance(step, bool) else 0,
+        base_model=metadata.get("base_model", config.get("base_model_name_or_path")),
+        created_at=float(created_at),
+        size_bytes=_dir_size(root),
+        optimizer_path=optimizer_path if kind == "state" and optimizer_path.is_file() else None,
+    )
+
+
+def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
+    """The checkpoints directly inside `root` (oldest first), skipping unfinished saves and deletions.
+
+    A missing `root` holds no checkpoints. Directories without `adapter_config.json`, and ones whose
+    JSON cannot be read, are not checkpoints and are skipped.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found: list[CheckpointInfo] = []
+    for entry in sorted(base.iterdir()):
+        if is_temp_name(entry.name) or not entry.is_dir() or not (entry / ADAPTER_CONFIG_FILE).is_file():
+            continue
+        with contextlib.suppress(InvalidInputError, OSError):
+            found.append(checkpoint_info(entry))
+    return sorted(found, key=lambda info: (info.created_at, info.path.name))
+
+
+def delete_checkpoint(path: str | Path) -> None:
+    """Delete the checkpoint directory `path`: renamed to a hidden name first, so it vanishes at once.
+
+    `NotFoundError` if it does not exist; `InvalidInputError` if it is not an adapter directory (this
+    function never removes an arbitrary directory).
+    """
+    target = Path(path)
+    if not target.is_dir() or is_temp_name(target.name):
+        raise NotFoundError(f"no checkpoint at {str(target)!r}")
+    if not (target / ADAPTER_CONFIG_FILE).is_file():
+        raise InvalidInputError(
+            "path", f"{str(target)!r} is not a checkpoint (it has no {ADAPTER_CONFIG_FILE})"
+        )
+    trash = target.parent / f".{target.name}{_TRASH_MARK}{uuid.uuid4().hex[:12]}"
+    try:
+        os.rename(target, trash)
+    except FileNotFoundError as exc:  # deleted by someone else meanwhile
+        raise NotFoundError(f"no checkpoint at {str(target)!r}") from exc
+    _fsync(target.parent)
+    if trash.is_symlink():  # `path` was a link to a checkpoint: remove the link, not what it points to
+        trash.unlink()
+    else:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(root: str | Path) -> list[Path]:
+    """Remove what interrupted saves and deletions left in `root`; returns the removed paths.
+
+    Call it at startup, when no save is under way (an in-flight save's temporary directory would go too).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    removed = []
+    for entry in sorted(base.iterdir()):
+        if is_temp_name(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+# --- durable writes ----------------------------------------------------------------------------------
+
+
+def _write_text(file: Path, text: str) -> None:
+    with open(file, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_safetensors(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(file), metadata=_SAFETENSORS_METADATA)
+    _fsync(file)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk (directories: not on Windows)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dir_size(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Path) -> Path:
+    """Write a full Hugging Face model directory: `base_model` with the adapter merged into its weights.
+
+    Uses PEFT's own `merge_and_unload`, so the result is exactly what `PeftModel` would compute; the
+    tokenizer is copied along. Written atomically like a checkpoint.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eztinker.engine.model import _source_kwargs
+
+    target = Path(out_dir)
+    if target.exists() and any(target.iterdir()):
+        raise ConflictError(f"{target} already exists and is not empty")
+    source, extra = _source_kwargs(base_model)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if getattr(merged.config, "quantization_config", None) is not None:  # a dequantised GGUF saves as plain
+        del merged.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    if tokenizer is None:
+        raise NotFoundError(f"base model {base_model!r} has no tokenizer files")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / f".{target.name}{_TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    try:
+        merged.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,364 @@
+"""`Engine`: the in-process heart of EZTinker. Typed inputs in, typed outputs out.
+
+It owns the loaded base models (each loaded once, frozen, on first use), the training runs on them (a
+LoRA adapter + AdamW state each), and the sampler snapshots (frozen copies of an adapter). It knows
+nothing about HTTP, JSON, request ids or scheduling: the server's scheduler calls these methods from a
+worker thread, and every method is safe to call from several threads (ops on one base model take turns).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eztinker.engine import checkpoint, sampler
+from eztinker.engine.batch import check_data
+from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter
+from eztinker.engine.losses import get_loss_spec
+from eztinker.engine.model import BaseModel, load_base_model
+from eztinker.engine.run import TrainingRun, make_optimizer, resolve_loss
+from eztinker.engine.run import forward_backward as _forward_backward
+from eztinker.engine.run import optim_step as _optim_step
+from eztinker.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardResult,
+    OptimStepResult,
+    SampleResult,
+    SamplingParams,
+    TokenLoss,
+)
+from eztinker.models import LoRAConfig, LossFunctionConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine places and batches work. Defaults suit one GPU, or a CPU for tests."""
+
+    device: str | None = None  # None: CUDA if available, else CPU
+    dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 on CPU
+    token_budget: int = 8192  # padded tokens per forward chunk
+    logits_budget: int = 2**28  # logits elements per chunk (1 GiB in fp32): caps B·T for big vocabularies
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    base_model: str
+    lora_config: LoRAConfig
+    loss_config: LossFunctionConfig
+    step: int
+    num_parameters: int
+    target_modules: list[str]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    sampler_id: str
+    base_model: str
+    run_id: str | None  # the run it was snapshotted from
+    step: int | None
+
+
+class Engine:
+    """Base models, runs and sampler snapshots, and the ops on them."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._models: dict[str, BaseModel] = {}
+        self._runs: dict[str, TrainingRun] = {}
+        self._samplers: dict[str, SamplerInfo] = {}
+        self._registry_lock = threading.RLock()  # guards the three dicts, not compute
+
+    # --- base models ---------------------------------------------------------------------------------
+
+    def base_model(self, name: str) -> BaseModel:
+        """The base model `name`, loading it on first use."""
+        with self._registry_lock:
+            if name not in self._models:
+                self._models[name] = load_base_model(name, device=self.config.device, dtype=self.config.dtype)
+            return self._models[name]
+
+    @property
+    def loaded_models(self) -> list[str]:
+        return list(self._models)
+
+    # --- runs ----------------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        base_model: str,
+        lora_config: LoRAConfig | dict[str, Any] | None = None,
+        loss_config: LossFunctionConfig | dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        adapter_path: str | Path | None = None,
+    ) -> RunInfo:
+        """Start a run: a fresh adapter, or one loaded from a PEFT adapter directory (`adapter_path`).
+
+        With `adapter_path` the LoRA config is read from the directory, and if it is an EZTinker
+        training checkpoint its optimizer state, step and (unless `loss_config` is given) loss come too.
+        """
+        loaded = checkpoint.read_checkpoint(adapter_path) if adapter_path is not None else None
+        if loaded is not None:
+            lora_config = loaded.lora_config
+            if loss_config is None and loaded.loss_config is not None:
+                loss_config = loaded.loss_config
+        loss_config = LossFunctionConfig.model_validate(loss_config or {})
+        get_loss_spec(loss_config.loss_type, "native")  # an unknown loss is refused here, not mid-training
+        lora_config = LoRAConfig.model_validate(lora_config or {})
+        base = self.base_model(base_model)
+        with self._registry_lock:
+            run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
+            if run_id in self._runs or run_id in self._samplers:
+                raise ConflictError(f"run id {run_id!r} is already in use")
+            with base.lock:
+                layers = base.lora_targets(lora_config.target_modules)
+                slots = init_adapter(
+                    layers,
+                    run_id,
+                    lora_config.r,
+                    lora_config.lora_alpha,
+                    lora_config.lora_dropout,
+                    lora_config.seed,
+                )
+            params = [p for path in sorted(slots) for p in (slots[path].lora_A, slots[path].lora_B)]
+            run = TrainingRun(
+                run_id=run_id,
+                base=base,
+                lora_config=lora_config,
+                loss_config=loss_config,
+                slots=slots,
+                optimizer=make_optimizer(params),
+                target_modules=sorted({path.rsplit(".", 1)[-1] for path in slots}),
+            )
+            if loaded is not None:
+                try:
+                    checkpoint.restore_into_run(run, loaded, with_optimizer=True)
+                except Exception:
+                    remove_adapter(base.lora_layers, run_id)
+                    raise
+            self._runs[run_id] = run
+        return self.run_info(run_id)
+
+    def _run(self, run_id: str) -> TrainingRun:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise NotFoundError(f"no run {run_id!r}")
+        return run
+
+    def run_info(self, run_id: str) -> RunInfo:
+        run = self._run(run_id)
+        return RunInfo(
+            run_id=run.run_id,
+            base_model=run.base.name,
+            lora_config=run.lora_config,
+            loss_config=run.loss_config,
+            step=run.step,
+            num_parameters=run.num_parameters,
+            target_modules=run.target_modules,
+            created_at=run.created_at,
+        )
+
+    def list_runs(self) -> list[RunInfo]:
+        return [self.run_info(run_id) for run_id in list(self._runs)]
+
+    def delete_run(self, run_id: str) -> None:
+        """Forget a run and free its adapter, gradients and optimizer state (its snapshots stay)."""
+        with self._registry_lock:
+            run = self._run(run_id)
+            with run.base.lock:
+                remove_adapter(run.base.lora_layers, run_id)
+            del self._runs[run_id]
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss: LossFunctionConfig | TokenLoss | str | None = None,
+    ) -> ForwardBackwardResult:
+        """Compute the loss and add its gradients to the run's (until `optim_step`).
+
+        `loss`: None for the run's own loss; a `LossFunctionConfig` for a native loss; a token-loss
+        name (`"ppo"`) or `TokenLoss` for Tinker's token-level losses.
+        """
+        return _forward_backward(
+            self._run(run_id),
+            data,
+            loss,
+            token_budget=self.config.token_budget,
+            logits_budget=self.config.logits_budget,
+        )
+
+    def forward(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss: LossFunctionConfig | TokenLoss | str | None = None,
+    ) -> ForwardBackwardResult:
+        """Like `forward_backward`, without gradients: the run is untouched."""
+        return _forward_backward(
+            self._run(run_id),
+            data,
+            loss,
+            token_budget=self.config.token_budget,
+            logits_budget=self.config.logits_budget,
+            backward=False,
+        )
+
+    def forward_backward_from_grads(
+        self, run_id: str, data: Sequence[Datum], dloss_dlogprobs: Sequence[Sequence[float] | torch.Tensor]
+    ) -> ForwardBackwardResult:
+        """Backpropagate a loss computed by the client: d loss / d logprob for each target token.
+
+        `data` carries `target_tokens`; the gradient of the client's loss C flows back as the gradient
+        of Σ (dC/dlp)·lp, i.e. the `cross_entropy` token loss with weights −dC/dlp.
+        """
+        if len(dloss_dlogprobs) != len(data):
+            raise InvalidInputError(
+                "dloss_dlogprobs", f"has {len(dloss_dlogprobs)} entries for {len(data)} datums"
+            )
+        weighted = [
+            Datum(
+                d.tokens,
+                {"target_tokens": d.loss_inputs.get("target_tokens", []), "weights": -torch.as_tensor(g)},
+            )
+            for d, g in zip(data, dloss_dlogprobs, strict=True)
+        ]
+        return self.forward_backward(run_id, weighted, TokenLoss("cross_entropy"))
+
+    def optim_step(self, run_id: str, adam_params: AdamParams | None = None) -> OptimStepResult:
+        """Apply the accumulated gradients (AdamW), zero them, and count the step."""
+        return _optim_step(self._run(run_id), adam_params or AdamParams())
+
+    def check_data(
+        self, run_id: str, data: Sequence[Datum], loss: LossFunctionConfig | TokenLoss | str | None = None
+    ) -> None:
+        """Raise `InvalidInputError` now (no compute) if `forward_backward(run_id, data, loss)` would refuse it.
+
+        Lets a server answer a bad request at once instead of as a failed job later.
+        """
+        run = self._run(run_id)
+        spec, _ = resolve_loss(run, loss)
+        check_data(data, spec, vocab_size=run.base.vocab_size, max_length=run.base.max_length)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def save_state(self, run_id: str, path: str | Path) -> checkpoint.CheckpointInfo:
+        """Save adapter + optimizer state + step + configs to directory `path` (atomically)."""
+        run = self._run(run_id)
+        with run.base.lock:  # copy the tensors out under the lock; write to disk without it
+            prepared = checkpoint.prepare_checkpoint(run, kind="state")
+        return checkpoint.write_checkpoint(path, prepared)
+
+    def save_weights(self, run_id: str, path: str | Path) -> checkpoint.CheckpointInfo:
+        """Save the adapter alone, as a PEFT directory, to `path` (atomically)."""
+        run = self._run(run_id)
+        with run.base.lock:
+            prepared = checkpoint.prepare_checkpoint(run, kind="weights")
+        return checkpoint.write_checkpoint(path, prepared)
+
+    def load_state(self, run_id: str, path: str | Path, *, with_optimizer: bool = True) -> RunInfo:
+        """Restore the run's adapter (and optimizer state and step, if saved and asked for) from `path`."""
+        run = self._run(run_id)
+        loaded = checkpoint.read_checkpoint(path)
+        with run.base.lock:
+            checkpoint.restore_into_run(run, loaded, with_optimizer=with_optimizer)
+        return self.run_info(run_id)
+
+    # --- sampling ------------------------------------------------------------------------------------
+
+    def save_sampler(self, run_id: str, sampler_id: str | None = None) -> SamplerInfo:
+        """Freeze the run's current adapter as a sampler snapshot: later training never changes it."""
+        run = self._run(run_id)
+        with self._registry_lock:
+            sampler_id = sampler_id or f"sampler-{uuid.uuid4().hex[:12]}"
+            if sampler_id in self._samplers or sampler_id in self._runs:
+                raise ConflictError(f"sampler id {sampler_id!r} is already in use")
+            with run.base.lock:
+                copy_adapter(run.base.lora_layers, run_id, sampler_id)
+            info = SamplerInfo(sampler_id=sampler_id, base_model=run.base.name, run_id=run_id, step=run.step)
+            self._samplers[sampler_id] = info
+        return info
+
+    def list_samplers(self) -> list[SamplerInfo]:
+        return list(self._samplers.values())
+
+    def delete_sampler(self, sampler_id: str) -> None:
+        with self._registry_lock:
+            info = self._samplers.pop(sampler_id, None)
+            if info is None:
+                raise NotFoundError(f"no sampler {sampler_id!r}")
+            base = self._models[info.base_model]
+            with base.lock:
+                remove_adapter(base.lora_layers, sampler_id)
+
+    def _sample_target(
+        self, run_id: str | None, sampler_id: str | None, base_model: str | None
+    ) -> tuple[BaseModel, str | None]:
+        """(base model, adapter name or None) for exactly one of run, sampler or bare base model."""
+        given = [x for x in (run_id, sampler_id, base_model) if x is not None]
+        if len(given) != 1:
+            raise InvalidInputError("model", "name exactly one of run_id, sampler_id or base_model")
+        if run_id is not None:
+            run = self._run(run_id)
+            return run.base, run_id
+        if sampler_id is not None:
+            info = self._samplers.get(sampler_id)
+            if info is None:
+                raise NotFoundError(f"no sampler {sampler_id!r}")
+            return self._models[info.base_model], sampler_id
+        assert base_model is not None
+        return self.base_model(base_model), None
+
+    def sample(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        num_samples: int = 1,
+        run_id: str | None = None,
+        sampler_id: str | None = None,
+        base_model: str | None = None,
+        prompt_logprobs: bool = False,
+    ) -> SampleResult:
+        """Sample `num_samples` continuations of `prompt` from a run's live adapter, a snapshot, or a base."""
+        base, adapter = self._sample_target(run_id, sampler_id, base_model)
+        request = sampler.SampleRequest(
+            prompt=list(prompt),
+            params=params or SamplingParams(),
+            num_samples=num_samples,
+            adapter=adapter,
+            prompt_logprobs=prompt_logprobs,
+        )
+        return sampler.sample_batch(base, [request])[0]
+
+    def sample_many(self, base_model: str, requests: Sequence[sampler.SampleRequest]) -> list[SampleResult]:
+        """Several requests on one base model (any mix of adapters) in one batched generation."""
+        base = self.base_model(base_model)
+        for i, request in enumerate(requests):
+            if request.adapter is not None and request.adapter not in self._runs | self._samplers:
+                raise NotFoundError(f"requests[{i}].adapter: no run or sampler {request.adapter!r}")
+        return sampler.sample_batch(base, list(requests))
+
+    def compute_logprobs(
+        self,
+        tokens: Sequence[int],
+        *,
+        run_id: str | None = None,
+        sampler_id: str | None = None,
+        base_model: str | None = None,
+    ) -> list[float | None]:
+        """log p(tokens[i] | tokens[:i]) for each position; None at position 0 (nothing predicts it)."""
+        base, adapter = self._sample_target(run_id, sampler_id, base_model)
+        return sampler.prompt_logprobs(base, list(tokens), adapter)

@@ -1,0 +1,232 @@
+"""Many LoRA adapters on one frozen base model: base output + a routed low-rank delta.
+
+Every targeted linear layer of the base model is wrapped once in a `LoRALinear`. The wrapper holds one
+`LoRAWeights` slot per adapter (a run's live adapter, or a frozen sampler snapshot) and a reference to
+the base model's shared `Routing`, which says — for the forward pass under way — which adapter serves
+which rows of the batch. So one pass can serve several runs at once, and a run costs only its own A and B.
+
+The maths is PEFT's, so a saved adapter loads into `peft.PeftModel` unchanged:
+
+    y = base(x) + lora_B(lora_A(dropout(x))) * lora_alpha / r       A: (r, in), B: (out, r)
+
+Adapters are kept in float32 whatever the base dtype (as PEFT does), and the delta is cast back to the
+base output's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from eztinker.engine.errors import InvalidInputError
+
+ADAPTABLE_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass
+class Segment:
+    """Rows [start, stop) of the batch are served by `adapter` (None: the bare base model)."""
+
+    adapter: str | None
+    start: int
+    stop: int
+
+
+@dataclass
+class Routing:
+    """Which adapter serves which rows during the current forward pass. One per base model.
+
+    Empty `segments` means: the bare base model for every row.
+    """
+
+    segments: list[Segment] = field(default_factory=list)
+    train: bool = False  # adapter dropout is active only while training
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter's slot in one layer."""
+
+    lora_A: nn.Parameter  # (r, in)
+    lora_B: nn.Parameter  # (out, r)
+    scaling: float
+    dropout: float
+
+    def delta(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """The adapter's contribution for input x (..., in) -> (..., out), in float32."""
+        h = x.to(self.lora_A.dtype)
+        if train and self.dropout > 0:
+            h = F.dropout(h, p=self.dropout, training=True)
+        return F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (`nn.Linear`, or GPT-2's transposed `Conv1D`) plus routed LoRA slots."""
+
+    base_layer: nn.Module
+    routing: Routing
+    adapters: dict[str, LoRAWeights]
+    path: str
+    fan_in_fan_out: bool
+    in_features: int
+    out_features: int
+
+    def __init__(self, base_layer: nn.Module, routing: Routing, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.path = path  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        rows, cols = weight.shape  # (in, out) for Conv1D, (out, in) for Linear
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.adapters: dict[str, LoRAWeights] = {}
+        # Plain attribute lookups, not nn.Module registration: the routing is shared, not owned.
+        object.__setattr__(self, "routing", routing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        segments = self.routing.segments
+        if not segments or not self.adapters:
+            return y
+        train = self.routing.train
+        if len(segments) == 1:  # the common case: the whole batch belongs to one adapter
+            slot = self.adapters.get(segments[0].adapter) if segments[0].adapter else None
+            return y if slot is None else y + slot.delta(x, train).to(y.dtype)
+        pieces = []
+        for seg in segments:
+            y_rows = y[seg.start : seg.stop]
+            slot = self.adapters.get(seg.adapter) if seg.adapter else None
+            if slot is not None:
+                y_rows = y_rows + slot.delta(x[seg.start : seg.stop], train).to(y.dtype)
+            pieces.append(y_rows)
+        return torch.cat(pieces, dim=0)
+
+
+# --- resolving targets -------------------------------------------------------------------------------
+
+
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer LoRA can target, by module path, excluding the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            found[path] = module
+        elif isinstance(module, ADAPTABLE_TYPES) and not path.endswith(".base_layer"):
+            if head is not None and module is head:
+                continue
+            found[path] = module
+    return found
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """Module paths matched by `target_modules` (PEFT's rule: a name equals the path or ends it)."""
+    layers = adaptable_layers(model)
+    if target_modules == "all-linear":
+        return sorted(layers)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    paths = [p for p in layers if any(p == t or p.endswith("." + t) for t in target_modules)]
+    if not paths:
+        names = sorted({p.rsplit(".", 1)[-1] for p in layers})
+        raise InvalidInputError(
+            "lora_config.target_modules",
+            f"{list(target_modules)} matched no linear layer of this model; its layer names are {names}",
+        )
+    unmatched = [t for t in target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+    if unmatched:
+        raise InvalidInputError(
+            "lora_config.target_modules", f"{unmatched} matched no linear layer of this model"
+        )
+    return sorted(paths)
+
+
+def wrap_layers(model: nn.Module, paths: Sequence[str], routing: Routing) -> dict[str, LoRALinear]:
+    """Wrap each layer at `paths` in a LoRALinear (once; already-wrapped layers are returned as they are)."""
+    wrapped: dict[str, LoRALinear] = {}
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRALinear):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            module = LoRALinear(module, routing, path)
+            setattr(parent, child, module)
+        wrapped[path] = module
+    return wrapped
+
+
+# --- adapter slot life cycle -------------------------------------------------------------------------
+
+
+def init_adapter(
+    layers: dict[str, LoRALinear], name: str, r: int, lora_alpha: float, dropout: float, seed: int | None
+) -> dict[str, LoRAWeights]:
+    """Create adapter `name` in each layer: A ~ U(±1/sqrt(in)) (PEFT's kaiming init), B = 0.
+
+    With a seed the initialisation is reproducible and independent of the global RNG.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    slots: dict[str, LoRAWeights] = {}
+    for path in sorted(layers):
+        layer = layers[path]
+        if name in layer.adapters:
+            raise ValueError(f"adapter {name!r} already exists in {path}")
+        device = layer.base_layer.weight.device
+        assert isinstance(device, torch.device)
+        bound = 1.0 / math.sqrt(layer.in_features)
+        a = (torch.rand(r, layer.in_features, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        b = torch.zeros(layer.out_features, r, dtype=torch.float32)
+        slot = LoRAWeights(
+            lora_A=nn.Parameter(a.to(device)),
+            lora_B=nn.Parameter(b.to(device)),
+            scaling=lora_alpha / r,
+            dropout=dropout,
+        )
+        layer.adapters[name] = slot
+        slots[path] = slot
+    return slots
+
+
+def copy_adapter(layers: dict[str, LoRALinear], source: str, name: str) -> dict[str, LoRAWeights]:
+    """A frozen copy of adapter `source` under `name` (a sampler snapshot: later training never touches it)."""
+    slots: dict[str, LoRAWeights] = {}
+    for path, layer in layers.items():
+        src = layer.adapters.get(source)
+        if src is None:
+            continue
+        slot = LoRAWeights(
+            lora_A=nn.Parameter(src.lora_A.detach().clone(), requires_grad=False),
+            lora_B=nn.Parameter(src.lora_B.detach().clone(), requires_grad=False),
+            scaling=src.scaling,
+            dropout=0.0,
+        )
+        layer.adapters[name] = slot
+        slots[path] = slot
+    return slots
+
+
+def remove_adapter(layers: dict[str, LoRALinear], name: str) -> None:
+    """Free adapter `name` from every layer (its tensors go when the last reference does)."""
+    for layer in layers.values():
+        layer.adapters.pop(name, None)
+
+
+@contextmanager
+def routed(routing: Routing, segments: Sequence[Segment], train: bool = False) -> Generator[None]:
+    """Route the rows of the next forward passes to adapters; restore the previous routing after."""
+    saved = (routing.segments, routing.train)
+    routing.segments, routing.train = list(segments), train
+    try:
+        yield
+    finally:
+        routing.segments, routing.train = saved

@@ -1,0 +1,555 @@
+"""Sampling: many requests, on any mix of adapters, in one batched generation with a KV cache.
+
+Every request is expanded into rows (one per sample). Rows are grouped contiguously by adapter so
+that one forward pass serves them all through the base model's `Routing` (adapter None is the bare
+base). Prompts are left-padded to a common length, with an attention mask and explicit position ids
+(cumsum of the mask − 1), so every row sees exactly the positions it would see alone: a request gives
+the same tokens and log-probabilities whatever it is batched with, in every model family.
+
+The loop is the classic one: one prefill forward over the padded prompts fills a `DynamicCache`, then
+one forward per step feeds each unfinished row its last token. A row that finishes is dropped from the
+batch (its cache rows included), so finished rows never change and never cost compute; the loop ends
+when every row is done.
+
+Why the details are as they are:
+- Returned log-probabilities are the model's raw log-softmax at temperature 1, unfiltered, in float32:
+  the same numbers `forward` computes for training, which RL's importance ratios depend on.
+- Randomness is per row: each row has its own `torch.Generator`, seeded from (request seed, sample
+  index), from which it draws one uniform number per step. A token is picked by inverse-CDF sampling
+  over that row's filtered probabilities, so a row's choice depends on its own logits and its own
+  stream only: a seeded request samples the same tokens alone, batched with others, and on every call.
+- Memory is bounded by running large batches in row groups (`SamplerLimits`): each group is one
+  generation whose worst-case KV cache and prefill logits fit the limits. Rows of one request may land
+  in different groups; that changes nothing in their results.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import operator
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from eztinker.engine.errors import ComputeError, InvalidInputError, NotFoundError
+from eztinker.engine.lora import Segment, routed
+from eztinker.engine.model import BaseModel
+from eztinker.engine.types import SampledSequence, SampleResult, SamplingParams
+
+MAX_NUM_SAMPLES = 256  # per request: more is almost surely a client bug, and one request could hog the GPU
+_UNIFORM_BLOCK = 64  # uniforms a row draws at a time: a fixed size keeps its stream batch-independent
+_MIN_TEMPERATURE = 1e-5  # below this, logits / T overflows float32: sample greedily instead
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    prompt: list[int]
+    params: SamplingParams
+    num_samples: int = 1
+    adapter: str | None = None  # a run id or sampler id whose adapter serves this request; None = bare base
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class SamplerLimits:
+    """How big one generation may get; larger batches run as several row groups, one after another.
+
+    The KV cache is sized for the worst case (every row runs to its `max_tokens`). The prefill is one
+    forward over every padded prompt of the group, and it keeps logits for every prompt position only
+    when some row asked for prompt log-probabilities.
+    """
+
+    max_rows: int = 256
+    kv_cache_bytes: int | None = None  # None: half the free memory of a CUDA device, else 4 GiB
+    prefill_tokens: int = 2**17  # padded prompt tokens B·P in the prefill forward (activation memory)
+    logits_elements: int = 2**28  # prefill logits B·P·V when prompt log-probabilities are asked for
+
+
+@dataclass(frozen=True)
+class _Stops:
+    """When a row ends early: on one of `token_ids`, or once the completion text contains a string."""
+
+    token_ids: frozenset[int]
+    strings: tuple[str, ...] = ()
+    window: int = 0  # trailing tokens to decode when looking for a stop string
+
+
+@dataclass
+class _Row:
+    """One sample of one request, and what has been generated for it so far."""
+
+    request: int
+    sample: int
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    max_new: int
+    stops: _Stops
+    generator: torch.Generator
+    wants_prompt_logprobs: bool
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: list[float | None] | None = None
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+
+def sample_batch(
+    base: BaseModel, requests: list[SampleRequest], limits: SamplerLimits | None = None
+) -> list[SampleResult]:
+    """Sample every request (× its `num_samples`) in one batched generation; results in request order.
+
+    All input is checked before any compute (`InvalidInputError` names the field). Runs under the base
+    model's lock, so no training step changes an adapter half-way through a generation.
+    """
+    limits = limits or SamplerLimits()
+    with base.lock:  # checked and used under one lock: no adapter can vanish in between
+        rows = _make_rows(base, requests)
+        try:
+            with torch.inference_mode():
+                for group in _row_groups(base, rows, limits):
+                    _generate(base, group)
+        except torch.OutOfMemoryError as exc:
+            raise ComputeError(
+                f"out of memory while sampling {len(rows)} rows; try fewer or shorter"
+            ) from exc
+    return _collect(len(requests), rows)
+
+
+def prompt_logprobs(base: BaseModel, tokens: list[int], adapter: str | None) -> list[float | None]:
+    """log p(tokens[i] | tokens[:i]) for every position, with one forward; None at position 0."""
+    ids = _check_prompt(base, tokens, "tokens")
+    if len(ids) > base.max_length:
+        raise InvalidInputError(
+            "tokens", f"length {len(ids)} exceeds the model's context of {base.max_length}"
+        )
+    input_ids_1T = torch.tensor([ids], device=base.device)
+    with base.lock, torch.inference_mode():
+        _check_adapter(base, adapter, "adapter")
+        with routed(base.routing, [Segment(adapter, 0, 1)]):
+            logits_TV = base.model(input_ids=input_ids_1T, use_cache=False).logits[0]
+    return _prompt_logprobs_from(logits_TV[:-1], ids)
+
+
+# --- checking input ------------------------------------------------------------------------------
+
+
+def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]:
+    """Validate every request, then expand it into rows, grouped contiguously by adapter."""
+    rows: list[_Row] = []
+    for i, request in enumerate(requests):
+        where = f"requests[{i}]." if len(requests) > 1 else ""
+        prompt, max_new, stops = _check_request(base, request, where)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        rows += [
+            _Row(
+                request=i,
+                sample=j,
+                prompt=prompt,
+                adapter=request.adapter,
+                params=request.params,
+                max_new=max_new,
+                stops=stops,
+                generator=torch.Generator().manual_seed(_row_seed(seed, j)),
+                wants_prompt_logprobs=request.prompt_logprobs and j == 0,
+            )
+            for j in range(request.num_samples)
+        ]
+    first_seen = {adapter: k for k, adapter in reversed(list(enumerate(r.adapter for r in rows)))}
+    return sorted(rows, key=lambda r: first_seen[r.adapter])  # stable: request order within an adapter
+
+
+def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple[list[int], int, _Stops]:
+    """(prompt ids, tokens to sample at most, stop rule) of a valid request; raise on a bad one."""
+    prompt = _check_prompt(base, request.prompt, f"{where}prompt")
+    num_samples = request.num_samples
+    if not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidInputError(f"{where}num_samples", f"{num_samples!r} is not in 1..{MAX_NUM_SAMPLES}")
+    _check_adapter(base, request.adapter, f"{where}adapter")
+    params = request.params
+    _check_sampling_params(params, f"{where}sampling_params")
+    max_new = _max_new_tokens(base, len(prompt), params.max_tokens, where)
+    return prompt, max_new, _parse_stop(base, params.stop, f"{where}sampling_params.stop")
+
+
+def _check_prompt(base: BaseModel, prompt: Sequence[int], field: str) -> list[int]:
+    """The prompt as plain ints; an out-of-vocabulary id would crash the embedding lookup mid-batch."""
+    try:
+        ids = [operator.index(t) for t in prompt]
+    except TypeError as exc:
+        raise InvalidInputError(field, "must be a list of integer token ids") from exc
+    if not ids:
+        raise InvalidInputError(field, "is empty: send at least one token")
+    low, high = min(ids), max(ids)
+    if low < 0:
+        raise InvalidInputError(field, f"token id {low} is negative")
+    if high >= base.vocab_size:
+        raise InvalidInputError(field, f"token id {high} is out of the vocabulary (size {base.vocab_size})")
+    return ids
+
+
+def _check_adapter(base: BaseModel, adapter: str | None, field: str) -> None:
+    """An unknown adapter would silently sample from the bare base model: refuse it instead."""
+    if adapter is not None and not any(adapter in layer.adapters for layer in base.lora_layers.values()):
+        raise NotFoundError(f"{field}: no run or sampler {adapter!r} on base model {base.name!r}")
+
+
+def _check_sampling_params(params: SamplingParams, where: str) -> None:
+    temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature < 0:
+        raise InvalidInputError(f"{where}.temperature", f"{temperature!r} must be a finite number >= 0")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:  # NaN fails the comparison too
+        raise InvalidInputError(f"{where}.top_p", f"{top_p!r} must be in (0, 1]")
+    if not isinstance(top_k, int) or top_k == 0 or top_k < -1:
+        raise InvalidInputError(f"{where}.top_k", f"{top_k!r} must be -1 (no limit) or >= 1")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise InvalidInputError(f"{where}.seed", f"{params.seed!r} must be an integer or null")
+
+
+def _max_new_tokens(base: BaseModel, prompt_len: int, max_tokens: int | None, where: str) -> int:
+    """How many tokens a row may sample: `max_tokens`, or (None) up to the end of the model's context."""
+    room = base.max_length - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise InvalidInputError(
+                f"{where}prompt", f"has {prompt_len} tokens: no room left in the context of {base.max_length}"
+            )
+        return room
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidInputError(f"{where}sampling_params.max_tokens", f"{max_tokens!r} must be >= 1")
+    if max_tokens > room:
+        raise InvalidInputError(
+            f"{where}sampling_params.max_tokens",
+            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the model's context of {base.max_length}",
+        )
+    return max_tokens
+
+
+def _parse_stop(base: BaseModel, stop: object, field: str) -> _Stops:
+    """None: the model's EOS; []: never stop early; ints: stop token ids; str(s): stop strings."""
+    if stop is None:
+        return _Stops(frozenset(base.eos_token_ids))
+    items = [stop] if isinstance(stop, str | int) else stop
+    if not isinstance(items, Sequence):
+        raise InvalidInputError(field, "must be a string, a list of strings or a list of token ids")
+    strings = [s for s in items if isinstance(s, str)]
+    ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
+    if len(strings) + len(ids) != len(items):
+        raise InvalidInputError(field, "must be a string, a list of strings or a list of token ids")
+    if strings and ids:
+        raise InvalidInputError(field, "mixes strings and token ids; use one kind")
+    if any(not s for s in strings):
+        raise InvalidInputError(field, "contains an empty string, which would stop at once")
+    if ids and not (min(ids) >= 0 and max(ids) < base.vocab_size):
+        raise InvalidInputError(field, f"token ids must be in [0, {base.vocab_size})")
+    if not strings:
+        return _Stops(frozenset(ids))
+    # Every token decodes to at least one byte, so a stop string of n bytes lies in the last n tokens;
+    # the margin covers a multi-byte character cut at the start of the window.
+    window = 2 * max(len(s.encode("utf-8")) for s in strings) + 8
+    return _Stops(frozenset(), tuple(strings), window)
+
+
+def _row_seed(seed: int, sample: int) -> int:
+    """A 63-bit seed for sample `sample` of a request seeded `seed` (SplitMix64: nearby inputs decorrelate)."""
+    mask = 2**64 - 1
+    z = (seed * 0x9E3779B97F4A7C15 + (sample + 1) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
+
+
+# --- row groups ----------------------------------------------------------------------------------
+
+
+def _row_groups(base: BaseModel, rows: list[_Row], limits: SamplerLimits) -> list[list[_Row]]:
+    """Consecutive runs of rows whose worst-case memory fits `limits` (at least one row each)."""
+    kv_tokens = _kv_cache_bytes(base, limits) // _kv_bytes_per_token(base)
+    groups: list[list[_Row]] = []
+    for row in rows:
+        if groups and _fits(base, [*groups[-1], row], limits, kv_tokens):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _fits(base: BaseModel, rows: list[_Row], limits: SamplerLimits, kv_tokens: int) -> bool:
+    """Whether one generation of `rows` stays within `limits` even if every row runs to `max_new`."""
+    n = len(rows)
+    longest_prompt = max(len(r.prompt) for r in rows)
+    longest_total = max(len(r.prompt) + r.max_new for r in rows)
+    if n > limits.max_rows or n * longest_total > kv_tokens or n * longest_prompt > limits.prefill_tokens:
+        return False
+    if not any(r.wants_prompt_logprobs for r in rows):
+        return True  # the prefill keeps the last position's logits only
+    return n * longest_prompt * base.vocab_size <= limits.logits_elements
+
+
+def _kv_cache_bytes(base: BaseModel, limits: SamplerLimits) -> int:
+    if limits.kv_cache_bytes is not None:
+        return limits.kv_cache_bytes
+    if base.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(base.device)
+        return free // 2
+    return 4 * 2**30
+
+
+def _kv_bytes_per_token(base: BaseModel) -> int:
+    """Bytes of KV cache per token and row, from the model config (keys + values of every layer)."""
+    config = base.model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return 2 * layers * kv_heads * head_dim * base.dtype.itemsize
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """The unfinished rows of a group, and their per-row state, aligned on the batch dimension."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # (B, L): 0 on left padding, 1 on prompt and sampled tokens
+    next_position: torch.Tensor  # (B,): the position id of each row's next token
+    temperature: torch.Tensor  # (B,): 0 where the row samples greedily
+    top_k: torch.Tensor  # (B,): -1 for no limit
+    top_p: torch.Tensor  # (B,)
+    uniforms: torch.Tensor | None = None  # (B, K): the rows' next block of uniform draws, in (0, 1]
+
+    def keep(self, keep_B: torch.Tensor, kept_rows: list[_Row]) -> None:
+        """Drop finished rows, KV cache included, so they neither change nor cost compute."""
+        self.rows = kept_rows
+        self.cache.batch_select_indices(keep_B)
+        for name in ("attention_mask", "next_position", "temperature", "top_k", "top_p"):
+            setattr(self, name, getattr(self, name)[keep_B])
+        if self.uniforms is not None:
+            self.uniforms = self.uniforms[keep_B]
+
+    @property
+    def segments(self) -> list[Segment]:
+        return _segments([r.adapter for r in self.rows])
+
+
+def _generate(base: BaseModel, rows: list[_Row]) -> None:
+    """Sample every row of one group to completion, filling in its tokens, log-probs and stop reason."""
+    batch, logits_BV = _prefill(base, rows)
+    for step in range(max(r.max_new for r in rows)):
+        if step % _UNIFORM_BLOCK == 0:
+            batch.uniforms = _draw_uniforms(batch.rows, base.device)
+        assert batch.uniforms is not None
+        tokens_B = _choose_tokens(logits_BV, batch, batch.uniforms[:, step % _UNIFORM_BLOCK])
+        logprobs_B = _token_logprobs(logits_BV, tokens_B)
+        done = _record(base, batch.rows, tokens_B.tolist(), logprobs_B.tolist())
+        if all(done):
+            return
+        if any(done):
+            keep = [b for b, d in enumerate(done) if not d]
+            keep_B = torch.tensor(keep, device=base.device)
+            batch.keep(keep_B, [batch.rows[b] for b in keep])
+            tokens_B = tokens_B[keep_B]
+        logits_BV = _decode_step(base, batch, tokens_B)
+
+
+def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
+    """One forward over the left-padded prompts: the filled cache and each row's next-token logits."""
+    lengths = [len(r.prompt) for r in rows]
+    P = max(lengths)
+    pad = base.tokenizer.pad_token_id or 0
+    input_ids_BP = torch.full((len(rows), P), pad, dtype=torch.long)
+    attention_mask_BP = torch.zeros((len(rows), P), dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids_BP[b, P - lengths[b] :] = torch.tensor(row.prompt)
+        attention_mask_BP[b, P - lengths[b] :] = 1
+    position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
+    full_logits = any(r.wants_prompt_logprobs for r in rows)
+    cache = DynamicCache(config=base.model.config)
+    with routed(base.routing, _segments([r.adapter for r in rows])):
+        logits_BTV = _forward(
+            base,
+            input_ids=input_ids_BP.to(base.device),
+            attention_mask=attention_mask_BP.to(base.device),
+            position_ids=position_ids_BP.to(base.device),
+            past_key_values=cache,
+            keep_all_logits=full_logits,
+        )
+    for b, row in enumerate(rows):
+        if row.wants_prompt_logprobs:
+            row.prompt_logprobs = _prompt_logprobs_from(logits_BTV[b, P - lengths[b] : P - 1], row.prompt)
+    batch = _Batch(
+        rows=list(rows),
+        cache=cache,
+        attention_mask=attention_mask_BP.to(base.device),
+        next_position=torch.tensor(lengths, device=base.device),
+        temperature=torch.tensor([_temperature(r.params) for r in rows], device=base.device),
+        top_k=torch.tensor([r.params.top_k for r in rows], device=base.device),
+        top_p=torch.tensor([float(r.params.top_p) for r in rows], device=base.device),
+    )
+    return batch, logits_BTV[:, -1].float()
+
+
+def _decode_step(base: BaseModel, batch: _Batch, tokens_B: torch.Tensor) -> torch.Tensor:
+    """Feed each unfinished row its last token; return the next-token logits (B, V) in float32."""
+    ones_B1 = torch.ones_like(batch.attention_mask[:, :1])
+    batch.attention_mask = torch.cat([batch.attention_mask, ones_B1], dim=1)
+    with routed(base.routing, batch.segments):
+        logits_B1V = _forward(
+            base,
+            input_ids=tokens_B[:, None],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.next_position[:, None],
+            past_key_values=batch.cache,
+            keep_all_logits=False,
+        )
+    batch.next_position = batch.next_position + 1
+    return logits_B1V[:, -1].float()
+
+
+def _forward(base: BaseModel, *, keep_all_logits: bool, **inputs: object) -> torch.Tensor:
+    """The model's logits (B, T, V), or (B, 1, V) for the last position only where the model can skip the rest."""
+    kwargs: dict[str, object] = {"use_cache": True, **inputs}
+    if not keep_all_logits and _accepts_logits_to_keep(type(base.model)):
+        kwargs["logits_to_keep"] = 1
+    return base.model(**kwargs).logits
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
+    """Whether the model can compute the last position's logits only (most families, transformers ≥ 4.50)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _segments(adapters: list[str | None]) -> list[Segment]:
+    """Contiguous runs of rows with the same adapter, covering the whole batch."""
+    segments: list[Segment] = []
+    for b, adapter in enumerate(adapters):
+        if segments and segments[-1].adapter == adapter:
+            segments[-1].stop = b + 1
+        else:
+            segments.append(Segment(adapter, b, b + 1))
+    return segments
+
+
+def _temperature(params: SamplingParams) -> float:
+    return 0.0 if params.temperature < _MIN_TEMPERATURE else float(params.temperature)
+
+
+# --- choosing tokens -----------------------------------------------------------------------------
+
+
+def _draw_uniforms(rows: list[_Row], device: torch.device) -> torch.Tensor:
+    """The next `_UNIFORM_BLOCK` uniforms in (0, 1] of each row's own generator, as (B, K) float64."""
+    draws_BK = torch.stack(
+        [torch.rand(_UNIFORM_BLOCK, generator=r.generator, dtype=torch.float64) for r in rows]
+    )
+    return (1.0 - draws_BK).to(device)
+
+
+def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) -> torch.Tensor:
+    """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution."""
+    greedy_B = logits_BV.argmax(dim=-1)
+    if all(_temperature(r.params) == 0 for r in batch.rows):
+        return greedy_B
+    is_greedy_B = batch.temperature == 0
+    scaled_BV = logits_BV / torch.where(is_greedy_B, 1.0, batch.temperature)[:, None]
+    if any(r.params.top_k > 0 or r.params.top_p < 1 for r in batch.rows):
+        scaled_BV = _filter_top_k_top_p(scaled_BV, batch.top_k, batch.top_p)
+    sampled_B = _inverse_cdf(torch.softmax(scaled_BV, dim=-1), u_B)
+    return torch.where(is_greedy_B, greedy_B, sampled_B)
+
+
+def _filter_top_k_top_p(
+    scaled_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
+) -> torch.Tensor:
+    """Set to -inf every token outside a row's top k, then outside its top-p nucleus (vLLM's order).
+
+    A row with top_k = -1 and top_p = 1 keeps every token, so its result does not depend on whether
+    other rows in the batch filter.
+    """
+    V = scaled_BV.shape[-1]
+    sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True, stable=True)
+    k_B = torch.where(top_k_B < 0, V, top_k_B)
+    drop_BV = torch.arange(V, device=scaled_BV.device)[None, :] >= k_B[:, None]
+    probs_BV = torch.softmax(sorted_BV.masked_fill(drop_BV, -math.inf), dim=-1)
+    mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
+    drop_BV |= (mass_before_BV >= top_p_B[:, None]) & (top_p_B < 1)[:, None]
+    drop_vocab_BV = torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV)
+    return scaled_BV.masked_fill(drop_vocab_BV, -math.inf)
+
+
+def _inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """The token where each row's cumulative probability first reaches u·total (u in (0, 1])."""
+    cdf_BV = probs_BV.double().cumsum(dim=-1)
+    target_B1 = (u_B * cdf_BV[:, -1])[:, None]
+    tokens_B = torch.searchsorted(cdf_BV, target_B1).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
+    # A parallel scan may round so that a zero-probability token ties its predecessor: never pick one.
+    impossible_B = probs_BV.gather(-1, tokens_B[:, None]).squeeze(-1) <= 0
+    return torch.where(impossible_B, probs_BV.argmax(dim=-1), tokens_B)
+
+
+def _token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+    """log-softmax of the raw logits at the chosen tokens, in float32 (training's formula, not the sampler's)."""
+    picked_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+    return picked_B - torch.logsumexp(logits_BV, dim=-1)
+
+
+def _prompt_logprobs_from(logits_TV: torch.Tensor, prompt: list[int]) -> list[float | None]:
+    """[None, log p(prompt[1]), ...] from the logits at prompt positions 0..n-2."""
+    logits_TV = logits_TV.float()
+    targets_T = torch.tensor(prompt[1:], device=logits_TV.device)
+    return [None, *_token_logprobs(logits_TV, targets_T).tolist()]
+
+
+# --- stopping and results ------------------------------------------------------------------------
+
+
+def _record(base: BaseModel, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> list[bool]:
+    """Append each row's new token; return which rows are now finished (and set their stop reason)."""
+    done = []
+    for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
+        row.tokens.append(token)
+        row.logprobs.append(logprob)
+        if token in row.stops.token_ids or _hit_stop_string(base, row):
+            row.stop_reason = "stop"
+        elif len(row.tokens) >= row.max_new:
+            row.stop_reason = "length"
+        done.append(row.stop_reason is not None)
+    return done
+
+
+def _hit_stop_string(base: BaseModel, row: _Row) -> bool:
+    """Whether the completion text now contains a stop string (checked after every token: the first wins)."""
+    if not row.stops.strings:
+        return False
+    text = base.tokenizer.decode(row.tokens[-row.stops.window :], skip_special_tokens=False)
+    return any(s in text for s in row.stops.strings)
+
+
+def _collect(num_requests: int, rows: list[_Row]) -> list[SampleResult]:
+    """Regroup rows into one result per request, samples in index order."""
+    by_request: list[list[_Row]] = [[] for _ in range(num_requests)]
+    for row in sorted(rows, key=lambda r: (r.request, r.sample)):
+        by_request[row.request].append(row)
+    return [
+        SampleResult(
+            sequences=[
+                SampledSequence(tokens=r.tokens, logprobs=r.logprobs, stop_reason=r.stop_reason or "length")
+                for r in request_rows
+            ],
+            prompt_logprobs=request_rows[0].prompt_logprobs,
+        )
+        for request_rows in by_request
+    ]

@@ -1,0 +1,116 @@
+"""Typed inputs and outputs of the engine. Facades convert wire formats to these at the boundary.
+
+Conventions (Tinker's): a `Datum` is one sequence. `tokens[i]` is the model input at position i, and a
+token-family loss reads `loss_inputs["target_tokens"][i]` as the token predicted at position i (targets
+are already shifted). A native-family loss reads `loss_inputs["labels"]`, aligned with `tokens`, and
+shifts them itself (ignore index -100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One training sequence and the per-token inputs of its loss.
+
+    `loss_inputs` values are tensors (or lists) of shape (N,) — or (N, K) for top-K cross-entropy —
+    where N = len(tokens).
+    """
+
+    tokens: Sequence[int]
+    loss_inputs: Mapping[str, torch.Tensor | Sequence[Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_labels(
+        cls,
+        input_ids: Sequence[int],
+        labels: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> Datum:
+        """A datum for the native loss family: labels aligned with `input_ids` (default: the inputs)."""
+        inputs: dict[str, Sequence[int] | Sequence[float]] = {
+            "labels": list(labels if labels is not None else input_ids)
+        }
+        if weights is not None:
+            inputs["weights"] = list(weights)
+        return cls(tokens=list(input_ids), loss_inputs=inputs)
+
+    @classmethod
+    def from_targets(cls, tokens: Sequence[int], target_tokens: Sequence[int], **loss_inputs) -> Datum:
+        """A datum for the token loss family: `target_tokens[i]` is predicted at position i."""
+        return cls(tokens=list(tokens), loss_inputs={"target_tokens": list(target_tokens), **loss_inputs})
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """A token-family (Tinker) loss, by name, with its scalar config (e.g. `clip_low_threshold`)."""
+
+    name: str
+    config: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """One AdamW step (decoupled weight decay). Defaults are Tinker's; every field may change per step."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 = no clipping
+
+
+@dataclass(frozen=True)
+class ForwardBackwardResult:
+    """What `forward_backward` and `forward` return.
+
+    `logprobs[d]` holds the learner's log-probabilities of datum d's targets: shape (N,) or (N, K) for the
+    token family, (N-1,) for the native family (the shifted labels; 0.0 where a label is ignored).
+    `metrics` keys are `name:reduction` (Tinker's convention), always including `loss:sum`.
+    """
+
+    loss: float
+    logprobs: list[torch.Tensor]
+    metrics: dict[str, float]
+    loss_family: Literal["native", "token"]
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    step: int  # the run's step count after this update
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    learning_rate: float
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `stop=None` stops at the tokenizer's EOS; `stop=[]` never stops early (not even EOS)."""
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = no limit
+    stop: Sequence[str] | Sequence[int] | str | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]  # the model's log-probability of each sampled token (temperature 1, unfiltered)
+    stop_reason: Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None  # position 0 is None: nothing predicts it

@@ -1,0 +1,251 @@
+"""Request and response bodies of the native REST API (`/v1/...`), shared by the server and the clients.
+
+Field names follow the user's original API: `input_ids` / `target_ids` for training data,
+`max_new_tokens` for sampling. Every op answers at once with a `JobRef`; its result arrives in the
+`Job` fetched from `GET /v1/jobs/{job_id}` (long-poll with `?wait=seconds`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from eztinker.models.configs import LoRAConfig, LossFunctionConfig
+
+JobStatus = Literal["queued", "running", "completed", "failed"]
+Op = str  # forward_backward, forward, optim_step, sample, save, load, ... (open: facades add their own)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+
+class CreateRunRequest(_Strict):
+    base_model: str = Field(..., min_length=1, description="Hub id, local directory or .gguf file.")
+    lora_config: LoRAConfig = Field(default_factory=LoRAConfig)
+    loss_config: LossFunctionConfig = Field(default_factory=LossFunctionConfig)
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+        description="Choose the id (default: generated).",
+    )
+    from_checkpoint: CheckpointRef | None = Field(
+        None, description="Start from a saved checkpoint (its LoRA config, weights, and optimizer if saved)."
+    )
+
+
+class CheckpointRef(_Strict):
+    run_id: str
+    name: str
+
+
+class Run(BaseModel):
+    run_id: str
+    base_model: str
+    lora_config: LoRAConfig
+    loss_config: LossFunctionConfig
+    step: int
+    status: Literal["active", "lost"] = Field(
+        description="`lost`: the server restarted and the adapter is not in memory; `load` a checkpoint to resume."
+    )
+    num_parameters: int | None = None
+    created_at: float
+    last_loss: float | None = None
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+class NativeDatum(_Strict):
+    """A sequence for the run's native loss: labels aligned to input_ids (the loss shifts them)."""
+
+    input_ids: list[int] = Field(..., min_length=1)
+    target_ids: list[int] | None = Field(
+        None, description="Labels aligned to input_ids; -100 ignores a position."
+    )
+    weights: list[float] | None = None
+
+
+class TokenDatum(_Strict):
+    """A sequence for a Tinker token loss: target_tokens[i] is predicted at position i."""
+
+    tokens: list[int] = Field(..., min_length=1)
+    loss_inputs: dict[str, list[float] | list[int] | list[list[float]] | list[list[int]]]
+
+
+class ForwardBackwardRequest(_Strict):
+    """Either native data (`input_ids`/`target_ids`, the run's loss or `loss_config`), or token data
+    with `loss_fn` (Tinker's losses: cross_entropy, importance_sampling, ppo, ...)."""
+
+    data: list[NativeDatum] | list[TokenDatum] = Field(..., min_length=1)
+    loss_config: LossFunctionConfig | None = None
+    loss_fn: str | None = None
+    loss_fn_config: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_family(self) -> ForwardBackwardRequest:
+        token = bool(self.data) and isinstance(self.data[0], TokenDatum)
+        if token and self.loss_fn is None:
+            raise ValueError("data with `tokens`/`loss_inputs` needs `loss_fn`")
+        if not token and self.loss_fn is not None:
+            raise ValueError("`loss_fn` takes data as `tokens` + `loss_inputs` (target_tokens, ...)")
+        if self.loss_fn is not None and self.loss_config is not None:
+            raise ValueError("give either `loss_fn` (token loss) or `loss_config` (native loss), not both")
+        return self
+
+
+class OptimStepRequest(_Strict):
+    learning_rate: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, gt=0)
+    grad_clip_norm: float = Field(0.0, ge=0, description="0 = no clipping.")
+
+
+class ForwardBackwardOutput(BaseModel):
+    loss: float
+    logprobs: list[list[float]] | list[list[list[float]]]
+    metrics: dict[str, float]
+
+
+class OptimStepOutput(BaseModel):
+    step: int
+    grad_norm: float
+    learning_rate: float
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+
+class SampleRequest(_Strict):
+    prompt: str | None = Field(
+        None, description="Text, tokenized by the server with the base model's tokenizer."
+    )
+    prompt_tokens: list[int] | None = Field(None, min_length=1)
+    base_model: str | None = Field(
+        None, description="For POST /v1/sample: the base model (default: the server's)."
+    )
+    sampler_id: str | None = None
+    max_new_tokens: int | None = Field(64, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    stop: list[str] | list[int] | str | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=256, description="Number of samples.")
+    prompt_logprobs: bool = False
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> SampleRequest:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of `prompt` (text) or `prompt_tokens` (ids)")
+        return self
+
+
+class Sample(BaseModel):
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: Literal["stop", "length"]
+
+
+class SampleOutput(BaseModel):
+    samples: list[Sample]
+    prompt_tokens: list[int]
+    prompt_logprobs: list[float | None] | None = None
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+class SaveRequest(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    kind: Literal["state", "weights"] = Field(
+        "state", description="`state`: adapter + optimizer + step (resumable); `weights`: the adapter alone."
+    )
+
+
+class LoadRequest(_Strict):
+    name: str = Field(..., min_length=1)
+    source_run_id: str | None = Field(
+        None, description="Load another run's checkpoint (default: this run's)."
+    )
+    with_optimizer: bool = True
+
+
+class Checkpoint(BaseModel):
+    run_id: str
+    name: str
+    kind: Literal["state", "weights"]
+    step: int
+    adapter_path: str
+    optimizer_path: str | None
+    size_bytes: int
+    created_at: float
+
+
+class SaveOutput(BaseModel):
+    status: Literal["completed"] = "completed"
+    name: str
+    step: int
+    adapter_path: str
+    optimizer_path: str | None
+
+
+# --- jobs, metrics, health ---------------------------------------------------------------------------
+
+
+class JobRef(BaseModel):
+    job_id: str
+    status: JobStatus
+    run_id: str | None = None
+    op: Op
+
+
+class Job(JobRef):
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_category: Literal["user", "server"] | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_position: int | None = None
+
+
+class StepMetrics(BaseModel):
+    step: int
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    num_tokens: int | None
+    time: float
+
+
+class RunMetrics(BaseModel):
+    run_id: str
+    history: list[StepMetrics]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    device: str
+    loaded_models: list[str]
+    queue_depth: int
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: what went wrong and which field, so the caller can fix it."""
+
+    error: str
+    field: str | None = None
+    category: Literal["user", "server"] = "user"
+    detail: list[dict[str, Any]] | None = None
+
+
+CreateRunRequest.model_rebuild()

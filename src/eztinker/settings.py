@@ -1,0 +1,56 @@
+"""The server's whole configuration: one typed object, from CLI flags and `EZTINKER_*` environment variables.
+
+Nothing else in EZTinker reads the environment: the CLI builds a `Settings`, and it flows down into the
+app, the service and the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]  # EZTINKER_API_KEYS="k1,k2" as well as repeated CLI flags
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EZTINKER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Field(Path(".eztinker"), description="Database and checkpoints live here.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under data_dir.")
+    models: CommaList = Field(
+        default_factory=list,
+        description="Base models to load at start; the first is the default for sampling.",
+    )
+    api_keys: CommaList = Field(
+        default_factory=list, description="If set, every route but /health needs one."
+    )
+    plugins: CommaList = Field(
+        default_factory=list, description="Modules imported at start, e.g. ones that register custom losses."
+    )
+    device: str | None = Field(None, description="cuda, cuda:1, cpu (default: CUDA if available).")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Base model dtype (default: bf16 on CUDA, fp32 on CPU)."
+    )
+    workers: int = Field(2, ge=1, le=64, description="Worker threads executing jobs.")
+    max_queue: int = Field(10_000, ge=1, description="Queued jobs beyond this are refused with 429.")
+    token_budget: int = Field(8192, ge=1, description="Padded tokens per forward chunk.")
+
+    @field_validator("models", "api_keys", "plugins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'eztinker.db').resolve()}"
