@@ -5,31 +5,90 @@ eztinker runs list | show RUN | delete RUN    training runs
 eztinker checkpoints list RUN | delete RUN NAME | export RUN NAME DIR [--merge]
 eztinker sample "Hello" [--run-id RUN]        sample text
 eztinker train-sft data.jsonl --base-model M  a small SFT loop through the client
+
+A user's mistake (a missing file, a malformed line, an unknown run, no server at `--url`) prints one
+`error: ...` line to stderr and exits with code 1; only a bug shows a traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from eztinker.client import EZTinkerClient
 
+console = Console()
+err_console = Console(stderr=True)
+
+
+# --- errors: one line, exit code 1 -----------------------------------------------------------------------
+
+
+def _print_error(message: str) -> None:
+    message = " ".join(message.split())  # one line, whatever the exception's text looks like
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    """`raise _fail("...")`: report a user's mistake found by the CLI itself."""
+    _print_error(message)
+    return typer.Exit(code=1)
+
+
+def _user_error_message(exc: Exception) -> str | None:
+    """The message for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    import pydantic
+
+    from eztinker.exceptions import EZTinkerError
+
+    engine_errors = sys.modules.get("eztinker.engine.errors")  # imported only if the engine ran here
+    if isinstance(exc, pydantic.ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, EZTinkerError | OSError | ValueError):
+        return str(exc)  # the client's errors carry the server's status and message
+    if engine_errors is not None and isinstance(exc, engine_errors.EngineError):
+        return str(exc)
+    return None
+
+
+class _FriendlyErrors(TyperGroup):
+    """Every command runs inside `invoke`: user errors become one `error:` line and exit code 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = _user_error_message(exc)
+            if message is None:
+                raise
+            raise _fail(message) from None
+
+
 app = typer.Typer(
-    help="EZTinker: a self-hosted Tinker.", no_args_is_help=True, pretty_exceptions_enable=False
+    cls=_FriendlyErrors,
+    help="EZTinker: a self-hosted Tinker.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 runs_app = typer.Typer(help="List, show and delete training runs.", no_args_is_help=True)
 checkpoints_app = typer.Typer(help="List, delete and export checkpoints.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(checkpoints_app, name="checkpoints")
-console = Console()
 
 Url = Annotated[str, typer.Option("--url", envvar="EZTINKER_URL", help="The server's base URL.")]
 ApiKey = Annotated[
@@ -42,11 +101,6 @@ def _client(url: str, api_key: str | None) -> EZTinkerClient:
     from eztinker.client import EZTinkerClient
 
     return EZTinkerClient(base_url=url, api_key=api_key)
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=1)
 
 
 # --- server ----------------------------------------------------------------------------------------------
@@ -67,15 +121,21 @@ def server(
     model: Annotated[
         list[str] | None,
         typer.Option(
-            "--model", help="Base model to load at start (repeatable); the first is the default for sampling."
+            "--model",
+            help="Base model to load at start (repeatable; or EZTINKER_MODELS=a,b); the first is the default "
+            "for sampling.",
         ),
     ] = None,
     api_key: Annotated[
-        list[str] | None, typer.Option("--api-key", help="Require this API key (repeatable).")
+        list[str] | None,
+        typer.Option("--api-key", help="Require this API key (repeatable; or EZTINKER_API_KEYS=k1,k2)."),
     ] = None,
     plugin: Annotated[
         list[str] | None,
-        typer.Option("--plugin", help="Module to import at start, e.g. one registering losses (repeatable)."),
+        typer.Option(
+            "--plugin",
+            help="Module to import at start, e.g. one registering losses (repeatable; or EZTINKER_PLUGINS).",
+        ),
     ] = None,
     device: Annotated[str | None, typer.Option(envvar="EZTINKER_DEVICE", help="cuda, cuda:1 or cpu.")] = None,
     dtype: Annotated[
@@ -87,7 +147,7 @@ def server(
     from eztinker.server import run_server
     from eztinker.settings import Settings
 
-    overrides: dict[str, Any] = {
+    flags: dict[str, Any] = {
         "host": host,
         "port": port,
         "data_dir": data_dir,
@@ -95,15 +155,28 @@ def server(
         "device": device,
         "dtype": dtype,
         "workers": workers,
+        "models": model,
+        "api_keys": api_key,
+        "plugins": plugin,
     }
-    # Repeatable flags add to what EZTINKER_MODELS / EZTINKER_API_KEYS / EZTINKER_PLUGINS already say.
-    env = Settings()
-    overrides["models"] = [*env.models, *(model or [])]
-    overrides["api_keys"] = [*env.api_keys, *(api_key or [])]
-    overrides["plugins"] = [*env.plugins, *(plugin or [])]
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # Flags given win; Settings reads the rest (EZTINKER_MODELS="a,b", EZTINKER_API_KEYS, ...) from the env.
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None and value != []})
+    _check_plugins(settings.plugins)
     console.print(f"EZTinker on http://{settings.host}:{settings.port}  (docs: /docs, health: /health)")
     run_server(settings, reload=reload)
+
+
+def _check_plugins(modules: list[str]) -> None:
+    """Make `--plugin my_losses` find ./my_losses.py (as `python -m` would), and fail early if it is nowhere."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a console script's sys.path starts at its bin/ directory
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            raise _fail(f"plugin {module!r}: no such module in {os.getcwd()} or the installed packages")
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -114,16 +187,23 @@ def runs_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """All runs you can see."""
     with _client(url, api_key) as client:
         runs = client.get_runs()
-    table = Table("run id", "base model", "rank", "loss", "step", "last loss", "status")
+    table = Table(
+        Column("run id", no_wrap=True),
+        Column("base model", overflow="fold"),
+        "rank",
+        Column("loss", no_wrap=True),
+        "step",
+        "last loss",
+        "status",
+    )
     for run in runs:
-        last = f"{run.last_loss:.4f}" if run.last_loss is not None else "-"
         table.add_row(
             run.run_id,
             run.base_model,
             str(run.lora_config.r),
             run.loss_config.loss_type,
             str(run.step),
-            last,
+            _fmt(run.last_loss),
             run.status,
         )
     console.print(table)
@@ -131,14 +211,14 @@ def runs_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
 
 @runs_app.command("show")
 def runs_show(run_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """One run, its checkpoints and its recent loss history."""
+    """One run: its config, its checkpoints and its last 10 steps of loss history."""
     with _client(url, api_key) as client:
         run = client.get_run(run_id)
         checkpoints = client.get_checkpoints(run_id)
         metrics = client.get_metrics(run_id)
     console.print_json(run.model_dump_json())
-    if checkpoints:
-        console.print("checkpoints: " + ", ".join(f"{c.name} (step {c.step}, {c.kind})" for c in checkpoints))
+    names = ", ".join(f"{c.name} (step {c.step}, {c.kind})" for c in checkpoints)
+    console.print(f"checkpoints: {escape(names) or '-'}", soft_wrap=True, highlight=False)
     if metrics.history:
         table = Table("step", "loss", "lr", "grad norm", title="last 10 steps")
         for m in metrics.history[-10:]:
@@ -162,7 +242,7 @@ def runs_delete(
         typer.confirm(f"Delete run {run_id}?", abort=True)
     with _client(url, api_key) as client:
         client.delete_run(run_id)
-    console.print(f"deleted run {run_id}")
+    console.print(f"deleted run {escape(run_id)}")
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -173,7 +253,7 @@ def checkpoints_list(run_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None
     """A run's checkpoints."""
     with _client(url, api_key) as client:
         checkpoints = client.get_checkpoints(run_id)
-    table = Table("name", "kind", "step", "size", "path")
+    table = Table(Column("name", no_wrap=True), "kind", "step", "size", Column("path", overflow="fold"))
     for c in checkpoints:
         table.add_row(c.name, c.kind, str(c.step), f"{c.size_bytes / 1e6:.1f} MB", c.adapter_path)
     console.print(table)
@@ -184,7 +264,7 @@ def checkpoints_delete(run_id: str, name: str, url: Url = DEFAULT_URL, api_key: 
     """Delete a checkpoint and its files."""
     with _client(url, api_key) as client:
         client.delete_checkpoint(run_id, name)
-    console.print(f"deleted checkpoint {name} of run {run_id}")
+    console.print(f"deleted checkpoint {escape(name)} of run {escape(run_id)}")
 
 
 @checkpoints_app.command("export")
@@ -196,7 +276,7 @@ def checkpoints_export(
         bool, typer.Option(help="Merge into the base model: write a full Hugging Face model directory.")
     ] = False,
     base_model: Annotated[
-        str | None, typer.Option(help="Base model to merge into (default: the run's).")
+        str | None, typer.Option(help="Base model to merge into, readable here (default: the run's).")
     ] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -205,18 +285,17 @@ def checkpoints_export(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise _fail(f"{out_dir} exists and is not empty")
     with _client(url, api_key) as client:
-        run = client.get_run(run_id)
-        adapter_dir = client.download_checkpoint(run_id, name, out_dir if not merge else out_dir / ".adapter")
-    if not merge:
-        console.print(f"PEFT adapter written to {adapter_dir}")
-        return
-    from eztinker.engine.checkpoint import merge_into_base
+        if not merge:
+            client.download_checkpoint(run_id, name, out_dir)
+            console.print(f"PEFT adapter written to {escape(str(out_dir))}")
+            return
+        base_model = base_model or client.get_run(run_id).base_model
+        with tempfile.TemporaryDirectory(prefix="eztinker-export-") as tmp:
+            adapter_dir = client.download_checkpoint(run_id, name, Path(tmp) / "adapter")
+            from eztinker.engine.checkpoint import merge_into_base
 
-    merge_into_base(adapter_dir, base_model or run.base_model, out_dir)
-    import shutil
-
-    shutil.rmtree(out_dir / ".adapter", ignore_errors=True)
-    console.print(f"merged model written to {out_dir}")
+            merge_into_base(adapter_dir, base_model, out_dir)
+    console.print(f"merged model written to {escape(str(out_dir))}")
 
 
 # --- sampling --------------------------------------------------------------------------------------------
@@ -231,7 +310,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = -1,
-    seed: int | None = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same samples.")] = None,
     n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 1,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -252,110 +331,193 @@ def sample(
     for i, s in enumerate(out.samples):
         if n > 1:
             console.rule(f"sample {i} ({s.stop_reason})")
-        console.print(s.text, markup=False, highlight=False)
+        typer.echo(s.text)  # verbatim: no markup, emoji codes or wrapping
 
 
 # --- a small SFT loop --------------------------------------------------------------------------------------
 
+Example = tuple[list[int], list[int]]  # (input_ids, labels), -100 where nothing is trained
 
-def read_sft_examples(path: Path, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+
+def read_sft_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
     """(input_ids, labels) per JSONL line: `{"text"}`, `{"prompt", "completion"}` or `{"messages": [...]}`.
 
-    Only completions and assistant turns are trained on; everything else is labelled -100.
+    Texts are trained on whole; of the others only completions and assistant turns, the rest is -100.
+    EOS ends texts and completions. Sequences are cut at `max_length`; one left with nothing to train
+    on is left out.
     """
-    examples = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    return encode_sft_records(path, read_sft_records(path), tokenizer, max_length)
+
+
+def read_sft_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The JSONL file's records with their line numbers; ValueError names the first bad line."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc})") from exc
-        if "messages" in record:
-            ids, labels = _chat_ids(tokenizer, record["messages"])
-        elif "prompt" in record and "completion" in record:
-            prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-            completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                completion = [*completion, tokenizer.eos_token_id]
-            ids, labels = prompt + completion, [-100] * len(prompt) + completion
-        elif "text" in record:
-            ids = tokenizer(record["text"])["input_ids"]
-            labels = list(ids)
-        else:
-            raise ValueError(f"{path}:{number}: expected a 'text', 'prompt'+'completion' or 'messages' field")
-        if len(ids) >= 2:
-            examples.append((ids[:max_length], labels[:max_length]))
+            raise ValueError(f"{path}:{number}: not JSON ({exc.msg} at column {exc.colno})") from None
+        problem = _record_problem(record)
+        if problem is not None:
+            raise ValueError(f"{path}:{number}: {problem}")
+        records.append((number, record))
+    if not records:
+        raise ValueError(f"{path}: no examples")
+    return records
+
+
+def _record_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return 'expected a JSON object such as {"text": ...}'
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            return '\'messages\' must be a non-empty list of {"role": ..., "content": ...} strings'
+        return None
+    if "prompt" in record and "completion" in record:
+        fields = ("prompt", "completion")
+    elif "text" in record:
+        fields = ("text",)
+    else:
+        return "expected a 'text', 'prompt'+'completion' or 'messages' field"
+    for field in fields:
+        if not isinstance(record[field], str):
+            return f"{field!r} must be a string"
+    return None
+
+
+def _is_message(message: Any) -> bool:
+    return (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    )
+
+
+def encode_sft_records(
+    path: Path, records: list[tuple[int, dict[str, Any]]], tokenizer: Any, max_length: int
+) -> list[Example]:
+    """Tokenize `read_sft_records`'s records (see `read_sft_examples`); ValueError names a bad line."""
+    examples = []
+    for number, record in records:
+        try:
+            ids, labels = _encode(record, tokenizer)
+        except Exception as exc:  # a chat template refusing the turns, a tokenizer without one, ...
+            raise ValueError(f"{path}:{number}: cannot tokenize: {exc}") from exc
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != -100 for label in labels[1:]):  # labels[0] is never predicted
+            examples.append((ids, labels))
     if not examples:
-        raise ValueError(f"{path}: no usable examples")
+        raise ValueError(f"{path}: no example has a token to train on within {max_length} tokens")
     return examples
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Tokenize a chat with its template; label the assistant turns only."""
+def _encode(record: dict[str, Any], tokenizer: Any) -> Example:
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if "messages" in record:
+        return _chat_ids(tokenizer, record["messages"])
+    if "prompt" in record:
+        prompt = tokenizer(record["prompt"])["input_ids"]  # with the BOS, if the model has one
+        completion = [*tokenizer(record["completion"], add_special_tokens=False)["input_ids"], *eos]
+        return prompt + completion, [-100] * len(prompt) + completion
+    ids = list(tokenizer(record["text"])["input_ids"])
+    if eos and ids[-1:] != eos:
+        ids += eos
+    return ids, list(ids)
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
+    """Tokenize a chat with its template; train on the assistant turns only, not on their role headers.
+
+    Renders the chat one turn longer at a time (with the generation prompt before an assistant turn) and
+    labels each turn's new tokens, so the template must render a chat's turns as prefixes of it.
+    """
     ids: list[int] = []
     labels: list[int] = []
     for i, message in enumerate(messages):
-        rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False)
-        rendered = list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
+        before_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
+        rendered = list(
+            tokenizer.apply_chat_template(
+                messages[: i + 1], tokenize=True, return_dict=False, add_generation_prompt=before_assistant
+            )
+        )
+        if rendered[: len(ids)] != ids:
+            raise ValueError("the chat template does not render earlier turns as a prefix of later ones")
         new = rendered[len(ids) :]
         ids.extend(new)
-        labels.extend(new if message.get("role") == "assistant" else [-100] * len(new))
+        labels.extend(new if message["role"] == "assistant" else [-100] * len(new))
     return ids, labels
 
 
 @app.command("train-sft")
 def train_sft(
-    file: Annotated[
-        Path,
-        typer.Argument(exists=True, dir_okay=False, help="JSONL of texts, prompt/completion pairs or chats."),
-    ],
-    base_model: Annotated[str, typer.Option(help="Base model (hub id or a directory the server can read).")],
-    tokenizer: Annotated[
-        str | None, typer.Option(help="Tokenizer to use locally (default: the base model).")
+    file: Annotated[Path, typer.Argument(help="JSONL of texts, prompt/completion pairs or chats.")],
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="Base model of a new run (hub id or a directory the server can read)."),
     ] = None,
-    rank: int = 8,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer to use here (default: the base model's).")
+    ] = None,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank of a new run (alpha: twice the rank).")] = 8,
     learning_rate: float = 1e-4,
-    epochs: int = 1,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    run_id: Annotated[str | None, typer.Option(help="Continue this run instead of creating one.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    max_length: Annotated[int, typer.Option(min=2, help="Cut longer sequences to this many tokens.")] = 1024,
+    run_id: Annotated[
+        str | None, typer.Option(help="Continue this run (and its base model) instead of creating one.")
+    ] = None,
     save: Annotated[str | None, typer.Option(help="Save a checkpoint with this name at the end.")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Supervised fine-tuning over FILE through the client, with a progress bar showing the loss."""
+    records = read_sft_records(file)  # a bad file fails here, before anything loads
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
-    examples = read_sft_examples(file, tok, max_length)
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     with _client(url, api_key) as client:
+        if base_model is None:
+            if run_id is None:
+                raise _fail("give --base-model to start a run, or --run-id to continue one")
+            base_model = client.get_run(run_id).base_model
+        tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
+        examples = encode_sft_records(file, records, tok, max_length)
+        if len(examples) < len(records):
+            console.print(f"left out {len(records) - len(examples)} examples with nothing to train on")
+        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
         run_id = run_id or client.create_run(base_model, lora_config={"r": rank, "lora_alpha": 2 * rank})
         console.print(f"run {run_id}: {len(examples)} examples, {len(batches)} batches × {epochs} epochs")
-        columns = (
-            TextColumn("[bold]SFT"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("sft", total=len(batches) * epochs, loss="-")
-            for _ in range(epochs):
-                for batch in batches:
-                    # Submit both ops before waiting: the server is never idle between them.
-                    fb = client.forward_backward(
-                        run_id, input_ids=[x for x, _ in batch], target_ids=[y for _, y in batch]
-                    )
-                    step = client.optim_step(run_id, learning_rate=learning_rate)
-                    loss = fb.result()["loss"]
-                    step.result()
-                    progress.update(task, advance=1, loss=f"{loss:.4f}")
+        _sft_loop(client, run_id, batches, epochs, learning_rate)
         if save:
             out = client.save_checkpoint(run_id, save)
-            console.print(f"saved {save}: {out['adapter_path']}")
+            console.print(f"saved {escape(save)}: {escape(out['adapter_path'])}", soft_wrap=True)
     console.print(f"done: run {run_id}")
+
+
+def _sft_loop(
+    client: EZTinkerClient, run_id: str, batches: list[list[Example]], epochs: int, learning_rate: float
+) -> None:
+    columns = (
+        TextColumn("[bold]SFT"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sft", total=len(batches) * epochs, loss="-")
+        for _ in range(epochs):
+            for batch in batches:
+                # Submit both ops before waiting: the server is never idle between them.
+                fb = client.forward_backward(
+                    run_id, input_ids=[x for x, _ in batch], target_ids=[y for _, y in batch]
+                )
+                step = client.optim_step(run_id, learning_rate=learning_rate)
+                loss = fb.result()["loss"]
+                step.result()
+                progress.update(task, advance=1, loss=f"{loss:.4f}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

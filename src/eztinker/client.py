@@ -77,6 +77,7 @@ from eztinker.models.api import (
     SaveOutput,
     SaveRequest,
     TokenDatum,
+    field_path,
 )
 from eztinker.models.configs import LoRAConfig, LossFunctionConfig
 
@@ -149,7 +150,7 @@ def _dump(schema: type[BaseModel], **fields: Any) -> dict[str, Any]:
         return schema(**given).model_dump(mode="json", exclude_unset=True)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
+        field = field_path(first["loc"])
         raise InvalidRequestError(first["msg"], field=field) from None
 
 

@@ -31,7 +31,8 @@ def serve(settings: Settings | None = None, **overrides: Any) -> Generator[str]:
     ```
     `overrides` are `Settings` fields; the port defaults to a free one.
     """
-    settings = (settings or Settings()).model_copy(update={"port": 0, **overrides})
+    base = (settings or Settings()).model_dump()  # the environment fills in only when no settings are given
+    settings = Settings.model_validate({**base, "port": 0, **overrides})  # validated: data_dir="x" -> Path
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="warning", lifespan="on"
     )

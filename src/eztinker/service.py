@@ -28,13 +28,14 @@ from eztinker.engine import AdamParams, Datum, Engine, EngineConfig, SamplingPar
 from eztinker.engine.checkpoint import delete_checkpoint, remove_stale_temp_dirs
 from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
 from eztinker.models import api
-from eztinker.scheduler import Job, Scheduler
+from eztinker.scheduler import Job, QueueFullError, Scheduler
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
 from eztinker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+FINISHED_JOBS_KEPT_SECONDS = 600.0  # in memory for fast polls; older results come from the store
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +70,7 @@ class Service:
         self.api_key_hashes = {hash_key(k) for k in settings.api_keys}
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
         self._lock = threading.Lock()
+        self._submitted = 0
         self.started_at = time.time()
 
     # --- life cycle ----------------------------------------------------------------------------------
@@ -177,23 +179,20 @@ class Service:
     # --- ops as jobs ---------------------------------------------------------------------------------
 
     def submit(self, op: str, run_id: str | None, fn: Callable[[], dict[str, Any]], owner: str | None) -> Job:
+        """Record the job, then queue it: it is durable before the caller hears its id."""
         job = Job(op=op, run_id=run_id, fn=fn, owner=owner)
         self.store.add_job(
-            JobRecord(
-                job_id=job.job_id,
-                run_id=run_id,
-                op=op,
-                status="queued",
-                owner=owner,
-                result=None,
-                error=None,
-                error_category=None,
-                created_at=job.created_at,
-                started_at=None,
-                finished_at=None,
-            )
+            JobRecord(job_id=job.job_id, run_id=run_id, op=op, owner=owner, created_at=job.created_at)
         )
-        return self.scheduler.submit(job)
+        try:
+            self.scheduler.submit(job)
+        except QueueFullError as exc:
+            self.store.finish_job(job.job_id, status="failed", error=str(exc), error_category="server")
+            raise
+        self._submitted += 1
+        if self._submitted % 1000 == 0:  # finished jobs live on in the store; keep memory bounded
+            self.scheduler.forget(older_than=time.time() - FINISHED_JOBS_KEPT_SECONDS)
+        return job
 
     def _job_finished(self, job: Job) -> None:
         self.telemetry.job_finished(job)

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
-from eztinker.models.api import ErrorBody
+from eztinker.models.api import ErrorBody, field_path
 from eztinker.scheduler import QueueFullError
 
 
@@ -25,25 +25,13 @@ def _error(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
-def _field_path(loc: tuple) -> str:
-    """`("body", "data", 0, "input_ids")` -> `data[0].input_ids`."""
-    parts = [p for p in loc if p not in ("body", "query", "path")]
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not (isinstance(part, str) and part.startswith(("function-", "list[", "union["))):
-            out += f".{part}" if out else str(part)
-    return out or "body"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _field_path(tuple(first.get("loc", ())))
-        detail = [{"field": _field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
+        field = field_path(tuple(first.get("loc", ())))
+        detail = [{"field": field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
         return _error(422, f"{field}: {first.get('msg')}", field=field, detail=detail)
 
     @app.exception_handler(InvalidInputError)

@@ -17,6 +17,21 @@ JobStatus = Literal["queued", "running", "completed", "failed"]
 Op = str  # forward_backward, forward, optim_step, sample, save, load, ... (open: facades add their own)
 
 
+def field_path(loc: tuple | list) -> str:
+    """A pydantic error location as a field name: `("body", "data", 0, "input_ids")` -> `data[0].input_ids`."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path"):
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not (
+            (isinstance(part, str) and part.startswith(("function-", "list[", "union["))) or "[" in str(part)
+        ):
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
