@@ -6,6 +6,7 @@ runs at once — the server shares your interpreter, so no code ever travels ove
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Generator
@@ -59,8 +60,6 @@ def run_server(settings: Settings, *, reload: bool = False) -> None:
     """Serve until interrupted (what `eztinker server` calls)."""
     if reload:
         # Reload needs an import string: the factory reads the same settings back from the environment.
-        import os
-
         for key, value in settings.model_dump(exclude_none=True).items():
             os.environ[f"EZTINKER_{key.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
         uvicorn.run(

@@ -27,7 +27,8 @@ from eztinker import __version__
 from eztinker.engine import AdamParams, Datum, Engine, EngineConfig, SamplingParams, TokenLoss
 from eztinker.engine.checkpoint import delete_checkpoint, remove_stale_temp_dirs
 from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
-from eztinker.models import api
+from eztinker.engine.lora import resolve_targets
+from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Job, QueueFullError, Scheduler
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
@@ -70,6 +71,7 @@ class Service:
         self.api_key_hashes = {hash_key(k) for k in settings.api_keys}
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
         self._lock = threading.Lock()
+        self._active: dict[str, RunRecord] = {}  # runs whose adapter is in memory (ownership checks)
         self._submitted = 0
         self.started_at = time.time()
 
@@ -117,12 +119,17 @@ class Service:
         return record
 
     def _live_run(self, run_id: str, owner: str | None) -> RunRecord:
+        """The run, if it is active in this process: checked from memory on the hot path of every op."""
+        record = self._active.get(run_id)
+        if record is not None and (not self.auth_enabled or record.owner == owner):
+            return record
         record = self._run_record(run_id, owner)
         if record.status == "lost":
             raise RunLostError(
                 f"run {run_id!r} lost its in-memory adapter when the server restarted; "
                 f"resume it by loading a checkpoint (POST /v1/runs/{run_id}/load)"
             )
+        self._active[run_id] = record
         return record
 
     # --- runs ----------------------------------------------------------------------------------------
@@ -144,7 +151,7 @@ class Service:
             adapter_path=adapter_path,
         )
         now = time.time()
-        self.store.add_run(
+        self._add_run_record(
             RunRecord(
                 run_id=info.run_id,
                 base_model=info.base_model,
@@ -161,6 +168,10 @@ class Service:
         )
         return self.get_run(info.run_id, owner)
 
+    def _add_run_record(self, record: RunRecord) -> None:
+        self.store.add_run(record)
+        self._active[record.run_id] = record
+
     def get_run(self, run_id: str, owner: str | None) -> api.Run:
         return _run_model(self._run_record(run_id, owner))
 
@@ -174,6 +185,7 @@ class Service:
         with contextlib.suppress(NotFoundError):  # a lost run has nothing in memory
             self.engine.delete_run(run_id)
         self.store.delete_run(run_id)
+        self._active.pop(run_id, None)
         self._pending_losses.pop(run_id, None)
 
     # --- ops as jobs ---------------------------------------------------------------------------------
@@ -209,16 +221,26 @@ class Service:
     def forward_backward(
         self, run_id: str, request: api.ForwardBackwardRequest, owner: str | None, *, backward: bool = True
     ) -> Job:
-        self._live_run(run_id, owner)
         data, loss = _to_engine_data(request)
         try:
-            self.engine.check_data(
-                run_id, data, loss
-            )  # a bad request gets its 422 now, not a failed job later
+            return self.forward_backward_data(run_id, data, loss, owner, backward=backward)
         except InvalidInputError as exc:
             if request.loss_fn is not None:
                 raise
             raise InvalidInputError(_native_field(exc.field), exc.message) from None
+
+    def forward_backward_data(
+        self,
+        run_id: str,
+        data: list[Datum],
+        loss: LossFunctionConfig | TokenLoss | None,
+        owner: str | None,
+        *,
+        backward: bool = True,
+    ) -> Job:
+        """`forward_backward` (or `forward`) on engine data; the job's result is an `api.ForwardBackwardOutput`."""
+        self._live_run(run_id, owner)
+        self.engine.check_data(run_id, data, loss)  # a bad request is refused now, not as a failed job later
 
         def work() -> dict[str, Any]:
             op = self.engine.forward_backward if backward else self.engine.forward
@@ -307,6 +329,72 @@ class Service:
 
         return self.submit("sample", run_id, work, owner)
 
+    def sample_tokens(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        owner: str | None,
+        *,
+        num_samples: int = 1,
+        sampler_id: str | None = None,
+        base_model: str | None = None,
+        prompt_logprobs: bool = False,
+    ) -> Job:
+        """Sample token ids from a sampler snapshot or a base model; the result is the engine's, as a dict."""
+
+        def work() -> dict[str, Any]:
+            result = self.engine.sample(
+                prompt,
+                params,
+                num_samples=num_samples,
+                sampler_id=sampler_id,
+                base_model=base_model,
+                prompt_logprobs=prompt_logprobs,
+            )
+            self.telemetry.tokens_sampled.inc(sum(len(s.tokens) for s in result.sequences))
+            return {
+                "sequences": [
+                    {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+                    for s in result.sequences
+                ],
+                "prompt_logprobs": result.prompt_logprobs,
+            }
+
+        return self.submit("sample", None, work, owner)
+
+    def save_sampler(self, run_id: str, sampler_id: str, owner: str | None) -> Job:
+        """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
+        self._live_run(run_id, owner)
+
+        def work() -> dict[str, Any]:
+            info = self.engine.save_sampler(run_id, sampler_id)
+            return {"sampler_id": info.sampler_id, "base_model": info.base_model, "step": info.step}
+
+        return self.submit("save_sampler", run_id, work, owner)
+
+    def sampler_from_checkpoint(self, run_id: str, name: str, sampler_id: str, owner: str | None) -> str:
+        """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking."""
+        record = self._run_record(run_id, owner)
+        checkpoint = self._checkpoint(run_id, name, owner)
+        scratch = f"{sampler_id}.loading"
+        self.engine.create_run(record.base_model, adapter_path=checkpoint.path, run_id=scratch)
+        try:
+            return self.engine.save_sampler(scratch, sampler_id).base_model
+        finally:
+            self.engine.delete_run(scratch)
+
+    def sampler_base_model(self, sampler_id: str) -> str | None:
+        """The base model of sampler snapshot `sampler_id`, or None if there is no such snapshot."""
+        for info in self.engine.list_samplers():
+            if info.sampler_id == sampler_id:
+                return info.base_model
+        return None
+
+    def default_lora_targets(self, base_model: str) -> list[str]:
+        """The module paths a run on `base_model` adapts by default (loads the model). Blocking."""
+        base = self.engine.base_model(base_model)
+        return resolve_targets(base.model, base.default_targets())
+
     def _base_name(self, run_id: str | None, sampler_id: str | None) -> str:
         if run_id is not None:
             return self.engine.run_info(run_id).base_model
@@ -382,6 +470,7 @@ class Service:
                 )
             info = self.engine.load_state(run_id, checkpoint.path, with_optimizer=request.with_optimizer)
             self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
+            self._active.pop(run_id, None)  # re-read as active on the next op
             with self._lock:
                 self._pending_losses.pop(run_id, None)
             return self.get_run(run_id, owner).model_dump()

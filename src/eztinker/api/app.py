@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
-from eztinker.api import native
+from eztinker.api import native, tinker
 from eztinker.api.deps import ServiceDep, get_owner
 from eztinker.api.errors import install_error_handlers
 from eztinker.models.api import Health
@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     app.state.service = service
     install_error_handlers(app)
     app.include_router(native.router, dependencies=[Depends(get_owner)])
+    app.include_router(tinker.router)
 
     @app.get("/health", tags=["server"])
     def health(service: ServiceDep) -> Health:

@@ -9,14 +9,15 @@ from fastapi import Depends, Header, Request
 from eztinker.service import Service
 
 
-def get_service(request: Request) -> Service:
+# Both are `async`: trivial work, so they run on the event loop instead of costing a threadpool hop each.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_owner(
+async def get_owner(
     service: ServiceDep,
     x_api_key: Annotated[str | None, Header()] = None,
     authorization: Annotated[str | None, Header()] = None,

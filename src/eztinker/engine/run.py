@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eztinker.engine.batch import Chunk, budget_for, check_data, chunk_batch
@@ -200,10 +201,11 @@ def _token_chunk(
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets) under `logits` (B, T, V), in float32; targets (B, T) or (B, T, K)."""
     logits = logits.float()
-    index = targets if targets.ndim == 3 else targets.unsqueeze(-1)
-    picked = torch.gather(logits, -1, index)  # (B, T, K)
-    logprobs = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
-    return logprobs if targets.ndim == 3 else logprobs.squeeze(-1)
+    if targets.ndim == 2:  # one fused log-softmax + gather: the fastest path, forward and backward
+        flat = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return -flat.view(targets.shape)
+    picked = torch.gather(logits, -1, targets)  # (B, T, K)
+    return picked - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 # --- the optimizer step ------------------------------------------------------------------------------
@@ -239,7 +241,10 @@ def optim_step(run: TrainingRun, adam: AdamParams) -> OptimStepResult:
     # Cheap for an adapter, and it makes the step all-or-nothing (an OOM half-way through included).
     snapshot = _Snapshot(
         weights=[p.detach().clone() for p in params],
-        grads=[None if p.grad is None else p.grad.clone() for p in params],
+        # AdamW reads gradients without changing them; only clipping scales them in place.
+        grads=[
+            None if p.grad is None else p.grad.clone() if adam.grad_clip_norm > 0 else p.grad for p in params
+        ],
         states={id(p): {k: v.clone() for k, v in state[p].items()} for p in params if p in state},
     )
     with run.base.lock:

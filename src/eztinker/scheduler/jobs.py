@@ -217,9 +217,11 @@ class Scheduler:
             self.completed += 1
         else:
             self.failed += 1
+        # Waiters hear first; the record is written before this worker takes its next job. (A crash in
+        # between reports the job failed after restart — true of its effect, which lived in memory.)
+        job.future.set_result(job)
         if self._on_finish is not None:
             try:
                 self._on_finish(job)
             except Exception:
                 log.exception("on_finish hook failed for %s", job.job_id)
-        job.future.set_result(job)
