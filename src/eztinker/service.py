@@ -477,8 +477,10 @@ class Service:
 
         return self.submit("load", run_id, work, owner)
 
-    def list_checkpoints(self, run_id: str, owner: str | None) -> list[api.Checkpoint]:
-        self._run_record(run_id, owner)
+    def list_checkpoints(self, run_id: str | None, owner: str | None) -> list[api.Checkpoint]:
+        """The checkpoints of run `run_id`, or (None) all of the caller's, oldest first."""
+        if run_id is not None:
+            self._run_record(run_id, owner)
         records = self.store.list_checkpoints(run_id=run_id, owner=owner, include_all=not self.auth_enabled)
         return [_checkpoint_model(c) for c in records]
 
@@ -603,6 +605,7 @@ def _run_model(record: RunRecord) -> api.Run:
         status=record.status,
         num_parameters=record.num_parameters,
         created_at=record.created_at,
+        updated_at=record.updated_at,
         last_loss=record.last_loss,
     )
 

@@ -9,13 +9,14 @@ sessions are bookkeeping of this facade, kept in memory on the app (`app.state.t
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -59,6 +60,8 @@ class TinkerState:
     created: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)  # -> (request, model)
     sampling: dict[str, _SamplingSession] = field(default_factory=dict)
     sampler_requests: dict[str, str] = field(default_factory=dict)  # sampling session -> request id
+    # (run, native checkpoint name) -> what RestClient set on it: `public`, `expires_at` (Unix seconds)
+    checkpoint_meta: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def add(self, future: _Future, request_id: str | None = None) -> str:
         request_id = request_id or (future.job.job_id if future.job else f"req-{uuid.uuid4().hex}")
@@ -380,6 +383,153 @@ def asample(body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: S
 
     ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
     return _future(state, submit, wire.encode_sample_response, sample_sequence_ids=ids)
+
+
+# --- REST (RestClient): training runs and checkpoints ------------------------------------------------------
+
+TTL_RANGE = (3600, 10 * 365 * 24 * 3600)  # seconds, as the SDK documents for set_checkpoint_ttl
+ARCHIVE_URL_SECONDS = 3600
+
+
+def _rest_checkpoints(state: TinkerState, checkpoints: list[api.Checkpoint]) -> list[dict[str, Any]]:
+    with state.lock:
+        metas = [state.checkpoint_meta.get((c.run_id, c.name)) for c in checkpoints]
+    return [
+        wire.rest_checkpoint(c.run_id, c.name, c.created_at, c.size_bytes, meta)
+        for c, meta in zip(checkpoints, metas, strict=True)
+    ]
+
+
+def _training_run(service: Any, state: TinkerState, run: api.Run, owner: str | None) -> dict[str, Any]:
+    checkpoints = _rest_checkpoints(state, service.list_checkpoints(run.run_id, owner))
+    return wire.rest_training_run(
+        run.run_id, run.base_model, owner, run.lora_config.r, run.updated_at or run.created_at, checkpoints
+    )
+
+
+@router.get("/training_runs")
+def list_training_runs(
+    service: ServiceDep,
+    owner: OwnerDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=0)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    runs = service.list_runs(owner)
+    page = [_training_run(service, state, r, owner) for r in runs[offset : offset + limit]]
+    return {"training_runs": page, "cursor": wire.cursor(offset, limit, len(runs))}
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(run_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
+    return _training_run(service, state, service.get_run(run_id, owner), owner)
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_run_checkpoints(
+    run_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    return {"checkpoints": _rest_checkpoints(state, service.list_checkpoints(run_id, owner))}
+
+
+@router.get("/checkpoints")
+def list_user_checkpoints(
+    service: ServiceDep,
+    owner: OwnerDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=0)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    checkpoints = service.list_checkpoints(None, owner)
+    page = _rest_checkpoints(state, checkpoints[offset : offset + limit])
+    return {"checkpoints": page, "cursor": wire.cursor(offset, limit, len(checkpoints))}
+
+
+@router.post("/weights_info")
+def weights_info(body: dict[str, Any], service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
+    run_id, name, _ = wire.parse_tinker_path(str(body.get("tinker_path")))
+    run = service.get_run(run_id, owner)
+    if name not in {c.name for c in service.list_checkpoints(run_id, owner)}:
+        raise NotFoundError(f"run {run_id!r} has no checkpoint {body.get('tinker_path')!r}")
+    every_layer = run.lora_config.target_modules in (None, "all-linear")
+    return {
+        "base_model": run.base_model,
+        "is_lora": True,
+        "lora_rank": run.lora_config.r,
+        "train_unembed": False,
+        "train_attn": True if every_layer else None,  # None: a custom target list, not classified here
+        "train_mlp": True if every_layer else None,
+    }
+
+
+# `checkpoint_id` is `<kind>/<name>`, with a slash: these routes take it as a `path` parameter, so the ones
+# with a suffix (`/publish`, `/ttl`, `/archive`) come before the bare one.
+_CHECKPOINT = "/training_runs/{run_id}/checkpoints/{checkpoint_id:path}"
+
+
+def _checkpoint_key(run_id: str, checkpoint_id: str, service: Any, owner: str | None) -> tuple[str, str]:
+    """(run, native name) of an existing checkpoint of the caller's."""
+    name, path = wire.parse_checkpoint_id(run_id, checkpoint_id)
+    if name not in {c.name for c in service.list_checkpoints(run_id, owner)}:
+        raise NotFoundError(f"no checkpoint {path!r}")
+    return run_id, name
+
+
+def _set_meta(state: TinkerState, key: tuple[str, str], **values: Any) -> None:
+    with state.lock:
+        state.checkpoint_meta.setdefault(key, {}).update(values)
+
+
+@router.post(_CHECKPOINT + "/publish")
+def publish_checkpoint(
+    run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> None:
+    """Marks the checkpoint public (local metadata: this server has no other users' access control)."""
+    _set_meta(state, _checkpoint_key(run_id, checkpoint_id, service, owner), public=True)
+
+
+@router.delete(_CHECKPOINT + "/publish")
+def unpublish_checkpoint(
+    run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> None:
+    _set_meta(state, _checkpoint_key(run_id, checkpoint_id, service, owner), public=False)
+
+
+@router.put(_CHECKPOINT + "/ttl")
+def set_checkpoint_ttl(
+    run_id: str,
+    checkpoint_id: str,
+    body: dict[str, Any],
+    service: ServiceDep,
+    owner: OwnerDep,
+    state: StateDep,
+) -> None:
+    """Records when the checkpoint expires (reported as `expires_at`; nothing deletes it automatically)."""
+    key = _checkpoint_key(run_id, checkpoint_id, service, owner)
+    ttl = body.get("ttl_seconds")
+    if ttl is not None and not (isinstance(ttl, int) and TTL_RANGE[0] <= ttl <= TTL_RANGE[1]):
+        raise InvalidInputError("ttl_seconds", f"must be null or {TTL_RANGE[0]}..{TTL_RANGE[1]} seconds")
+    _set_meta(state, key, expires_at=None if ttl is None else time.time() + ttl)
+
+
+@router.get(_CHECKPOINT + "/archive")
+def checkpoint_archive_url(
+    run_id: str, checkpoint_id: str, request: Request, service: ServiceDep, owner: OwnerDep
+) -> dict[str, Any]:
+    """Where to download the checkpoint as a .tar.gz: the native archive route of this server (same API key)."""
+    _, name = _checkpoint_key(run_id, checkpoint_id, service, owner)
+    url = request.url_for("download_checkpoint", run_id=run_id, name=name)
+    return {"url": str(url), "expires": wire.iso_time(time.time() + ARCHIVE_URL_SECONDS)}
+
+
+@router.delete(_CHECKPOINT)
+def delete_checkpoint(
+    run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> None:
+    key = _checkpoint_key(run_id, checkpoint_id, service, owner)
+    service.delete_checkpoint(*key, owner)
+    with state.lock:
+        state.checkpoint_meta.pop(key, None)
 
 
 # --- futures -----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -250,3 +251,75 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
         raise InvalidInputError("path", f"{path!r} is not tinker://<run>/<weights|sampler_weights>/<name>")
     run_id, kind, name = match.groups()
     return run_id, native_checkpoint_name(kind, name), kind
+
+
+# --- REST (RestClient): checkpoints and training runs as the SDK's models ---------------------------------
+
+_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
+_SAMPLER_PREFIX = "sampler_weights."
+
+
+def parse_checkpoint_id(run_id: str, checkpoint_id: str) -> tuple[str, str]:
+    """(native checkpoint name, tinker path) of a REST `checkpoint_id` such as `weights/ckpt-1`."""
+    path = f"tinker://{run_id}/{checkpoint_id}"
+    _, name, _ = parse_tinker_path(path)
+    return name, path
+
+
+def checkpoint_id(native_name: str) -> str:
+    """The REST `checkpoint_id` (`<kind>/<name>`) of a native checkpoint name."""
+    if native_name.startswith(_SAMPLER_PREFIX):
+        return f"sampler_weights/{native_name.removeprefix(_SAMPLER_PREFIX)}"
+    return f"weights/{native_name}"
+
+
+def iso_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
+
+
+def rest_checkpoint(
+    run_id: str, native_name: str, created_at: float, size_bytes: int, meta: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A `types.Checkpoint`; `meta` holds what REST set on it (`public`, `expires_at` in Unix seconds)."""
+    ckpt_id = checkpoint_id(native_name)
+    meta = meta or {}
+    expires_at = meta.get("expires_at")
+    return {
+        "checkpoint_id": ckpt_id,
+        "checkpoint_type": _CHECKPOINT_TYPES[ckpt_id.split("/", 1)[0]],
+        "time": iso_time(created_at),
+        "tinker_path": f"tinker://{run_id}/{ckpt_id}",
+        "size_bytes": size_bytes,
+        "public": bool(meta.get("public", False)),
+        "expires_at": None if expires_at is None else iso_time(expires_at),
+    }
+
+
+def rest_training_run(
+    run_id: str,
+    base_model: str,
+    owner: str | None,
+    lora_rank: int,
+    last_request_time: float,
+    checkpoints: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A `types.TrainingRun`; `checkpoints` are `rest_checkpoint`s of the run, oldest first."""
+
+    def last(kind: str) -> Mapping[str, Any] | None:
+        return next((c for c in reversed(checkpoints) if c["checkpoint_type"] == kind), None)
+
+    return {
+        "training_run_id": run_id,
+        "base_model": base_model,
+        "model_owner": owner or "local",
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": lora_rank,
+        "last_request_time": iso_time(last_request_time),
+        "last_checkpoint": last("training"),
+        "last_sampler_checkpoint": last("sampler"),
+    }
+
+
+def cursor(offset: int, limit: int, total: int) -> dict[str, int]:
+    return {"offset": offset, "limit": limit, "total_count": total}

@@ -69,6 +69,7 @@ class Run(BaseModel):
     )
     num_parameters: int | None = None
     created_at: float
+    updated_at: float | None = Field(default=None, description="When an op last changed the run.")
     last_loss: float | None = None
 
 
