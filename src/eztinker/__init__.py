@@ -19,32 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from eztinker.client import AsyncEZTinkerClient, EZTinkerClient  # httpx + pydantic only: no torch
 from eztinker.models import LoRAConfig, LossFunctionConfig
 
 if TYPE_CHECKING:
-    from eztinker.client import AsyncEZTinkerClient, EZTinkerClient
-    from eztinker.server import serve
+    from eztinker.server import serve as serve  # for type checkers; resolved lazily below
 
-__all__ = [
-    "AsyncEZTinkerClient",
-    "EZTinkerClient",
-    "LoRAConfig",
-    "LossFunctionConfig",
-    "__version__",
-    "serve",
-]
-
-_LAZY = {
-    "EZTinkerClient": "eztinker.client",
-    "AsyncEZTinkerClient": "eztinker.client",
-    "serve": "eztinker.server",
-}
+__all__ = ["AsyncEZTinkerClient", "EZTinkerClient", "LoRAConfig", "LossFunctionConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # The client must import without torch, and the server only when asked for.
-    if name in _LAZY:
-        import importlib
+    # `eztinker.serve` (see `eztinker.server.serve`) loads the whole server, torch included: only on use.
+    if name == "serve":
+        from eztinker.server import serve as serve  # for type checkers; resolved lazily below
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return serve
     raise AttributeError(f"module 'eztinker' has no attribute {name!r}")
