@@ -141,7 +141,9 @@ def server(
     dtype: Annotated[
         str | None, typer.Option(envvar="EZTINKER_DTYPE", help="float32, bfloat16 or float16.")
     ] = None,
-    workers: Annotated[int, typer.Option(envvar="EZTINKER_WORKERS", help="Worker threads.")] = 2,
+    workers: Annotated[
+        int, typer.Option(envvar="EZTINKER_WORKERS", help="Worker threads: one per device.")
+    ] = 1,
 ) -> None:
     """Start the EZTinker server (SQLite and an in-process worker by default; models load on first use)."""
     from eztinker.server import run_server
