@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from eztinker.api import create_app
 from eztinker.engine.errors import InvalidInputError
-from eztinker.scheduler import Job, QueueFullError, Scheduler
+from eztinker.scheduler import Batchable, Job, QueueFullError, Scheduler
 from eztinker.service import Service
 from eztinker.settings import Settings
 
@@ -135,3 +135,169 @@ def test_the_api_answers_429_with_retry_after_and_records_the_refused_job(tmp_pa
         refused = [j for j in service.store.list_jobs() if j.op == "sample"]
         assert [(j.status, j.error_category) for j in refused] == [("failed", "server")]
         release.set()
+
+
+# --- passes: co-batching, the adaptive clock, fairness -----------------------------------------------------
+
+
+class Recorder:
+    """A pass runner that records each pass's requests and answers each request with itself."""
+
+    def __init__(self, release: threading.Event | None = None) -> None:
+        self.passes: list[list[str]] = []
+        self.release = release
+
+    def __call__(self, requests: list[str]) -> list[object]:
+        if self.release is not None:
+            self.release.wait(5)
+        self.passes.append(list(requests))
+        return [ValueError("bad request") if r.startswith("bad") else r for r in requests]
+
+
+def batch_job(run: str, request: str, tokens: int = 64, fn=None) -> Job:
+    """A batchable job whose result (alone or in a pass) is `{"request": request}`."""
+    finish = lambda outcome: {"request": outcome}  # noqa: E731
+    return Job(
+        op="train",
+        run_id=run,
+        fn=fn or (lambda: finish(request)),
+        tokens=tokens,
+        batch=Batchable(kind="train", group="base", request=request, finish=finish),
+    )
+
+
+def hold(s: Scheduler) -> threading.Event:
+    """Occupy the (single) worker until the returned event is set."""
+    release = threading.Event()
+    job = s.submit(Job(op="hold", run_id=None, fn=lambda: release.wait(5) and {}))
+    while job.status != "running":
+        time.sleep(0.001)
+    return release
+
+
+def started(runner: Recorder, **kwargs) -> Scheduler:
+    s = Scheduler(workers=1, runners={"train": runner}, **kwargs)
+    s.start()
+    return s
+
+
+def test_an_op_on_an_idle_worker_starts_at_once_alone() -> None:
+    runner = Recorder()
+    s = started(runner)
+    try:
+        job = s.submit(batch_job("a", "a0"))
+        assert job.wait_sync(5) and job.result == {"request": "a0"}
+        assert job.pass_size == 1 and runner.passes == []  # alone: no waiting for company
+        assert job.started_at - job.created_at < 0.05
+    finally:
+        s.stop()
+
+
+def test_ops_arriving_during_a_pass_gather_into_the_next_one_in_fair_order() -> None:
+    runner = Recorder()
+    s = started(runner)
+    try:
+        release = hold(s)
+        jobs = [s.submit(batch_job(run, f"{run}{i}")) for i in range(2) for run in "abc"]
+        release.set()
+        assert all(j.wait_sync(5) for j in jobs)
+        # One job per run per pass (a run's ops stay in order); each pass serves every run.
+        assert runner.passes == [["a0", "b0", "c0"], ["a1", "b1", "c1"]]
+        assert [j.pass_size for j in jobs] == [3] * 6
+        assert [j.result for j in jobs] == [{"request": f"{run}{i}"} for i in range(2) for run in "abc"]
+    finally:
+        s.stop()
+
+
+def test_a_pass_stays_within_its_token_budget_and_job_limit() -> None:
+    runner = Recorder()
+    s = started(runner, pass_token_budget=200, max_pass_jobs=3)
+    try:
+        release = hold(s)
+        jobs = [s.submit(batch_job(run, run, tokens=64)) for run in "abcde"]
+        big = s.submit(batch_job("f", "f", tokens=500))  # over the budget: it runs, alone
+        release.set()
+        assert all(j.wait_sync(5) for j in [*jobs, big])
+        assert runner.passes == [["a", "b", "c"], ["d", "e"]]
+        assert big.pass_size == 1
+    finally:
+        s.stop()
+
+
+def test_a_failed_request_fails_its_job_alone_and_a_broken_runner_falls_back_to_one_by_one() -> None:
+    runner = Recorder()
+    s = started(runner)
+    try:
+        release = hold(s)
+        ok, bad = s.submit(batch_job("a", "a")), s.submit(batch_job("b", "bad"))
+        release.set()
+        assert ok.wait_sync(5) and bad.wait_sync(5)
+        assert ok.status == "completed" and bad.status == "failed" and "bad request" in bad.error
+
+        def broken(requests):
+            raise RuntimeError("bug in the shared path")
+
+        s.runners["train"] = broken
+        release = hold(s)
+        jobs = [s.submit(batch_job(run, run)) for run in "cd"]
+        release.set()
+        assert all(j.wait_sync(5) for j in jobs)
+        assert [j.result for j in jobs] == [{"request": "c"}, {"request": "d"}]  # each ran alone
+    finally:
+        s.stop()
+
+
+def test_runs_share_by_tokens_so_a_heavy_run_cannot_starve_a_light_one() -> None:
+    order: list[str] = []
+
+    def record(name: str):
+        return lambda: order.append(name) or {}
+
+    s = Scheduler(workers=1)
+    s.start()
+    try:
+        release = hold(s)
+        heavy = [s.submit(Job(op="x", run_id="heavy", fn=record("H"), tokens=400)) for _ in range(3)]
+        light = [s.submit(Job(op="x", run_id="light", fn=record("L"), tokens=100)) for _ in range(8)]
+        release.set()
+        assert all(j.wait_sync(5) for j in heavy + light)
+        # Arrival order would run all of "heavy" first; fair share interleaves by tokens served.
+        assert order[:6] == ["H", "L", "L", "L", "L", "H"]
+        assert order.count("H") == 3 and order.count("L") == 8
+    finally:
+        s.stop()
+
+
+def test_queued_jobs_show_position_and_an_estimated_start() -> None:
+    s = Scheduler(workers=1)
+    s.start()
+    try:
+        release = hold(s)
+        jobs = [s.submit(Job(op="x", run_id=f"r{i}", fn=dict)) for i in range(3)]
+        positions = [s.queue_position(j) for j in jobs]
+        entries = {e.job.job_id: e for e in s.snapshot()}
+        release.set()
+        assert positions == [0, 1, 2]
+        starts = [entries[j.job_id].estimated_start for j in jobs]
+        assert all(start is not None and start >= time.time() - 5 for start in starts)
+        assert starts == sorted(starts)
+        assert all(j.wait_sync(5) for j in jobs)
+        assert s.stats().passes >= 4 and 0 < s.stats().utilisation <= 1
+    finally:
+        s.stop()
+
+
+def test_one_run_cannot_fill_the_queue() -> None:
+    s = Scheduler(workers=1, max_queue=100, max_queue_per_run=2)
+    s.start()
+    try:
+        release = hold(s)
+        s.submit(Job(op="x", run_id="greedy", fn=dict))
+        s.submit(Job(op="x", run_id="greedy", fn=dict))
+        with pytest.raises(QueueFullError, match="limit per run") as caught:
+            s.submit(Job(op="x", run_id="greedy", fn=dict))
+        assert caught.value.retry_after >= 1
+        s.submit(Job(op="x", run_id="modest", fn=dict))  # other runs still get in
+        release.set()
+    finally:
+        s.stop()

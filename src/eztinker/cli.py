@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -226,6 +227,27 @@ def runs_show(run_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> No
         for m in metrics.history[-10:]:
             table.add_row(str(m.step), _fmt(m.loss), _fmt(m.learning_rate), _fmt(m.grad_norm))
         console.print(table)
+
+
+@app.command()
+def queue(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """The job queue: what runs now, what waits (in start order) and when it should start."""
+    with _client(url, api_key) as client:
+        view = client.get_queue()
+    now = time.time()
+    table = Table(
+        "position", Column("job", no_wrap=True), "op", Column("run", no_wrap=True), "tokens", "starts in"
+    )
+    for job in view.jobs:
+        position = "running" if job.position is None else str(job.position)
+        starts = "-" if job.estimated_start is None else f"{max(0.0, job.estimated_start - now):.1f} s"
+        table.add_row(position, job.job_id, job.op, job.run_id or "-", str(job.tokens), starts)
+    console.print(table)
+    console.print(
+        f"{view.queue_depth} queued, {view.running} running · {view.jobs_per_pass:.2f} jobs per pass · "
+        f"utilisation {view.utilisation:.0%} · {view.tokens_per_second:.0f} training tokens/s",
+        highlight=False,
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -70,6 +70,7 @@ from eztinker.models.api import (
     NativeDatum,
     Op,
     OptimStepRequest,
+    QueueView,
     Run,
     RunMetrics,
     SampleOutput,
@@ -915,6 +916,11 @@ class EZTinkerClient(_ClientBase):
         """A job's state; with `wait` (up to MAX_POLL_WAIT seconds) the server answers once it finishes."""
         return Job.model_validate(self._send(_job_call(job_id, wait)))
 
+    def get_queue(self) -> QueueView:
+        """Running and queued jobs (yours, when the server uses API keys) in start order, with each one's
+        position and estimated start, and the scheduler's utilisation and throughput."""
+        return QueueView.model_validate(self._send(_Call("GET", "/v1/queue")))
+
 
 class AsyncEZTinkerClient(_ClientBase):
     """The asyncio client: the same methods as `EZTinkerClient`, awaited; ops return `AsyncJobFuture`s.
@@ -1181,3 +1187,6 @@ class AsyncEZTinkerClient(_ClientBase):
 
     async def get_job(self, job_id: str, wait: float = 0) -> Job:
         return Job.model_validate(await self._send(_job_call(job_id, wait)))
+
+    async def get_queue(self) -> QueueView:
+        return QueueView.model_validate(await self._send(_Call("GET", "/v1/queue")))

@@ -16,13 +16,16 @@ from typing import Any
 import uvicorn
 
 from eztinker.api.app import create_app
+from eztinker.service import Service
 from eztinker.settings import Settings
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 
 
 @contextmanager
-def serve(settings: Settings | None = None, **overrides: Any) -> Generator[str]:
+def serve(
+    settings: Settings | None = None, *, service: Service | None = None, **overrides: Any
+) -> Generator[str]:
     """Start an EZTinker server in a background thread; yield its URL; stop it on exit.
 
     ```python
@@ -30,14 +33,22 @@ def serve(settings: Settings | None = None, **overrides: Any) -> Generator[str]:
         with EZTinkerClient(base_url=url) as client:
             ...
     ```
-    `overrides` are `Settings` fields; the port defaults to a free one.
+    `overrides` are `Settings` fields; the port defaults to a free one. Or pass a `Service` you built
+    (and keep a handle on, e.g. to inspect its scheduler in a test); it is started and stopped with the server.
     """
-    base = (settings or Settings()).model_dump()  # the environment fills in only when no settings are given
-    settings = Settings.model_validate({**base, "port": 0, **overrides})  # validated: data_dir="x" -> Path
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
+    if service is not None:
+        if settings is not None or overrides:
+            raise TypeError("serve() takes either a service or settings/overrides, not both")
+        app, host, port = create_app(service=service), service.settings.host, 0
+    else:
+        base = (
+            settings or Settings()
+        ).model_dump()  # the environment fills in only when no settings are given
+        settings = Settings.model_validate(
+            {**base, "port": 0, **overrides}
+        )  # validated: data_dir="x" -> Path
+        app, host, port = create_app(settings), settings.host, settings.port
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="eztinker-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
@@ -48,9 +59,9 @@ def serve(settings: Settings | None = None, **overrides: Any) -> Generator[str]:
             server.should_exit = True
             raise TimeoutError(f"the EZTinker server did not start within {STARTUP_TIMEOUT_SECONDS:.0f} s")
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://{settings.host}:{port}"
+        yield f"http://{host}:{bound_port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -18,18 +18,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from eztinker import __version__
-from eztinker.engine import AdamParams, Datum, Engine, EngineConfig, SamplingParams, TokenLoss
+from eztinker.engine import (
+    AdamParams,
+    Datum,
+    Engine,
+    EngineConfig,
+    ForwardBackwardResult,
+    OptimStepResult,
+    SamplingParams,
+    TokenLoss,
+    TrainOp,
+)
+from eztinker.engine.batcher import ContinuousBatcher
 from eztinker.engine.checkpoint import delete_checkpoint, remove_stale_temp_dirs
-from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.errors import ComputeError, ConflictError, InvalidInputError, NotFoundError
 from eztinker.engine.lora import resolve_targets
+from eztinker.engine.sampler import SampleRequest, check_requests
+from eztinker.engine.types import SampledSequence, SampleResult
 from eztinker.models import LossFunctionConfig, api
-from eztinker.scheduler import Job, QueueFullError, Scheduler
+from eztinker.scheduler import Batchable, Deferred, Job, QueueFullError, Scheduler
+from eztinker.scheduler.jobs import Completion
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
 from eztinker.telemetry import Telemetry
@@ -40,8 +55,61 @@ FINISHED_JOBS_KEPT_SECONDS = 600.0  # in memory for fast polls; older results co
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True)
+class ModelTarget:
+    """What a sampling request runs on: a base model, and the adapter (run or snapshot) on it, if any."""
+
+    base_model: str
+    adapter: str | None
+    run_id: str | None  # set when the adapter is a live run: the job is then ordered with the run's ops
+
+
+class QuotaExceededError(Exception):
+    """The caller holds as much of a resource as one API key may (HTTP 429, without Retry-After)."""
+
+
 class RunLostError(ConflictError):
     """The run's adapter is not in memory (the server restarted): load a checkpoint to resume it."""
+
+
+class SamplingEngines:
+    """One continuous batcher per base model; the scheduler steps them between passes (its background)."""
+
+    def __init__(self, engine: Engine, telemetry: Telemetry) -> None:
+        self._engine, self._telemetry = engine, telemetry
+        self._batchers: dict[str, ContinuousBatcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, base_model: str) -> ContinuousBatcher:
+        with self._lock:
+            if base_model not in self._batchers:
+                self._batchers[base_model] = ContinuousBatcher(
+                    self._engine.base_model(base_model),
+                    on_first_token=self._telemetry.time_to_first_token.observe,
+                    on_tokens=self._telemetry.tokens_sampled.inc,
+                )
+            return self._batchers[base_model]
+
+    @property
+    def has_work(self) -> bool:
+        return any(b.has_work for b in list(self._batchers.values()))
+
+    def step(self) -> None:
+        for batcher in list(self._batchers.values()):
+            if batcher.has_work:
+                batcher.step()
+
+    @property
+    def waiting_rows(self) -> int:
+        return sum(b.waiting_rows for b in list(self._batchers.values()))
+
+    @property
+    def running_rows(self) -> int:
+        return sum(b.running_rows for b in list(self._batchers.values()))
+
+    def abort(self, error: Exception) -> None:
+        for batcher in list(self._batchers.values()):
+            batcher.abort(error)
 
 
 def hash_key(key: str) -> str:
@@ -64,14 +132,31 @@ class Service:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.resolved_database_url)
         self.telemetry = Telemetry()
+        self.sampling = SamplingEngines(self.engine, self.telemetry)
         self.scheduler = Scheduler(
-            workers=settings.workers, max_queue=settings.max_queue, on_finish=self._job_finished
+            workers=settings.workers,
+            max_queue=settings.max_queue,
+            max_queue_per_run=settings.max_queue_per_run,
+            max_pass_jobs=settings.max_pass_jobs,
+            pass_token_budget=settings.pass_token_budget,
+            pass_linger=settings.pass_linger_ms / 1000,
+            # Several runs' training ops execute as one pass: rows routed per run to its own adapter.
+            runners={
+                "train": self.engine.forward_backward_many,
+                "optim": self.engine.optim_step_many,
+                "sample": lambda requests: [None] * len(requests),  # each job's `finish` hands it over
+            },
+            on_finish=self._job_finished,
+            on_pass=self.telemetry.pass_finished,
+            background=self.sampling,
         )
-        self.telemetry.watch_queue(lambda: self.scheduler.queue_depth)
+        self.telemetry.watch_scheduler(self.scheduler)
+        self.telemetry.watch_sampling(self.sampling)
         self.api_key_hashes = {hash_key(k) for k in settings.api_keys}
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
         self._lock = threading.Lock()
         self._active: dict[str, RunRecord] = {}  # runs whose adapter is in memory (ownership checks)
+        self._jobs_per_owner: dict[str | None, int] = {}  # queued or running jobs, with API keys on
         self._submitted = 0
         self.started_at = time.time()
 
@@ -96,6 +181,7 @@ class Service:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.sampling.abort(ComputeError("the server shut down before the sample finished"))
         self.store.close()
 
     # --- auth and ownership --------------------------------------------------------------------------
@@ -138,6 +224,12 @@ class Service:
         """Create a run (loading its base model on first use). Blocking: call it off the event loop."""
         if request.run_id is not None and self.store.get_run(request.run_id) is not None:
             raise ConflictError(f"run id {request.run_id!r} is already in use; choose another or omit run_id")
+        live = sum(1 for record in list(self._active.values()) if record.owner == owner)
+        if self.auth_enabled and live >= self.settings.max_runs_per_key:
+            raise QuotaExceededError(
+                f"this API key already has {live} live runs (the limit is {self.settings.max_runs_per_key}); "
+                "delete runs you no longer train"
+            )
         adapter_path = None
         if request.from_checkpoint is not None:
             adapter_path = self._checkpoint(
@@ -190,9 +282,34 @@ class Service:
 
     # --- ops as jobs ---------------------------------------------------------------------------------
 
-    def submit(self, op: str, run_id: str | None, fn: Callable[[], dict[str, Any]], owner: str | None) -> Job:
-        """Record the job, then queue it: it is durable before the caller hears its id."""
-        job = Job(op=op, run_id=run_id, fn=fn, owner=owner)
+    def submit(
+        self,
+        op: str,
+        run_id: str | None,
+        fn: Callable[[], dict[str, Any] | Deferred],
+        owner: str | None,
+        *,
+        tokens: int = 0,
+        batch: Batchable | None = None,
+        shared: bool = False,
+    ) -> Job:
+        """Record the job, then queue it: it is durable before the caller hears its id.
+
+        `tokens` is the job's work (fair share and estimates); `batch` lets it execute together with
+        other runs' jobs of its kind (`fn` is how it executes alone).
+        """
+        job = Job(op=op, run_id=run_id, fn=fn, owner=owner, tokens=tokens, batch=batch, shared=shared)
+        if self.auth_enabled:
+            with self._lock:
+                in_flight = self._jobs_per_owner.get(owner, 0)
+                if in_flight >= self.settings.max_jobs_per_key:
+                    raise QueueFullError(
+                        f"this API key has {in_flight} jobs queued or running (the limit is "
+                        f"{self.settings.max_jobs_per_key}); wait for some to finish",
+                        retry_after=1.0,
+                    )
+                self._jobs_per_owner[owner] = in_flight + 1
+            job.future.add_done_callback(lambda _: self._job_left(owner))
         self.store.add_job(
             JobRecord(job_id=job.job_id, run_id=run_id, op=op, owner=owner, created_at=job.created_at)
         )
@@ -205,6 +322,14 @@ class Service:
         if self._submitted % 1000 == 0:  # finished jobs live on in the store; keep memory bounded
             self.scheduler.forget(older_than=time.time() - FINISHED_JOBS_KEPT_SECONDS)
         return job
+
+    def _job_left(self, owner: str | None) -> None:
+        with self._lock:
+            left = self._jobs_per_owner.get(owner, 1) - 1
+            if left > 0:
+                self._jobs_per_owner[owner] = left
+            else:
+                self._jobs_per_owner.pop(owner, None)
 
     def _job_finished(self, job: Job) -> None:
         self.telemetry.job_finished(job)
@@ -239,12 +364,23 @@ class Service:
         backward: bool = True,
     ) -> Job:
         """`forward_backward` (or `forward`) on engine data; the job's result is an `api.ForwardBackwardOutput`."""
-        self._live_run(run_id, owner)
+        record = self._live_run(run_id, owner)
+        tokens = sum(len(d.tokens) for d in data)
+        if tokens > self.settings.max_tokens_per_op:
+            raise InvalidInputError(
+                "data",
+                f"has {tokens} tokens; one op takes at most {self.settings.max_tokens_per_op} (split it)",
+            )
         self.engine.check_data(run_id, data, loss)  # a bad request is refused now, not as a failed job later
+        request = TrainOp(run_id, data, loss, backward)
 
         def work() -> dict[str, Any]:
-            op = self.engine.forward_backward if backward else self.engine.forward
-            result = op(run_id, data, loss)
+            (outcome,) = self.engine.forward_backward_many([request])
+            return finish(outcome)
+
+        def finish(result: ForwardBackwardResult | Exception) -> dict[str, Any]:
+            if isinstance(result, Exception):
+                raise result
             tokens = int(result.metrics.get("num_tokens:sum", 0))
             self.telemetry.tokens_trained.inc(tokens)
             if backward:
@@ -254,14 +390,21 @@ class Service:
                 loss=result.loss, logprobs=[lp.tolist() for lp in result.logprobs], metrics=result.metrics
             ).model_dump()
 
-        return self.submit("forward_backward" if backward else "forward", run_id, work, owner)
+        op = "forward_backward" if backward else "forward"
+        batch = Batchable(kind="train", group=record.base_model, request=request, finish=finish)
+        return self.submit(op, run_id, work, owner, tokens=tokens, batch=batch)
 
     def optim_step(self, run_id: str, request: api.OptimStepRequest, owner: str | None) -> Job:
-        self._live_run(run_id, owner)
+        record = self._live_run(run_id, owner)
         params = AdamParams(**request.model_dump())
 
         def work() -> dict[str, Any]:
-            result = self.engine.optim_step(run_id, params)
+            (outcome,) = self.engine.optim_step_many([(run_id, params)])
+            return finish(outcome)
+
+        def finish(result: OptimStepResult | Exception) -> dict[str, Any]:
+            if isinstance(result, Exception):
+                raise result
             with self._lock:
                 pending = self._pending_losses.pop(run_id, [])
             tokens = sum(n for _, n in pending)
@@ -281,7 +424,8 @@ class Service:
                 step=result.step, grad_norm=result.grad_norm, learning_rate=result.learning_rate
             ).model_dump()
 
-        return self.submit("optim_step", run_id, work, owner)
+        batch = Batchable(kind="optim", group=record.base_model, request=(run_id, params), finish=finish)
+        return self.submit("optim_step", run_id, work, owner, batch=batch)
 
     def sample(self, run_id: str | None, request: api.SampleRequest, owner: str | None) -> Job:
         """Sample from a run's live adapter, a sampler snapshot, or a base model (run_id None)."""
@@ -298,21 +442,26 @@ class Service:
             stop=request.stop,
             seed=request.seed,
         )
+        adapter = run_id if run_id is not None else request.sampler_id
+        prepared: dict[str, Any] = {}
 
-        def work() -> dict[str, Any]:
+        def prepare() -> tuple[str, list[SampleRequest]]:
             name = base_model if base_model is not None else self._base_name(run_id, request.sampler_id)
             tokenizer = self.engine.base_model(name).tokenizer
             prompt = request.prompt_tokens or tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-            result = self.engine.sample(
-                prompt,
-                params,
+            prepared.update(tokenizer=tokenizer, prompt=list(prompt))
+            one = SampleRequest(
+                prompt=list(prompt),
+                params=params,
                 num_samples=request.n,
-                run_id=run_id,
-                sampler_id=request.sampler_id,
-                base_model=base_model,
+                adapter=adapter,
                 prompt_logprobs=request.prompt_logprobs,
             )
-            self.telemetry.tokens_sampled.inc(sum(len(s.tokens) for s in result.sequences))
+            return name, [one]
+
+        def finish(results: list[SampleResult]) -> dict[str, Any]:
+            (result,) = results
+            tokenizer = prepared["tokenizer"]
             return api.SampleOutput(
                 samples=[
                     api.Sample(
@@ -323,44 +472,14 @@ class Service:
                     )
                     for s in result.sequences
                 ],
-                prompt_tokens=list(prompt),
+                prompt_tokens=prepared["prompt"],
                 prompt_logprobs=result.prompt_logprobs,
             ).model_dump()
 
-        return self.submit("sample", run_id, work, owner)
-
-    def sample_tokens(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        owner: str | None,
-        *,
-        num_samples: int = 1,
-        sampler_id: str | None = None,
-        base_model: str | None = None,
-        prompt_logprobs: bool = False,
-    ) -> Job:
-        """Sample token ids from a sampler snapshot or a base model; the result is the engine's, as a dict."""
-
-        def work() -> dict[str, Any]:
-            result = self.engine.sample(
-                prompt,
-                params,
-                num_samples=num_samples,
-                sampler_id=sampler_id,
-                base_model=base_model,
-                prompt_logprobs=prompt_logprobs,
-            )
-            self.telemetry.tokens_sampled.inc(sum(len(s.tokens) for s in result.sequences))
-            return {
-                "sequences": [
-                    {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
-                    for s in result.sequences
-                ],
-                "prompt_logprobs": result.prompt_logprobs,
-            }
-
-        return self.submit("sample", None, work, owner)
+        tokens = len(request.prompt_tokens or request.prompt or "") + request.n * (
+            request.max_new_tokens or 0
+        )
+        return self._submit_sampling("sample", run_id, prepare, finish, owner, tokens)
 
     def save_sampler(self, run_id: str, sampler_id: str, owner: str | None) -> Job:
         """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
@@ -508,33 +627,46 @@ class Service:
         if job is not None:
             if self.auth_enabled and job.owner != owner:
                 raise NotFoundError(f"no job {job_id!r}")
-            return api.Job(
-                job_id=job.job_id,
-                status=job.status,
-                run_id=job.run_id,
-                op=job.op,
-                result=job.result,
-                error=job.error,
-                error_category=job.error_category,
-                created_at=job.created_at,
-                started_at=job.started_at,
-                finished_at=job.finished_at,
-                queue_position=self.scheduler.queue_position(job),
+            entry = (
+                next((e for e in self.scheduler.snapshot() if e.job is job), None) if not job.done else None
+            )
+            return _job_model(
+                job,
+                queue_position=entry.position if entry else None,
+                estimated_start=entry.estimated_start if entry else None,
+                pass_size=job.pass_size,
             )
         record = self.store.get_job(job_id)
         if record is None or (self.auth_enabled and record.owner != owner):
             raise NotFoundError(f"no job {job_id!r}")
-        return api.Job(
-            job_id=record.job_id,
-            status=record.status,
-            run_id=record.run_id,
-            op=record.op,
-            result=record.result,
-            error=record.error,
-            error_category=record.error_category,
-            created_at=record.created_at,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
+        return _job_model(record)
+
+    def queue(self, owner: str | None) -> api.QueueView:
+        """Running and queued jobs in start order with estimates (with auth on: only the caller's jobs)."""
+        stats = self.scheduler.stats()
+        jobs = [
+            api.QueuedJob(
+                job_id=e.job.job_id,
+                op=e.job.op,
+                run_id=e.job.run_id,
+                status="running" if e.position is None else "queued",
+                tokens=e.job.tokens,
+                created_at=e.job.created_at,
+                started_at=e.job.started_at,
+                position=e.position,
+                estimated_start=e.estimated_start,
+            )
+            for e in self.scheduler.snapshot()
+            if not self.auth_enabled or e.job.owner == owner
+        ]
+        return api.QueueView(
+            queue_depth=stats.queue_depth,
+            running=stats.running,
+            passes=stats.passes,
+            jobs_per_pass=stats.jobs_per_pass,
+            utilisation=stats.utilisation,
+            tokens_per_second=stats.tokens_per_second,
+            jobs=jobs,
         )
 
     def metrics(self, run_id: str, owner: str | None) -> api.RunMetrics:
@@ -561,6 +693,242 @@ class Service:
             queue_depth=self.scheduler.queue_depth,
         )
 
+    # --- Tinker facade: sampling with every extra the wire asks for -----------------------------------
+
+    def sample_request(
+        self,
+        request: SampleRequest,
+        owner: str | None,
+        *,
+        base_model: str | None = None,
+        echo: dict[str, Any] | None = None,
+    ) -> Job:
+        """Sample one engine `SampleRequest` (its `adapter` a sampler snapshot, or None with `base_model`).
+
+        The job's result is JSON: the sequences (with top-k where asked) and the prompt extras, plus `echo`
+        — request details a facade needs to encode the result again later (kept with the job's result).
+        """
+
+        def prepare() -> tuple[str, list[SampleRequest]]:
+            name = base_model if request.adapter is None else self._base_name(None, request.adapter)
+            return (name if name is not None else self.default_base_model()), [request]
+
+        def finish(results: list[SampleResult]) -> dict[str, Any]:
+            (result,) = results
+            alt = result.prompt_alt_tokens
+            return {
+                "sequences": [_sequence_json(s) for s in result.sequences],
+                "prompt_logprobs": result.prompt_logprobs,
+                "topk_prompt_logprobs": result.topk_prompt_logprobs,
+                "target_prompt_logprobs": result.target_prompt_logprobs,
+                "prompt_alt_tokens": None
+                if alt is None
+                else {"tokens": alt.tokens, "logprobs": alt.logprobs},
+                **(echo or {}),
+            }
+
+        tokens = len(request.prompt) + request.num_samples * (request.params.max_tokens or 0)
+        return self._submit_sampling("sample", None, prepare, finish, owner, tokens)
+
+    # --- OpenAI facade: models named by base model, run id or sampler snapshot -----------------------
+
+    def resolve_model(self, name: str, owner: str | None) -> ModelTarget:
+        """What an OpenAI `model` names: a loaded or configured base model, a live run, or a snapshot."""
+        if name in self.engine.loaded_models or name in self.settings.models:
+            return ModelTarget(base_model=name, adapter=None, run_id=None)
+        record = self._active.get(name) or self.store.get_run(name)
+        if record is not None and (not self.auth_enabled or record.owner == owner):
+            self._live_run(name, owner)  # a lost run is refused with the way to resume it
+            return ModelTarget(base_model=record.base_model, adapter=name, run_id=name)
+        for info in self.visible_samplers(owner):
+            if info["sampler_id"] == name:
+                return ModelTarget(base_model=info["base_model"], adapter=name, run_id=None)
+        raise NotFoundError(
+            f"the model {name!r} does not exist: name a base model, a run id or a sampler id (GET /v1/models)"
+        )
+
+    def list_models(self, owner: str | None) -> list[dict[str, Any]]:
+        """Base models, the caller's live runs and sampler snapshots, as OpenAI model entries."""
+        models: list[dict[str, Any]] = []
+        for name in dict.fromkeys([*self.settings.models, *self.engine.loaded_models]):
+            models.append(
+                {"id": name, "kind": "base_model", "base_model": name, "created": int(self.started_at)}
+            )
+        for run in self.list_runs(owner):
+            if run.status == "active":
+                models.append(
+                    {
+                        "id": run.run_id,
+                        "kind": "run",
+                        "base_model": run.base_model,
+                        "created": int(run.created_at),
+                    }
+                )
+        for info in self.visible_samplers(owner):
+            models.append(
+                {
+                    "id": info["sampler_id"],
+                    "kind": "sampler",
+                    "base_model": info["base_model"],
+                    "created": int(self.started_at),
+                }
+            )
+        return models
+
+    def tokenizer(self, base_model: str) -> Any:
+        """The tokenizer of `base_model` (loading the model on first use). Blocking."""
+        return self.engine.base_model(base_model).tokenizer
+
+    def generate(self, target: ModelTarget, requests: list[SampleRequest], owner: str | None) -> Job:
+        """Sample engine requests on `target` (their `adapter` is set here); checked now, before queueing.
+
+        The job's result is `{"results": [{"sequences": [...]}, ...]}`, one entry per request. A request
+        on a live run is ordered with the run's other ops.
+        """
+        requests = [replace(r, adapter=target.adapter) for r in requests]
+        base = self.engine.base_model(target.base_model)
+        check_requests(base, requests)
+        tokens = sum(len(r.prompt) + r.num_samples * (r.params.max_tokens or 0) for r in requests)
+
+        def finish(results: list[SampleResult]) -> dict[str, Any]:
+            return {"results": [{"sequences": [_sequence_json(s) for s in r.sequences]} for r in results]}
+
+        return self._submit_sampling(
+            "sample", target.run_id, lambda: (target.base_model, requests), finish, owner, tokens
+        )
+
+    def _submit_sampling(
+        self,
+        op: str,
+        run_id: str | None,
+        prepare: Callable[[], tuple[str, list[SampleRequest]]],
+        finish: Callable[[list[SampleResult]], dict[str, Any]],
+        owner: str | None,
+        tokens: int,
+    ) -> Job:
+        """The one way every facade samples: a job whose requests join its base model's sampling engine.
+
+        `prepare` runs on the worker when the job starts (a snapshot saved by an earlier job exists by
+        then) and names the base model and the engine requests; the job completes when their generation
+        does, with `finish(results)`. Jobs of many callers start in one pass, so they share one prefill.
+        """
+
+        def start(complete: Completion) -> None:
+            base_model, requests = prepare()
+
+            def done(outcome: list[SampleResult] | Exception) -> None:
+                if isinstance(outcome, Exception):
+                    complete(outcome)
+                    return
+                try:
+                    result = finish(outcome)
+                except Exception as exc:
+                    complete(exc)
+                else:
+                    complete(result)
+
+            self.sampling.batcher(base_model).add(requests, done)
+
+        deferred = Deferred(start)
+        batch = Batchable(kind="sample", group="sample", request=None, finish=lambda _: deferred)
+        # Shared: a run's samples generate together; its training ops wait for them, and they for those.
+        return self.submit(op, run_id, lambda: deferred, owner, tokens=tokens, batch=batch, shared=True)
+
+    def output_head_name(self, base_model: str) -> str | None:
+        """The module path of `base_model`'s output head (unembedding), None if it has none. Blocking."""
+        model = self.engine.base_model(base_model).model
+        head = model.get_output_embeddings()
+        if head is None:
+            return None
+        for path, module in model.named_modules():
+            if module is head or getattr(module, "base_layer", None) is head:
+                return path
+        return None
+
+    # --- dashboard: the views and the export the web UI needs beyond the API -------------------------
+
+    def runs_with_owners(self, owner: str | None) -> list[tuple[api.Run, str | None]]:
+        """`list_runs`, each run with its owner id (its key's hash; None for a run made without auth)."""
+        records = self.store.list_runs(owner) if self.auth_enabled else self.store.list_runs(include_all=True)
+        return [(_run_model(r), r.owner) for r in records]
+
+    def visible_samplers(self, owner: str | None) -> list[dict[str, Any]]:
+        """Sampler snapshots in memory: all of them without auth; with auth, those of the caller's runs."""
+        import dataclasses
+
+        visible = []
+        for info in self.engine.list_samplers():
+            if self.auth_enabled:
+                record = self.store.get_run(info.run_id) if info.run_id else None
+                if record is None or record.owner != owner:
+                    continue
+            visible.append(dataclasses.asdict(info))
+        return visible
+
+    def token_texts(self, base_model: str, tokens: list[int]) -> list[str]:
+        """The text of each token in the tokenizer of `base_model`, which must be loaded already."""
+        if base_model not in self.engine.loaded_models:
+            raise NotFoundError(f"base model {base_model!r} is not loaded")
+        tokenizer = self.engine.base_model(base_model).tokenizer
+        return [str(tokenizer.decode([token])) for token in tokens]
+
+    def server_stats(self) -> dict[str, Any]:
+        """Device, memory, uptime and token totals, for the dashboard's server page."""
+        registry = self.telemetry.registry
+        memory: list[dict[str, Any]] = []
+        if torch.cuda.is_available():
+            for index in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(index)
+                memory.append(
+                    {
+                        "name": f"cuda:{index} {torch.cuda.get_device_name(index)}",
+                        "allocated_bytes": torch.cuda.memory_allocated(index),
+                        "reserved_bytes": torch.cuda.memory_reserved(index),
+                        "used_bytes": total - free,
+                        "total_bytes": total,
+                    }
+                )
+        with contextlib.suppress(ImportError):  # psutil comes with accelerate; host memory is a nicety
+            import psutil
+
+            system = psutil.virtual_memory()
+            memory.append(
+                {
+                    "name": "host",
+                    "allocated_bytes": psutil.Process().memory_info().rss,  # this server process
+                    "reserved_bytes": None,
+                    "used_bytes": system.total - system.available,
+                    "total_bytes": system.total,
+                }
+            )
+        return {
+            "uptime_seconds": time.time() - self.started_at,
+            "auth_enabled": self.auth_enabled,
+            "memory": memory,
+            "tokens_trained": registry.get_sample_value("eztinker_tokens_trained_total") or 0.0,
+            "tokens_sampled": registry.get_sample_value("eztinker_tokens_sampled_total") or 0.0,
+            "active_runs": len(self._active),
+        }
+
+    def merged_checkpoint_archive(self, run_id: str, name: str, owner: str | None) -> Path:
+        """A .tar.gz of the checkpoint merged into its run's base model: a full Hugging Face model directory.
+
+        Blocking, and as heavy as loading the base model once more in fp32; the caller deletes the file.
+        """
+        import tarfile
+        import tempfile
+
+        from eztinker.engine.checkpoint import merge_into_base
+
+        run = self._run_record(run_id, owner)
+        checkpoint = self._checkpoint(run_id, name, owner)
+        with tempfile.TemporaryDirectory(prefix="eztinker-merge-") as scratch:
+            merged = merge_into_base(checkpoint.path, run.base_model, Path(scratch) / f"{name}-merged")
+            handle, archive = tempfile.mkstemp(prefix=f"{run_id}-{name}-merged-", suffix=".tar.gz")
+            with open(handle, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                tar.add(merged, arcname=merged.name)
+        return Path(archive)
+
 
 # --- conversions at the boundary ------------------------------------------------------------------------
 
@@ -578,6 +946,15 @@ def _to_engine_data(request: api.ForwardBackwardRequest) -> tuple[list[Datum], A
     return data, request.loss_config
 
 
+def _sequence_json(sequence: SampledSequence) -> dict[str, Any]:
+    return {
+        "tokens": sequence.tokens,
+        "logprobs": sequence.logprobs,
+        "stop_reason": sequence.stop_reason,
+        "topk_logprobs": sequence.topk_logprobs,
+    }
+
+
 def _decode(tokenizer: Any, tokens: list[int]) -> str:
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return text if isinstance(text, str) else "".join(text)
@@ -593,6 +970,25 @@ def _native_field(field: str) -> str:
         if field.endswith(engine_name):
             return field[: -len(engine_name)] + wire_name
     return field
+
+
+_JOB_FIELDS = (
+    "job_id",
+    "status",
+    "run_id",
+    "op",
+    "result",
+    "error",
+    "error_category",
+    "created_at",
+    "started_at",
+    "finished_at",
+)
+
+
+def _job_model(source: Job | JobRecord, **extra: Any) -> api.Job:
+    """A job as the API shows it, from the live job or its stored record (they share these fields)."""
+    return api.Job(**{name: getattr(source, name) for name in _JOB_FIELDS}, **extra)
 
 
 def _run_model(record: RunRecord) -> api.Run:

@@ -41,7 +41,37 @@ class Settings(BaseSettings):
     # SFT loop at 0.66-0.70 of in-process with 2 workers, 0.98-0.99 with 1). More help with several devices.
     workers: int = Field(1, ge=1, le=64, description="Worker threads executing jobs (one per device).")
     max_queue: int = Field(10_000, ge=1, description="Queued jobs beyond this are refused with 429.")
+    max_queue_per_run: int = Field(
+        1_000,
+        ge=1,
+        description="Queued jobs of one run beyond this are refused with 429 (one run can't fill the queue).",
+    )
+    max_pass_jobs: int = Field(
+        64, ge=1, description="Most jobs of different runs executed together in one pass (1: no co-batching)."
+    )
+    pass_linger_ms: float = Field(
+        5.0,
+        ge=0,
+        description="After a pass shared by several runs, how long the next may wait for their next ops (0: never).",
+    )
+    pass_token_budget: int = Field(
+        32_768, ge=1, description="Tokens gathered into one co-batched pass (a bigger lone job still runs)."
+    )
     token_budget: int = Field(8192, ge=1, description="Padded tokens per forward chunk.")
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Larger request bodies are refused with 413."
+    )
+    max_tokens_per_op: int = Field(
+        1_048_576,
+        ge=1,
+        description="Tokens in one forward/forward_backward beyond this are refused with 422.",
+    )
+    max_runs_per_key: int = Field(
+        1_000, ge=1, description="Live runs (adapters in memory) one API key may hold; beyond: 429."
+    )
+    max_jobs_per_key: int = Field(
+        5_000, ge=1, description="Jobs one API key may have queued or running at once; beyond: 429."
+    )
 
     @field_validator("models", "api_keys", "plugins", mode="before")
     @classmethod

@@ -6,15 +6,19 @@ never collide.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from eztinker.scheduler import Job
+    from eztinker.scheduler import Job, Scheduler
+    from eztinker.service import SamplingEngines
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_PASS_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_PASS_TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -41,11 +45,56 @@ class Telemetry:
         self.tokens_trained = Counter(
             "eztinker_tokens_trained", "Tokens through forward/forward_backward.", registry=self.registry
         )
-        self.tokens_sampled = Counter("eztinker_tokens_sampled", "Tokens generated.", registry=self.registry)
+        self.tokens_sampled = Counter(
+            "eztinker_tokens_sampled", "Tokens generated (its rate() is tokens/s).", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "eztinker_sample_time_to_first_token_seconds",
+            "From a sample request reaching its sampling engine to its first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.sampling_queue = Gauge(
+            "eztinker_sampling_queue_rows",
+            "Sample rows waiting for room in a running batch (the KV budget).",
+            registry=self.registry,
+        )
+        self.sampling_rows = Gauge(
+            "eztinker_sampling_running_rows", "Sample rows decoding now.", registry=self.registry
+        )
         self.queue_depth = Gauge("eztinker_queue_depth", "Jobs waiting to start.", registry=self.registry)
+        self.running = Gauge("eztinker_jobs_running", "Jobs executing now.", registry=self.registry)
+        self.utilisation = Gauge(
+            "eztinker_worker_utilisation",
+            "Busy fraction of the workers over the last minute.",
+            registry=self.registry,
+        )
+        self.pass_jobs = Histogram(
+            "eztinker_pass_jobs",
+            "Jobs (of different runs) executed together in one pass.",
+            buckets=_PASS_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.pass_tokens = Histogram(
+            "eztinker_pass_tokens", "Tokens in one pass.", buckets=_PASS_TOKEN_BUCKETS, registry=self.registry
+        )
+        self.busy_seconds = Counter(
+            "eztinker_worker_busy_seconds", "Seconds workers spent executing passes.", registry=self.registry
+        )
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(depth)
+    def watch_scheduler(self, scheduler: Scheduler) -> None:
+        self.queue_depth.set_function(lambda: scheduler.queue_depth)
+        self.running.set_function(lambda: scheduler.running)
+        self.utilisation.set_function(lambda: scheduler.stats().utilisation)
+
+    def watch_sampling(self, sampling: SamplingEngines) -> None:
+        self.sampling_queue.set_function(lambda: sampling.waiting_rows)
+        self.sampling_rows.set_function(lambda: sampling.running_rows)
+
+    def pass_finished(self, jobs: Sequence[Job], seconds: float) -> None:
+        self.pass_jobs.observe(len(jobs))
+        self.pass_tokens.observe(sum(job.tokens for job in jobs))
+        self.busy_seconds.inc(seconds)
 
     def job_finished(self, job: Job) -> None:
         self.ops.labels(op=job.op, status=job.status).inc()

@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
-from eztinker.api import native, tinker
+from eztinker.api import dashboard, native, openai, tinker
 from eztinker.api.deps import ServiceDep, get_owner
 from eztinker.api.errors import install_error_handlers
+from eztinker.api.limits import BodySizeLimit
 from eztinker.models.api import Health
 from eztinker.service import Service
 from eztinker.settings import Settings
@@ -37,8 +38,12 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     )
     app.state.service = service
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_body_bytes)
     app.include_router(native.router, dependencies=[Depends(get_owner)])
     app.include_router(tinker.router)
+    app.include_router(openai.router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="dashboard-static")
 
     @app.get("/health", tags=["server"])
     def health(service: ServiceDep) -> Health:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.models.api import ErrorBody, field_path
 from eztinker.scheduler import QueueFullError
+from eztinker.service import QuotaExceededError
 
 
 def _error(
@@ -26,6 +29,14 @@ def _error(
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Framework errors (404 no such route, 405 wrong method) in the same shape as every other error."""
+        category: Literal["user", "server"] = "server" if exc.status_code >= 500 else "user"
+        response = _error(exc.status_code, str(exc.detail), category=category)
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -58,8 +69,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _auth(request: Request, exc: PermissionError) -> JSONResponse:
         return _error(401, str(exc))
 
+    @app.exception_handler(QuotaExceededError)
+    async def _quota(request: Request, exc: QuotaExceededError) -> JSONResponse:
+        return _error(429, str(exc))
+
     @app.exception_handler(QueueFullError)
     async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
         response = _error(429, str(exc), category="server")
-        response.headers["Retry-After"] = "1"
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         return response

@@ -121,6 +121,12 @@ def run_metrics(run_id: str, service: ServiceDep, owner: OwnerDep) -> api.RunMet
     return service.metrics(run_id, owner)
 
 
+@router.get("/queue")
+def queue(service: ServiceDep, owner: OwnerDep) -> api.QueueView:
+    """What runs and what waits, in start order, with each job's position and estimated start."""
+    return service.queue(owner)
+
+
 @router.get("/jobs/{job_id}")
 async def get_job(
     job_id: str,

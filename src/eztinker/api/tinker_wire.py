@@ -20,11 +20,12 @@ import zstandard
 from eztinker.api import tinker_public_pb2 as pb
 from eztinker.engine import Datum, SamplingParams
 from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.sampler import SampleRequest
 
 PROTOBUF = "application/x-protobuf"
 
 _NP_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
-_CHECKPOINT_KINDS = ("weights", "sampler_weights")
+_CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 _TINKER_PATH = re.compile(r"^tinker://([^/]+)/([^/]+)/([^/]+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -67,6 +68,62 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> Forwar
         forward_only=request.forward_only,
         data=data,
     )
+
+
+def decode_forward_backward_json(
+    body: Mapping[str, Any], *, forward_only: bool = False
+) -> ForwardBackwardCall:
+    """The JSON body older SDKs (<= 0.24) send to `/forward_backward` (or `/forward`): the same call.
+
+    `{"model_id", "seq_id", "forward_backward_input" | "forward_input": {"data", "loss_fn", "loss_fn_config"}}`,
+    each datum `{"model_input": {"chunks": [...]}, "loss_fn_inputs": {name: TensorData JSON}}`.
+    """
+    call = body.get("forward_backward_input") or body.get("forward_input")
+    if not isinstance(call, Mapping):
+        raise InvalidInputError(
+            "forward_backward_input", "is missing: send the call's data, loss_fn and config"
+        )
+    data = []
+    for i, datum in enumerate(call.get("data") or []):
+        tokens = prompt_tokens(datum.get("model_input") or {}, field=f"data[{i}].model_input")
+        inputs = {
+            name: tensor_from_json(value, f"data[{i}].loss_fn_inputs.{name}")
+            for name, value in (datum.get("loss_fn_inputs") or {}).items()
+        }
+        data.append(Datum(tokens=tokens, loss_inputs=inputs))
+    return ForwardBackwardCall(
+        model_id=str(body.get("model_id")),
+        seq_id=int(body.get("seq_id") or 0),
+        loss_fn=str(call.get("loss_fn", "cross_entropy")),
+        loss_fn_config=dict(call.get("loss_fn_config") or {}),
+        forward_only=forward_only or bool(body.get("forward_only", False)),
+        data=data,
+    )
+
+
+def tensor_from_json(tensor: Any, field: str) -> torch.Tensor:
+    """A JSON `TensorData` (`data`, `dtype`, `shape`, optional CSR indices; pad 0) as a torch tensor."""
+    if isinstance(tensor, list):  # a bare list: its dtype from its values
+        return torch.tensor(tensor)
+    if not isinstance(tensor, Mapping) or "data" not in tensor:
+        raise InvalidInputError(field, "must be a TensorData object {data, dtype, shape}")
+    dtype = {"int64": np.int64, "float32": np.float32}.get(str(tensor.get("dtype", "float32")))
+    if dtype is None:
+        raise InvalidInputError(field, f"unsupported dtype {tensor.get('dtype')!r} (int64 or float32)")
+    values = np.asarray(tensor["data"], dtype=dtype)
+    shape = list(tensor.get("shape") or [values.size])
+    crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
+    if crow is not None and col is not None:
+        if len(shape) != 2:
+            raise InvalidInputError(field, "a sparse tensor needs a 2-D shape")
+        dense = np.zeros(shape, dtype=dtype)
+        dense[np.repeat(np.arange(shape[0]), np.diff(np.asarray(crow))), np.asarray(col, dtype=np.int64)] = (
+            values
+        )
+        return torch.from_numpy(dense)
+    if math.prod(shape) != values.size:
+        raise InvalidInputError(field, f"has {values.size} values for shape {shape}")
+    return torch.from_numpy(values.reshape(shape))
 
 
 def _datum(datum: Any, index: int) -> Datum:
@@ -146,36 +203,139 @@ def encode_forward_backward_output(logprobs: Sequence[Any], metrics: Mapping[str
 
 
 def encode_sample_response(result: Mapping[str, Any]) -> bytes:
-    """A `SampleResponse` from the service's sample result (`sequences`, optional `prompt_logprobs`)."""
+    """A `SampleResponse` from the service's sample result: sequences (with top-k), and the prompt extras.
+
+    `result["target_layout"]`, when present, is the CSR layout (`crow`, `col`) the request's
+    `target_prompt_logprobs` came in: the answer uses the same layout, as the SDK documents.
+    """
     response = pb.SampleResponse()
     for seq in result["sequences"]:
-        response.sequences.append(
-            pb.SampledSequence(
-                stop_reason=pb.STOP_REASON_LENGTH if seq["stop_reason"] == "length" else pb.STOP_REASON_STOP,
-                tokens=np.asarray(seq["tokens"], dtype="<i4").tobytes(),
-                logprobs=np.asarray(seq["logprobs"], dtype="<f4").tobytes(),
-            )
+        sequence = pb.SampledSequence(
+            stop_reason=pb.STOP_REASON_LENGTH if seq["stop_reason"] == "length" else pb.STOP_REASON_STOP,
+            tokens=np.asarray(seq["tokens"], dtype="<i4").tobytes(),
+            logprobs=np.asarray(seq["logprobs"], dtype="<f4").tobytes(),
         )
+        if seq.get("topk_logprobs") is not None:
+            sequence.topk_sampled_logprobs.CopyFrom(_topk(seq["topk_logprobs"]))
+        response.sequences.append(sequence)
     prompt_logprobs = result.get("prompt_logprobs")
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         response.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
+    if result.get("topk_prompt_logprobs") is not None:
+        response.topk_prompt_logprobs.CopyFrom(_topk(result["topk_prompt_logprobs"]))
+    targets = result.get("target_prompt_logprobs")
+    if targets is not None:
+        response.target_prompt_logprobs.CopyFrom(_target_tensor(targets, result.get("target_layout")))
+    alt = result.get("prompt_alt_tokens")
+    if alt is not None:
+        k = len(alt["tokens"][0]) if alt["tokens"] else int(result.get("prompt_alt_tokens_k", 0))
+        shape = [len(alt["tokens"]), k]
+        response.prompt_alt_tokens.tokens.CopyFrom(_dense(alt["tokens"], np.int64, pb.DTYPE_INT64, shape))
+        response.prompt_alt_tokens.logprobs.CopyFrom(
+            _dense(alt["logprobs"], np.float32, pb.DTYPE_FLOAT32, shape)
+        )
     return response.SerializeToString()
+
+
+def forward_backward_output_json(logprobs: Sequence[Any], metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The JSON `ForwardBackwardOutput` of SDKs <= 0.24 (they do not ask for protobuf)."""
+    outputs = []
+    for lp in logprobs:
+        array = np.asarray(lp, dtype=np.float32)
+        outputs.append(
+            {"logprobs": {"data": array.ravel().tolist(), "dtype": "float32", "shape": list(array.shape)}}
+        )
+    return {
+        "loss_fn_output_type": "ArrayRecord",
+        "loss_fn_outputs": outputs,
+        "metrics": {k: float(v) for k, v in metrics.items() if k.count(":") == 1},
+    }
+
+
+def sample_response_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON `SampleResponse` of SDKs that do not ask for protobuf (sequences and prompt log-probs)."""
+    return {
+        "type": "sample",
+        "sequences": [
+            {"tokens": s["tokens"], "logprobs": s["logprobs"], "stop_reason": s["stop_reason"]}
+            for s in result["sequences"]
+        ],
+        "prompt_logprobs": result.get("prompt_logprobs"),
+        "topk_prompt_logprobs": result.get("topk_prompt_logprobs"),
+    }
+
+
+TOPK_SENTINEL = (0, -99999.0)  # the SDK's empty cell; a row of sentinels reads as None
+
+
+def _topk(rows: Sequence[Sequence[Sequence[float]] | None]) -> Any:
+    """A dense N x K `TopkLogprobs` (int32 ids, float32 logprobs), sentinel-padded, from per-row pairs."""
+    k = max((len(r) for r in rows if r is not None), default=0)
+    ids = np.full((len(rows), k), TOPK_SENTINEL[0], dtype="<i4")
+    logprobs = np.full((len(rows), k), TOPK_SENTINEL[1], dtype="<f4")
+    for i, row in enumerate(rows):
+        for j, (token, logprob) in enumerate(row or ()):
+            ids[i, j], logprobs[i, j] = int(token), logprob
+    return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=logprobs.tobytes(), k=k, length=len(rows))
+
+
+def _dense(values: Any, np_dtype: Any, dtype: pb.DType, shape: list[int]) -> Any:
+    array = np.asarray(values, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(shape)
+    return pb.Tensor(dense=array.tobytes(), dtype=dtype, shape=shape)
+
+
+def _target_tensor(logprobs: Sequence[Sequence[float]], layout: Mapping[str, Any] | None) -> Any:
+    """The float32 answer to `target_prompt_logprobs`: the request's shape, dense or in its CSR layout."""
+    dense = np.asarray(logprobs, dtype="<f4")
+    shape = list(layout["shape"]) if layout else list(dense.shape)
+    dense = dense.reshape(shape)
+    if not layout or "crow" not in layout:
+        return pb.Tensor(dense=dense.tobytes(), dtype=pb.DTYPE_FLOAT32, shape=shape)
+    crow = np.asarray(layout["crow"], dtype="<i8")
+    col = np.asarray(layout["col"], dtype="<i8")
+    values = dense[np.repeat(np.arange(shape[0]), np.diff(crow)), col].astype("<f4")
+    csr = pb.SparseCsr(values=values.tobytes(), crow_indices=crow.tobytes(), col_indices=col.tobytes())
+    return pb.Tensor(sparse_csr=csr, dtype=pb.DTYPE_FLOAT32, shape=shape)
 
 
 # --- sampling ----------------------------------------------------------------------------------------
 
 
-def prompt_tokens(prompt: Mapping[str, Any]) -> list[int]:
+def prompt_tokens(prompt: Mapping[str, Any], *, field: str = "prompt") -> list[int]:
     """The token ids of a JSON `ModelInput` (encoded text chunks only)."""
     tokens: list[int] = []
     for i, chunk in enumerate(prompt.get("chunks", [])):
         if chunk.get("type", "encoded_text") != "encoded_text":
-            raise InvalidInputError(f"prompt.chunks[{i}]", f"{chunk.get('type')} chunks are not supported")
+            raise InvalidInputError(f"{field}.chunks[{i}]", f"{chunk.get('type')} chunks are not supported")
         tokens.extend(int(t) for t in chunk.get("tokens", []))
     if not tokens:
-        raise InvalidInputError("prompt", "the prompt has no tokens")
+        raise InvalidInputError(field, "has no tokens")
     return tokens
+
+
+def sample_request(body: Mapping[str, Any], adapter: str | None) -> tuple[SampleRequest, dict[str, Any]]:
+    """An `asample` body as the engine's request, and what encoding its answer needs (`target_layout`)."""
+    echo: dict[str, Any] = {}
+    targets = None
+    if body.get("target_prompt_logprobs") is not None:
+        targets, echo["target_layout"] = target_prompt_tokens(body["target_prompt_logprobs"])
+    last_n = body.get("prompt_logprobs_last_n")
+    request = SampleRequest(
+        prompt=prompt_tokens(body.get("prompt") or {}),
+        params=sampling_params(body.get("sampling_params") or {}),
+        num_samples=int(body.get("num_samples", 1)),
+        adapter=adapter,
+        prompt_logprobs=bool(body.get("prompt_logprobs") or False),
+        topk_sample_logprobs=int(body.get("topk_sample_logprobs") or 0),
+        topk_prompt_logprobs=int(body.get("topk_prompt_logprobs") or 0),
+        prompt_logprobs_last_n=None if last_n is None else int(last_n),
+        target_prompt_tokens=targets,
+        prompt_alt_tokens_k=int(body.get("prompt_alt_tokens_k") or 0),
+    )
+    if request.prompt_alt_tokens_k:
+        echo["prompt_alt_tokens_k"] = request.prompt_alt_tokens_k
+    return request, echo
 
 
 def sampling_params(params: Mapping[str, Any]) -> SamplingParams:
@@ -193,6 +353,37 @@ def sampling_params(params: Mapping[str, Any]) -> SamplingParams:
     )
 
 
+def target_prompt_tokens(tensor: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The JSON `TensorData` of `target_prompt_logprobs` as a dense (P-1, K) id table (-1: nothing asked),
+    and its layout (shape, plus CSR indices if it came sparse) so the answer can use the same one."""
+    field = "target_prompt_logprobs"
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise InvalidInputError(field, f"needs a 2-D shape [len(prompt) - 1, K], got {shape!r}")
+    if tensor.get("dtype", "int64") != "int64":
+        raise InvalidInputError(field, "must be an int64 tensor of token ids")
+    data = np.asarray(tensor.get("data") or [], dtype=np.int64)
+    crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
+    if crow is None and col is None:
+        if data.size != shape[0] * shape[1]:
+            raise InvalidInputError(field, f"has {data.size} values for shape {shape}")
+        return torch.from_numpy(data.reshape(shape)), {"shape": list(shape)}
+    crow_a, col_a = np.asarray(crow or [], dtype=np.int64), np.asarray(col or [], dtype=np.int64)
+    valid = (
+        crow_a.size == shape[0] + 1
+        and col_a.size == data.size
+        and (
+            crow_a.size == 0 or (crow_a[0] == 0 and crow_a[-1] == data.size and np.all(np.diff(crow_a) >= 0))
+        )
+        and np.all((col_a >= 0) & (col_a < shape[1]))
+    )
+    if not valid:
+        raise InvalidInputError(field, "sparse_crow_indices / sparse_col_indices are not a valid CSR layout")
+    dense = np.full(shape, -1, dtype=np.int64)
+    dense[np.repeat(np.arange(shape[0]), np.diff(crow_a)), col_a] = data
+    return torch.from_numpy(dense), {"crow": crow_a.tolist(), "col": col_a.tolist(), "shape": list(shape)}
+
+
 # --- ids, LoRA configs and checkpoint paths -----------------------------------------------------------
 
 
@@ -205,28 +396,38 @@ def sampling_session_id(session_id: str, seq_id: int) -> str:
     return f"{session_id}:sample:{seq_id}"
 
 
-def lora_target_modules(default_targets: Sequence[str], *, attn: bool, mlp: bool) -> list[str] | None:
-    """target_modules for Tinker's train_attn/train_mlp flags, from the model's default LoRA layer paths.
+def lora_target_modules(
+    default_targets: Sequence[str], *, attn: bool, mlp: bool, head: str | None = None
+) -> list[str] | None:
+    """target_modules for Tinker's train_attn / train_mlp / train_unembed flags.
 
-    None (the family default) when both are on; otherwise the `<parent>.<layer>` suffixes of the chosen half.
+    `default_targets` are the module paths the model adapts by default; `head` is the output head's path
+    when train_unembed asks for it. None (the family default) when attention and MLP are both on and the
+    head is not; otherwise the `<parent>.<layer>` suffixes of the chosen layers, plus the head.
     """
+    if not (attn or mlp or head):
+        raise InvalidInputError(
+            "lora_config", "train_attn, train_mlp and train_unembed are all false: nothing to train"
+        )
     if attn and mlp:
-        return None
-    if not (attn or mlp):
-        raise InvalidInputError("lora_config", "train_attn and train_mlp are both false: nothing to train")
-    wanted = _ATTENTION_PARTS if attn else _MLP_PARTS
-    suffixes = sorted(
-        {
-            ".".join(path.split(".")[-2:])
-            for path in default_targets
-            if any(part in wanted for part in path.split(".")[-2].lower().split("_"))
-            or path.split(".")[-2].lower() in wanted
-        }
-    )
-    if not suffixes:
-        which = "attention" if attn else "MLP"
-        raise InvalidInputError("lora_config", f"this model has no {which} layers LoRA can target")
-    return suffixes
+        if head is None:
+            return None
+        return [*sorted({path.rsplit(".", 1)[-1] for path in default_targets}), head]
+    suffixes: list[str] = []
+    if attn or mlp:
+        wanted = _ATTENTION_PARTS if attn else _MLP_PARTS
+        suffixes = sorted(
+            {
+                ".".join(path.split(".")[-2:])
+                for path in default_targets
+                if any(part in wanted for part in path.split(".")[-2].lower().split("_"))
+                or path.split(".")[-2].lower() in wanted
+            }
+        )
+        if not suffixes:
+            which = "attention" if attn else "MLP"
+            raise InvalidInputError("lora_config", f"this model has no {which} layers LoRA can target")
+    return suffixes + ([head] if head else [])
 
 
 def tinker_path(run_id: str, kind: str, name: str) -> str:
@@ -245,18 +446,20 @@ def native_checkpoint_name(kind: str, name: str) -> str:
 
 
 def parse_tinker_path(path: str) -> tuple[str, str, str]:
-    """(run id, native checkpoint name, kind) of `tinker://<run>/<weights|sampler_weights>/<name>`."""
+    """(run id, native checkpoint name, kind) of `tinker://<run>/<weights|sampler_weights|external_weights>/<name>`."""
     match = _TINKER_PATH.match(path)
     if match is None or match.group(2) not in _CHECKPOINT_KINDS:
-        raise InvalidInputError("path", f"{path!r} is not tinker://<run>/<weights|sampler_weights>/<name>")
+        raise InvalidInputError(
+            "path", f"{path!r} is not tinker://<run>/<{'|'.join(_CHECKPOINT_KINDS)}>/<name>"
+        )
     run_id, kind, name = match.groups()
     return run_id, native_checkpoint_name(kind, name), kind
 
 
 # --- REST (RestClient): checkpoints and training runs as the SDK's models ---------------------------------
 
-_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler"}
-_SAMPLER_PREFIX = "sampler_weights."
+_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+_KIND_PREFIXES = ("sampler_weights.", "external_weights.")
 
 
 def parse_checkpoint_id(run_id: str, checkpoint_id: str) -> tuple[str, str]:
@@ -268,9 +471,15 @@ def parse_checkpoint_id(run_id: str, checkpoint_id: str) -> tuple[str, str]:
 
 def checkpoint_id(native_name: str) -> str:
     """The REST `checkpoint_id` (`<kind>/<name>`) of a native checkpoint name."""
-    if native_name.startswith(_SAMPLER_PREFIX):
-        return f"sampler_weights/{native_name.removeprefix(_SAMPLER_PREFIX)}"
+    for prefix in _KIND_PREFIXES:
+        if native_name.startswith(prefix):
+            return f"{prefix[:-1]}/{native_name.removeprefix(prefix)}"
     return f"weights/{native_name}"
+
+
+def tinker_path_of(run_id: str, native_name: str) -> str:
+    """`tinker://<run>/<kind>/<name>` of a native checkpoint."""
+    return f"tinker://{run_id}/{checkpoint_id(native_name)}"
 
 
 def iso_time(seconds: float) -> str:

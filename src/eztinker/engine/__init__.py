@@ -14,7 +14,7 @@ engine.optim_step(run.run_id, AdamParams(learning_rate=1e-4))
 ```
 """
 
-from eztinker.engine.engine import Engine, EngineConfig, RunInfo, SamplerInfo
+from eztinker.engine.engine import Engine, EngineConfig, RunInfo, SamplerInfo, TrainOp
 from eztinker.engine.errors import (
     ComputeError,
     ConflictError,
@@ -55,6 +55,7 @@ __all__ = [
     "SamplerInfo",
     "SamplingParams",
     "TokenLoss",
+    "TrainOp",
     "UnknownLossError",
     "get_loss_function",
     "list_losses",

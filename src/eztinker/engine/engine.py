@@ -19,11 +19,18 @@ import torch
 
 from eztinker.engine import checkpoint, sampler
 from eztinker.engine.batch import check_data
-from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter
 from eztinker.engine.losses import get_loss_spec
 from eztinker.engine.model import BaseModel, load_base_model
-from eztinker.engine.run import TrainingRun, make_optimizer, resolve_loss
+from eztinker.engine.run import (
+    TrainingRun,
+    TrainRequest,
+    forward_backward_many,
+    make_optimizer,
+    optim_step_many,
+    resolve_loss,
+)
 from eztinker.engine.run import forward_backward as _forward_backward
 from eztinker.engine.run import optim_step as _optim_step
 from eztinker.engine.types import (
@@ -46,6 +53,16 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 on CPU
     token_budget: int = 8192  # padded tokens per forward chunk
     logits_budget: int = 2**28  # logits elements per chunk (1 GiB in fp32): caps B·T for big vocabularies
+
+
+@dataclass(frozen=True)
+class TrainOp:
+    """One run's `forward_backward` (or `forward`, with `backward=False`), for `Engine.forward_backward_many`."""
+
+    run_id: str
+    data: Sequence[Datum]
+    loss: LossFunctionConfig | TokenLoss | str | None = None
+    backward: bool = True
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,32 @@ class Engine:
             backward=False,
         )
 
+    def forward_backward_many(self, ops: Sequence[TrainOp]) -> list[ForwardBackwardResult | EngineError]:
+        """Several runs' `forward_backward`/`forward` executed together; one outcome per op, in order.
+
+        Rows of every run on one base model share forward and backward passes, each row routed to its
+        own run's adapter, so many small ops use the hardware like one big one. Each outcome equals
+        running that op alone (an error is returned, not raised, and leaves only its own run unchanged).
+        """
+        outcomes: list[ForwardBackwardResult | EngineError | None] = [None] * len(ops)
+        by_base: dict[str, list[tuple[int, TrainRequest]]] = {}
+        for i, op in enumerate(ops):
+            run = self._runs.get(op.run_id)
+            if run is None:
+                outcomes[i] = NotFoundError(f"no run {op.run_id!r}")
+                continue
+            request = TrainRequest(run, op.data, op.loss, op.backward)
+            by_base.setdefault(run.base.name, []).append((i, request))
+        for items in by_base.values():
+            results = forward_backward_many(
+                [request for _, request in items],
+                token_budget=self.config.token_budget,
+                logits_budget=self.config.logits_budget,
+            )
+            for (i, _), result in zip(items, results, strict=True):
+                outcomes[i] = result
+        return [o for o in outcomes if o is not None]
+
     def forward_backward_from_grads(
         self, run_id: str, data: Sequence[Datum], dloss_dlogprobs: Sequence[Sequence[float] | torch.Tensor]
     ) -> ForwardBackwardResult:
@@ -240,6 +283,27 @@ class Engine:
     def optim_step(self, run_id: str, adam_params: AdamParams | None = None) -> OptimStepResult:
         """Apply the accumulated gradients (AdamW), zero them, and count the step."""
         return _optim_step(self._run(run_id), adam_params or AdamParams())
+
+    def optim_step_many(
+        self, steps: Sequence[tuple[str, AdamParams | None]]
+    ) -> list[OptimStepResult | EngineError]:
+        """Several runs' `optim_step`, runs with equal hyperparameters in one multi-tensor AdamW update.
+
+        One outcome per step, in order; each equals stepping that run alone, and a failed one is returned
+        (not raised) and leaves only its own run unchanged.
+        """
+        outcomes: list[OptimStepResult | EngineError | None] = [None] * len(steps)
+        found: list[tuple[int, TrainingRun, AdamParams]] = []
+        for i, (run_id, adam) in enumerate(steps):
+            run = self._runs.get(run_id)
+            if run is None:
+                outcomes[i] = NotFoundError(f"no run {run_id!r}")
+            else:
+                found.append((i, run, adam or AdamParams()))
+        results = optim_step_many([(run, adam) for _, run, adam in found])
+        for (i, _, _), result in zip(found, results, strict=True):
+            outcomes[i] = result
+        return [o for o in outcomes if o is not None]
 
     def check_data(
         self, run_id: str, data: Sequence[Datum], loss: LossFunctionConfig | TokenLoss | str | None = None

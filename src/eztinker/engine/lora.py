@@ -100,6 +100,10 @@ class LoRALinear(nn.Module):
         if len(segments) == 1:  # the common case: the whole batch belongs to one adapter
             slot = self.adapters.get(segments[0].adapter) if segments[0].adapter else None
             return y if slot is None else y + slot.delta(x, train).to(y.dtype)
+        slots = [self.adapters.get(seg.adapter) if seg.adapter else None for seg in segments]
+        if not (train and any(s is not None and s.dropout > 0 for s in slots)):
+            delta = _routed_delta(x, segments, slots)
+            return y if delta is None else y + delta.to(y.dtype)
         pieces = []
         for seg in segments:
             y_rows = y[seg.start : seg.stop]
@@ -110,29 +114,95 @@ class LoRALinear(nn.Module):
         return torch.cat(pieces, dim=0)
 
 
+def _routed_delta(
+    x: torch.Tensor, segments: Sequence[Segment], slots: Sequence[LoRAWeights | None]
+) -> torch.Tensor | None:
+    """Every row's delta from its own adapter in two matmuls, whatever the number of adapters.
+
+    A loop over segments would cost a handful of small kernels per adapter per layer; both ways here cost
+    the same few kernels for any number of adapters (rows without an adapter in this layer get zero).
+    """
+    present = [(seg, slot) for seg, slot in zip(segments, slots, strict=True) if slot is not None]
+    if not present:
+        return None
+    unique = list({id(slot): slot for _, slot in present}.values())
+    total_rank = sum(slot.lora_A.shape[0] for slot in unique)
+    h = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    delta = _concatenated(h, present, unique) if total_rank <= _CONCAT_MAX_RANK else _gathered(h, present)
+    return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+
+_CONCAT_MAX_RANK = 64  # above this, computing every adapter's rank for every row costs more than gathering
+
+
+def _concatenated(
+    h: torch.Tensor, present: list[tuple[Segment, LoRAWeights]], unique: list[LoRAWeights]
+) -> torch.Tensor:
+    """All adapters side by side: x @ [A_1; A_2; …]ᵀ, masked so a row keeps its own adapter's ranks
+    (times its scaling), then @ [B_1, B_2, …]ᵀ. Two plain matmuls; the masked-out products are exact zeros."""
+    a = torch.cat([slot.lora_A for slot in unique])  # (R, in)
+    b = torch.cat([slot.lora_B for slot in unique], dim=1)  # (out, R)
+    start, offsets = 0, {}
+    for slot in unique:
+        offsets[id(slot)] = start
+        start += slot.lora_A.shape[0]
+    mask = torch.zeros(h.shape[0], a.shape[0], dtype=a.dtype)
+    for seg, slot in present:
+        first = offsets[id(slot)]
+        mask[seg.start : seg.stop, first : first + slot.lora_A.shape[0]] = slot.scaling
+    lowrank = (h.to(a.dtype) @ a.T) * mask.to(a.device)[:, None, :]  # (B, T, R)
+    return lowrank @ b.T  # (B, T, out)
+
+
+def _gathered(h: torch.Tensor, present: list[tuple[Segment, LoRAWeights]]) -> torch.Tensor:
+    """Each row gathers its adapter's A and B (ranks zero-padded to the largest: padding adds exact zeros)
+    and scaling (0 for rows without an adapter here), then two batched matmuls."""
+    rank = max(slot.lora_A.shape[0] for _, slot in present)
+    a = torch.stack([F.pad(slot.lora_A, (0, 0, 0, rank - slot.lora_A.shape[0])) for _, slot in present])
+    b = torch.stack([F.pad(slot.lora_B, (0, rank - slot.lora_B.shape[1])) for _, slot in present])
+    rows = h.shape[0]
+    index, scale = [0] * rows, [0.0] * rows
+    for i, (seg, slot) in enumerate(present):
+        index[seg.start : seg.stop] = [i] * (seg.stop - seg.start)
+        scale[seg.start : seg.stop] = [slot.scaling] * (seg.stop - seg.start)
+    index_t = torch.tensor(index, device=h.device)
+    scale_t = torch.tensor(scale, dtype=a.dtype, device=h.device).view(rows, 1, 1)
+    lowrank = torch.bmm(h.to(a.dtype), a[index_t].transpose(1, 2)) * scale_t  # (B, T, r)
+    return torch.bmm(lowrank, b[index_t].transpose(1, 2))  # (B, T, out)
+
+
 # --- resolving targets -------------------------------------------------------------------------------
 
 
-def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear layer LoRA can target, by module path, excluding the output head."""
+def adaptable_layers(model: nn.Module, *, include_head: bool = False) -> dict[str, nn.Module]:
+    """Every linear layer LoRA can target, by module path; the output head only if `include_head`.
+
+    The head (unembedding) is left out of "all-linear" and of family defaults, as PEFT does; naming it
+    (Tinker's `train_unembed`, or `target_modules=["lm_head"]`) adapts it like any other linear layer,
+    and PEFT loads the saved adapter unchanged (`base_model.model.lm_head.lora_A.weight`).
+    """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            found[path] = module
+            if include_head or head is None or module is not head:
+                found[path] = module
         elif isinstance(module, ADAPTABLE_TYPES) and not path.endswith(".base_layer"):
-            if head is not None and module is head:
+            if head is not None and module is head and not include_head:
                 continue
             found[path] = module
     return found
 
 
 def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
-    """Module paths matched by `target_modules` (PEFT's rule: a name equals the path or ends it)."""
-    layers = adaptable_layers(model)
+    """Module paths matched by `target_modules` (PEFT's rule: a name equals the path or ends it).
+
+    "all-linear" excludes the output head; a list may name it.
+    """
     if target_modules == "all-linear":
-        return sorted(layers)
+        return sorted(adaptable_layers(model))
+    layers = adaptable_layers(model, include_head=True)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     paths = [p for p in layers if any(p == t or p.endswith("." + t) for t in target_modules)]

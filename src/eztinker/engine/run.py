@@ -1,15 +1,22 @@
 """A training run: one LoRA adapter on a shared base model, its AdamW state, and its three training ops.
 
+Ops of several runs on one base model can execute together (`forward_backward_many`, `optim_step_many`):
+rows of every run go through one forward and backward pass, each row routed to its own run's adapter,
+and runs with equal AdamW hyperparameters are updated by one multi-tensor step. A lone op is the same
+code with one request, so "together" and "alone" cannot drift apart.
+
 Invariant: an op that fails leaves the run exactly as it was. `forward_backward` computes gradients
 into buffers of its own and adds them to the run's accumulated gradients only once every chunk has
 succeeded and every value is finite; `optim_step` snapshots weights and optimizer state first and
-restores them if anything goes wrong.
+restores them if anything goes wrong. In a shared pass, a request that fails fails alone.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +79,16 @@ def resolve_loss(
     return get_loss_spec(loss.loss_type, "native"), loss.params
 
 
+@dataclass
+class TrainRequest:
+    """One run's `forward_backward` (or `forward`, with `backward=False`) in a pass that may serve many."""
+
+    run: TrainingRun
+    data: Sequence[Datum]
+    loss: LossFunctionConfig | TokenLoss | str | None = None
+    backward: bool = True
+
+
 def forward_backward(
     run: TrainingRun,
     data: Sequence[Datum],
@@ -82,67 +99,260 @@ def forward_backward(
     backward: bool = True,
 ) -> ForwardBackwardResult:
     """Run `data` through the run's adapter; with `backward`, add the loss's gradients to the run's."""
-    base = run.base
-    spec, kwargs = resolve_loss(run, loss)
-    checked = check_data(data, spec, vocab_size=base.vocab_size, max_length=base.max_length)
-    chunks = chunk_batch(checked, budget_for(base.vocab_size, token_budget, logits_budget))
-    params = run.params
+    request = TrainRequest(run, data, loss, backward)
+    (outcome,) = forward_backward_many([request], token_budget=token_budget, logits_budget=logits_budget)
+    if isinstance(outcome, EngineError):
+        raise outcome
+    return outcome
+
+
+def forward_backward_many(
+    requests: Sequence[TrainRequest], *, token_budget: int, logits_budget: int
+) -> list[ForwardBackwardResult | EngineError]:
+    """Execute requests of several runs on one base model together; one outcome per request.
+
+    Each request is chunked exactly as it would be alone, and chunks of different runs share blocks of
+    rows (padded B·T within the budget) that go through one forward and one backward pass, each row
+    routed to its own run's adapter. A request's loss and gradients involve only its rows and its
+    adapter, so its outcome equals running it alone. A request that fails (bad data, a NaN loss, a
+    custom loss that raises) fails alone and leaves its run unchanged; if the shared pass itself fails
+    (out of memory, say), each of its requests is run again on its own.
+    """
+    if not requests:
+        return []
+    base = requests[0].run.base
+    if any(r.run.base is not base for r in requests):
+        raise ValueError("requests executed together must share one base model")
+    budget = budget_for(base.vocab_size, token_budget, logits_budget)
+    outcomes: list[ForwardBackwardResult | EngineError | None] = [None] * len(requests)
+    works: list[_Work | None] = []
+    for i, request in enumerate(requests):
+        try:
+            works.append(_prepare(request, budget))
+        except EngineError as exc:
+            outcomes[i] = exc
+            works.append(None)
+    live = [w for w in works if w is not None]
+    with base.lock, routed(base.routing, []):
+        for block in _pack(live, budget):
+            _run_block(base, block)
+        for i, work in enumerate(works):
+            if work is None:
+                continue
+            if work.shared_failure:  # not this request's fault: give it a pass of its own
+                outcomes[i] = forward_backward_many(
+                    [work.request], token_budget=token_budget, logits_budget=logits_budget
+                )[0]
+            elif work.error is not None:
+                outcomes[i] = work.error
+            else:
+                outcomes[i] = _commit(work)
+    return [o for o in outcomes if o is not None]
+
+
+@dataclass
+class _Work:
+    """A request under way: its chunks, and what it has computed so far (not yet committed to the run)."""
+
+    request: TrainRequest
+    spec: LossSpec
+    kwargs: Mapping
+    chunks: list[Chunk]
+    chunk_scales: list[float]  # native losses: each chunk's share of the normaliser; token losses: 1
+    params: list[nn.Parameter]
+    logprobs: list[torch.Tensor | None]
+    grads: list[torch.Tensor] | None = None
+    loss_total: float = 0.0
+    num_tokens: int = 0
+    error: EngineError | None = None
+    shared_failure: bool = False  # a pass shared with other runs failed: retry this request alone
+
+
+@dataclass
+class _Piece:
+    """One chunk of one request, at rows [start, start + rows) of a block."""
+
+    work: _Work
+    chunk: Chunk
+    scale: float
+    start: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.chunk.input_ids.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.chunk.input_ids.shape[1]
+
+
+def _prepare(request: TrainRequest, budget: int) -> _Work:
+    """Check and chunk a request's data (raises `InvalidInputError` before any compute)."""
+    run = request.run
+    spec, kwargs = resolve_loss(run, request.loss)
+    checked = check_data(request.data, spec, vocab_size=run.base.vocab_size, max_length=run.base.max_length)
+    chunks = chunk_batch(checked, budget)
+    scales = [1.0] * len(chunks)
     if spec.family == "native":
         normalizer = spec.normalizer or _count_targets
         denominators = [float(normalizer(c.inputs["labels"], c.inputs.get("weights"))) for c in chunks]
-        total_denominator = sum(denominators)
-        if total_denominator <= 0:
+        total = sum(denominators)
+        if total <= 0:
             raise InvalidInputError("data", "has no target to train on: every label is -100 or weight 0")
-    logprobs: list[torch.Tensor | None] = [None] * len(checked)
-    grads: list[torch.Tensor] | None = None
-    loss_total = 0.0
-    num_tokens = 0
-    with base.lock, routed(base.routing, [Segment(run.run_id, 0, 0)], train=backward):
-        for c, chunk in enumerate(chunks):
-            base.routing.segments = [Segment(run.run_id, 0, len(chunk.indices))]
-            with torch.set_grad_enabled(backward):
-                try:
-                    if spec.family == "native":
-                        chunk_loss, out_B = _native_chunk(base, chunk, spec, kwargs)
-                        scaled = chunk_loss * (denominators[c] / total_denominator)
-                        loss_total += float(scaled.detach())
-                    else:
-                        chunk_loss, out_B = _token_chunk(base, chunk, spec, kwargs)
-                        scaled = chunk_loss
-                        loss_total += float(chunk_loss.detach())
-                    if not torch.isfinite(scaled.detach()):
-                        raise NonFiniteError(
-                            f"loss {spec.name!r} is {float(scaled.detach())} on data {chunk.indices}; "
-                            "the run is unchanged"
-                        )
-                    if backward:
-                        chunk_grads = torch.autograd.grad(scaled, params, allow_unused=True)
-                        chunk_grads = [
-                            torch.zeros_like(p) if g is None else g
-                            for p, g in zip(params, chunk_grads, strict=True)
-                        ]
-                        if grads is None:
-                            grads = list(chunk_grads)
-                        else:
-                            torch._foreach_add_(grads, chunk_grads)
-                except EngineError:
-                    raise
-                except torch.OutOfMemoryError as exc:
-                    raise ComputeError(
-                        f"out of memory on a chunk of {chunk.input_ids.numel()} tokens; the run is unchanged"
-                    ) from exc
-                except Exception as exc:  # a custom loss may raise anything
-                    raise ComputeError(
-                        f"loss {spec.name!r} raised {type(exc).__name__}: {exc}; the run is unchanged"
-                    ) from exc
-            for row, index in enumerate(chunk.indices):
-                logprobs[index] = out_B[row]
-            num_tokens += int(chunk.mask.sum())
-    if grads is not None:
-        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            raise NonFiniteError(f"gradients of loss {spec.name!r} are not finite; the run is unchanged")
-        # Commit: only now does the run's state change.
-        for p, g in zip(params, grads, strict=True):
+        scales = [d / total for d in denominators]
+    return _Work(
+        request=request,
+        spec=spec,
+        kwargs=kwargs,
+        chunks=chunks,
+        chunk_scales=scales,
+        params=run.params,
+        logprobs=[None] * len(checked),
+    )
+
+
+def _pack(works: Sequence[_Work], budget: int) -> list[list[_Piece]]:
+    """Blocks of chunks whose rows × widest row fit the budget (first fit, widest first).
+
+    Forward-only and backward requests never share a block: adapter dropout is on only while training.
+    """
+    pieces = [_Piece(w, c, s) for w in works for c, s in zip(w.chunks, w.chunk_scales, strict=True)]
+    pieces.sort(key=lambda p: p.width, reverse=True)
+    blocks: list[list[_Piece]] = []
+    for piece in pieces:
+        for block in blocks:  # block[0] is the block's widest piece
+            fits = (sum(p.rows for p in block) + piece.rows) * block[0].width <= budget
+            if fits and block[0].work.request.backward == piece.work.request.backward:
+                block.append(piece)
+                break
+        else:
+            blocks.append([piece])
+    order = {id(w): i for i, w in enumerate(works)}
+    for block in blocks:  # a run's rows side by side: one routing segment per run
+        block.sort(key=lambda p: order[id(p.work)])
+    return blocks
+
+
+def _run_block(base: BaseModel, block: list[_Piece]) -> None:
+    """One forward (and backward) pass over a block; results and gradients go into each piece's work."""
+    block = [p for p in block if p.work.error is None]
+    if not block:
+        return
+    backward = block[0].work.request.backward
+    width = max(p.width for p in block)
+    input_ids = torch.zeros(sum(p.rows for p in block), width, dtype=torch.int64)
+    attention_mask = torch.zeros_like(input_ids)
+    segments: list[Segment] = []
+    start = 0
+    for piece in block:
+        piece.start = start
+        input_ids[start : start + piece.rows, : piece.width] = piece.chunk.input_ids
+        attention_mask[start : start + piece.rows, : piece.width] = piece.chunk.attention_mask
+        run_id = piece.work.request.run.run_id
+        if segments and segments[-1].adapter == run_id:
+            segments[-1].stop += piece.rows
+        else:
+            segments.append(Segment(run_id, start, start + piece.rows))
+        start += piece.rows
+    works = list({id(p.work): p.work for p in block}.values())
+    base.routing.segments, base.routing.train = segments, backward
+    try:
+        with torch.set_grad_enabled(backward):
+            logits = base.model(
+                input_ids=input_ids.to(base.device),
+                attention_mask=attention_mask.to(base.device),
+                use_cache=False,
+            ).logits  # (B, T, V)
+            losses = [(p, _piece_loss(base, logits, p)) for p in block]
+            if backward:
+                _backward(losses)
+    except torch.OutOfMemoryError as exc:
+        _fail_block(works, ComputeError(f"out of memory on a block of {input_ids.numel()} tokens"), exc)
+    except Exception as exc:
+        _fail_block(
+            works, ComputeError(f"the forward/backward pass failed: {type(exc).__name__}: {exc}"), exc
+        )
+
+
+def _fail_block(works: list[_Work], error: ComputeError, cause: BaseException) -> None:
+    error.__cause__ = cause
+    error.args = (f"{error.args[0]}; the run is unchanged",)
+    for work in works:
+        if work.error is None:
+            work.error = error
+            work.shared_failure = len(works) > 1
+
+
+def _piece_loss(base: BaseModel, logits: torch.Tensor, piece: _Piece) -> torch.Tensor | None:
+    """The piece's scaled loss (None if it failed: its request is marked failed); records its log-probs."""
+    work, chunk = piece.work, piece.chunk
+    if work.error is not None:
+        return None
+    own_logits = logits[piece.start : piece.start + piece.rows, : piece.width]
+    try:
+        if work.spec.family == "native":
+            loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
+            loss = loss * piece.scale
+        else:
+            loss, rows_logprobs = _token_loss(base, own_logits, chunk, work.spec, work.kwargs)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"loss {work.spec.name!r} is {value} on data {chunk.indices}; the run is unchanged"
+            )
+    except EngineError as exc:
+        work.error = exc
+        return None
+    except torch.OutOfMemoryError:
+        raise  # the block's problem, not this request's
+    except Exception as exc:  # a custom loss may raise anything
+        work.error = ComputeError(
+            f"loss {work.spec.name!r} raised {type(exc).__name__}: {exc}; the run is unchanged"
+        )
+        work.error.__cause__ = exc
+        return None
+    work.loss_total += value
+    work.num_tokens += int(chunk.mask.sum())
+    for row, index in enumerate(chunk.indices):
+        work.logprobs[index] = rows_logprobs[row]
+    return loss
+
+
+def _backward(losses: list[tuple[_Piece, torch.Tensor | None]]) -> None:
+    """One backward pass through the block's summed loss; each run's gradients go to its own buffers.
+
+    A run's adapter touches only its own rows, so d(sum)/d(its params) is exactly its own loss's gradient.
+    """
+    live = [(p, loss) for p, loss in losses if loss is not None and p.work.error is None]
+    if not live:
+        return
+    works = list({id(p.work): p.work for p, _ in live}.values())
+    params = [param for w in works for param in w.params]
+    total = live[0][1] if len(live) == 1 else torch.stack([loss for _, loss in live]).sum()
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    offset = 0
+    for work in works:
+        n = len(work.params)
+        # A shared layer computes several runs' adapters side by side, so a gradient may arrive as a strided
+        # view into a common buffer: give each run dense tensors of its own (the fused optimizer needs them).
+        mine = [
+            torch.zeros_like(p) if g is None else g.contiguous()
+            for p, g in zip(work.params, grads[offset : offset + n], strict=True)
+        ]
+        offset += n
+        if work.grads is None:
+            work.grads = mine
+        else:
+            torch._foreach_add_(work.grads, mine)
+
+
+def _commit(work: _Work) -> ForwardBackwardResult | EngineError:
+    """Add the request's gradients to its run's (only now does the run change) and build its result."""
+    run, spec = work.request.run, work.spec
+    if work.request.backward and work.grads is not None:
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(work.grads))).all()):
+            return NonFiniteError(f"gradients of loss {spec.name!r} are not finite; the run is unchanged")
+        for p, g in zip(work.params, work.grads, strict=True):
             if p.grad is None:
                 p.grad = g
             else:
@@ -150,9 +360,9 @@ def forward_backward(
         run.pending_grad_ops += 1
     reduction = "sum" if spec.family == "token" else "mean"
     return ForwardBackwardResult(
-        loss=loss_total,
-        logprobs=[lp if lp is not None else torch.empty(0) for lp in logprobs],
-        metrics={f"loss:{reduction}": loss_total, "num_tokens:sum": float(num_tokens)},
+        loss=work.loss_total,
+        logprobs=[lp if lp is not None else torch.empty(0) for lp in work.logprobs],
+        metrics={f"loss:{reduction}": work.loss_total, "num_tokens:sum": float(work.num_tokens)},
         loss_family=spec.family,
     )
 
@@ -161,20 +371,10 @@ def _count_targets(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return (labels[:, 1:] != -100).sum()
 
 
-def _logits(base: BaseModel, chunk: Chunk) -> torch.Tensor:
-    out = base.model(
-        input_ids=chunk.input_ids.to(base.device),
-        attention_mask=chunk.attention_mask.to(base.device),
-        use_cache=False,
-    )
-    return out.logits  # (B, T, V)
-
-
-def _native_chunk(
-    base: BaseModel, chunk: Chunk, spec: LossSpec, kwargs: Mapping
+def _native_loss(
+    base: BaseModel, logits: torch.Tensor, chunk: Chunk, spec: LossSpec, kwargs: Mapping
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The user's loss on one chunk, and each row's log-probs of its shifted labels (N-1,)."""
-    logits = _logits(base, chunk)
+    """The user's loss on one chunk's logits, and each row's log-probs of its shifted labels (N-1,)."""
     labels = chunk.inputs["labels"].to(base.device)
     weights = chunk.inputs.get("weights")
     loss = spec.fn(logits, labels, weights.to(base.device) if weights is not None else None, **kwargs)
@@ -185,11 +385,10 @@ def _native_chunk(
     return loss.reshape(()), [lp[row, : n - 1] for row, n in enumerate(chunk.lengths)]
 
 
-def _token_chunk(
-    base: BaseModel, chunk: Chunk, spec: LossSpec, config: Mapping
+def _token_loss(
+    base: BaseModel, logits: torch.Tensor, chunk: Chunk, spec: LossSpec, config: Mapping
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Tinker's token-level loss on one chunk: the chunk's summed loss, and each row's target log-probs."""
-    logits = _logits(base, chunk)
     targets = chunk.inputs["target_tokens"].to(base.device)
     logprobs = target_logprobs(logits, targets)  # (B, T) or (B, T, K)
     inputs = {k: v.to(base.device) for k, v in chunk.inputs.items() if k != "target_tokens"}
@@ -231,6 +430,69 @@ def optim_step(run: TrainingRun, adam: AdamParams) -> OptimStepResult:
 
     A step with no accumulated gradients treats them as zero (momentum and weight decay still apply).
     """
+    (outcome,) = optim_step_many([(run, adam)])
+    if isinstance(outcome, EngineError):
+        raise outcome
+    return outcome
+
+
+def optim_step_many(steps: Sequence[tuple[TrainingRun, AdamParams]]) -> list[OptimStepResult | EngineError]:
+    """`optim_step` for several runs; runs with equal hyperparameters share one multi-tensor AdamW update.
+
+    AdamW is elementwise, so each run's outcome equals stepping it alone. A run whose step fails is
+    restored and fails alone; if a shared update raises, every run in it is restored and fails.
+    """
+    outcomes: list[OptimStepResult | EngineError | None] = [None] * len(steps)
+    groups: dict[tuple[float, ...], list[_Step]] = {}
+    for i, (run, adam) in enumerate(steps):
+        try:
+            step = _prepare_step(i, run, adam)
+        except EngineError as exc:
+            outcomes[i] = exc
+            continue
+        key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay)
+        groups.setdefault(key, []).append(step)
+    for group in groups.values():
+        with ExitStack() as locks:
+            for base in {id(s.run.base): s.run.base for s in group}.values():
+                locks.enter_context(base.lock)
+            try:
+                _adamw(group)
+            except BaseException as exc:
+                for s in group:
+                    _restore(s)
+                if not isinstance(exc, Exception):
+                    raise
+                error = (
+                    exc
+                    if isinstance(exc, EngineError)
+                    else ComputeError(f"optim_step failed: {type(exc).__name__}: {exc}; the run is unchanged")
+                )
+                error.__cause__ = exc
+                for s in group:
+                    outcomes[s.index] = error
+                continue
+            for s in group:
+                outcomes[s.index] = _finish_step(s)
+    return [o for o in outcomes if o is not None]
+
+
+@dataclass
+class _Step:
+    """A run's optimizer step under way, with what it takes to undo it."""
+
+    index: int
+    run: TrainingRun
+    adam: AdamParams
+    params: list[nn.Parameter]
+    grad_norm: torch.Tensor
+    weights: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    states: dict[int, dict[str, torch.Tensor]]
+
+
+def _prepare_step(index: int, run: TrainingRun, adam: AdamParams) -> _Step:
+    """Check the step can go ahead, snapshot the run (cheap for an adapter), and install its gradients."""
     check_adam_params(adam)
     params = run.params
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -238,8 +500,12 @@ def optim_step(run: TrainingRun, adam: AdamParams) -> OptimStepResult:
     if not bool(torch.isfinite(grad_norm)):
         raise NonFiniteError("the accumulated gradients are not finite; the run is unchanged")
     state = run.optimizer.state
-    # Cheap for an adapter, and it makes the step all-or-nothing (an OOM half-way through included).
-    snapshot = _Snapshot(
+    step = _Step(
+        index=index,
+        run=run,
+        adam=adam,
+        params=params,
+        grad_norm=grad_norm,
         weights=[p.detach().clone() for p in params],
         # AdamW reads gradients without changing them; only clipping scales them in place.
         grads=[
@@ -247,51 +513,67 @@ def optim_step(run: TrainingRun, adam: AdamParams) -> OptimStepResult:
         ],
         states={id(p): {k: v.clone() for k, v in state[p].items()} for p in params if p in state},
     )
-    with run.base.lock:
-        try:
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            if adam.grad_clip_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, adam.grad_clip_norm, grad_norm, foreach=True)
-            for group in run.optimizer.param_groups:
-                group.update(
-                    lr=adam.learning_rate,
-                    betas=(adam.beta1, adam.beta2),
-                    eps=adam.eps,
-                    weight_decay=adam.weight_decay,
-                )
-            run.optimizer.step()
-            if not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.data for p in params]))).all()):
-                raise NonFiniteError("the update produced NaN or infinite weights; the run is unchanged")
-        except BaseException as exc:
-            _restore(run, params, snapshot)
-            if isinstance(exc, EngineError):
-                raise
-            raise ComputeError(
-                f"optim_step failed: {type(exc).__name__}: {exc}; the run is unchanged"
-            ) from exc
-        # Gradients are consumed by the step: the next forward_backward starts a new accumulation.
-        for p in params:
-            p.grad = None
-        run.step += 1
-        run.pending_grad_ops = 0
-    return OptimStepResult(step=run.step, grad_norm=float(grad_norm), learning_rate=adam.learning_rate)
-
-
-@dataclass
-class _Snapshot:
-    weights: list[torch.Tensor]
-    grads: list[torch.Tensor | None]
-    states: dict[int, dict[str, torch.Tensor]]
-
-
-def _restore(run: TrainingRun, params: list[nn.Parameter], snapshot: _Snapshot) -> None:
-    with torch.no_grad():
-        for p, w in zip(params, snapshot.weights, strict=True):
-            p.copy_(w)
-    for p, g in zip(params, snapshot.grads, strict=True):
+    for p, g in zip(params, grads, strict=True):
         p.grad = g
-        if id(p) in snapshot.states:
-            run.optimizer.state[p] = snapshot.states[id(p)]
+    return step
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _adamw(group: list[_Step]) -> None:
+    """Clip each run's gradients by its own norm, then one AdamW update over every run's parameters.
+
+    The update runs in a throwaway optimizer whose per-parameter state is each run's own state dicts,
+    so the moments land where the run (and its checkpoints) keep them.
+    """
+    adam = group[0].adam
+    for s in group:
+        if s.adam.grad_clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(s.params, s.adam.grad_clip_norm, s.grad_norm, foreach=True)
+        for param_group in s.run.optimizer.param_groups:  # what a checkpoint records
+            param_group.update(
+                lr=adam.learning_rate,
+                betas=(adam.beta1, adam.beta2),
+                eps=adam.eps,
+                weight_decay=adam.weight_decay,
+            )
+    params = [p for s in group for p in s.params]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=adam.learning_rate,
+        betas=(adam.beta1, adam.beta2),
+        eps=adam.eps,
+        weight_decay=adam.weight_decay,
+        # One fused kernel for every tensor of every run: on CPU, 6x faster than the default per-tensor
+        # loop for 8 runs' adapters (448 tensors), the same update up to float rounding.
+        fused=params[0].device.type in _FUSED_ADAMW_DEVICES,
+    )
+    for s in group:
+        for p in s.params:
+            optimizer.state[p] = s.run.optimizer.state[p]
+    optimizer.step()
+
+
+def _finish_step(s: _Step) -> OptimStepResult | EngineError:
+    if not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.data for p in s.params]))).all()):
+        _restore(s)
+        return NonFiniteError("the update produced NaN or infinite weights; the run is unchanged")
+    # Gradients are consumed by the step: the next forward_backward starts a new accumulation.
+    for p in s.params:
+        p.grad = None
+    s.run.step += 1
+    s.run.pending_grad_ops = 0
+    return OptimStepResult(step=s.run.step, grad_norm=float(s.grad_norm), learning_rate=s.adam.learning_rate)
+
+
+def _restore(s: _Step) -> None:
+    with torch.no_grad():
+        for p, w in zip(s.params, s.weights, strict=True):
+            p.copy_(w)
+    for p, g in zip(s.params, s.grads, strict=True):
+        p.grad = g
+        if id(p) in s.states:
+            s.run.optimizer.state[p] = s.states[id(p)]
         else:
-            run.optimizer.state.pop(p, None)
+            s.run.optimizer.state.pop(p, None)

@@ -6,10 +6,10 @@ base). Prompts are left-padded to a common length, with an attention mask and ex
 (cumsum of the mask − 1), so every row sees exactly the positions it would see alone: a request gives
 the same tokens and log-probabilities whatever it is batched with, in every model family.
 
-The loop is the classic one: one prefill forward over the padded prompts fills a `DynamicCache`, then
-one forward per step feeds each unfinished row its last token. A row that finishes is dropped from the
-batch (its cache rows included), so finished rows never change and never cost compute; the loop ends
-when every row is done.
+Generation runs in `engine.batcher`'s continuous batcher (this module holds the pieces it steps): a
+prefill forward over left-padded prompts fills a `DynamicCache`, then one forward per step feeds each
+unfinished row its last token; a finished row is dropped (its cache rows too) and new rows join at any
+step. `sample_batch` runs one batcher of its own to completion; the server keeps one per base model.
 
 Why the details are as they are:
 - Returned log-probabilities are the model's raw log-softmax at temperature 1, unfiltered, in float32:
@@ -18,9 +18,14 @@ Why the details are as they are:
   index), from which it draws one uniform number per step. A token is picked by inverse-CDF sampling
   over that row's filtered probabilities, so a row's choice depends on its own logits and its own
   stream only: a seeded request samples the same tokens alone, batched with others, and on every call.
-- Memory is bounded by running large batches in row groups (`SamplerLimits`): each group is one
-  generation whose worst-case KV cache and prefill logits fit the limits. Rows of one request may land
-  in different groups; that changes nothing in their results.
+- Beyond the sampled tokens, a request may ask for top-k log-probabilities at each sampled position,
+  and for prompt extras computed from the same prefill: prompt log-probabilities (optionally only
+  the last N), top-k at each prompt position, the log-probabilities of chosen ids at each prompt
+  position (`target_prompt_tokens`), and k alternative draws per prompt position. The alternatives
+  come from their own generator, so asking for them never changes the sampled tokens.
+- Memory is bounded by `SamplerLimits`: rows join the running batch only while its worst-case KV cache
+  and their prefill fit; the others wait. Rows of one request may start at different steps; that
+  changes nothing in their results. (`_row_groups` computes the same bound as static groups.)
 """
 
 from __future__ import annotations
@@ -30,21 +35,31 @@ import inspect
 import math
 import operator
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 from transformers import DynamicCache
 
-from eztinker.engine.errors import ComputeError, InvalidInputError, NotFoundError
+from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.engine.lora import Segment, routed
 from eztinker.engine.model import BaseModel
-from eztinker.engine.types import SampledSequence, SampleResult, SamplingParams
+from eztinker.engine.types import (
+    PromptAltTokens,
+    SampledSequence,
+    SampleResult,
+    SamplingParams,
+    TopLogprobs,
+)
 
 MAX_NUM_SAMPLES = 256  # per request: more is almost surely a client bug, and one request could hog the GPU
 _UNIFORM_BLOCK = 64  # uniforms a row draws at a time: a fixed size keeps its stream batch-independent
 _MIN_TEMPERATURE = 1e-5  # below this, logits / T overflows float32: sample greedily instead
+MAX_TOP_K = 1000  # top-k log-probabilities / alternative draws per position: bounds the result's size
+
+
+TokenCallback = Callable[[int, int, float, "TopLogprobs | None", bool], None]
 
 
 @dataclass(frozen=True)
@@ -54,11 +69,31 @@ class SampleRequest:
     num_samples: int = 1
     adapter: str | None = None  # a run id or sampler id whose adapter serves this request; None = bare base
     prompt_logprobs: bool = False
+    topk_sample_logprobs: int = 0  # top-k (id, logprob) at every sampled position of every sample
+    topk_prompt_logprobs: int = 0  # top-k (id, logprob) at every prompt position after the first
+    prompt_logprobs_last_n: int | None = None  # score only the last N prompt positions (None: all)
+    # (P-1, K) token ids whose log-probabilities to return at prompt positions 1..P-1; -1 asks nothing
+    target_prompt_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None
+    prompt_alt_tokens_k: int = 0  # draws per prompt position after the first, at the request's temperature
+    stop_at_eos: bool = False  # also stop at the model's EOS when `params.stop` names strings or ids
+    # Called on the sampling thread as each token is chosen, for streaming: (sample index, token, logprob,
+    # its top-k or None, finished?). It must be quick and must not raise.
+    on_token: TokenCallback | None = field(default=None, compare=False)
+
+    @property
+    def wants_prompt(self) -> bool:
+        """Whether the request needs the logits of every prompt position (not only the last one)."""
+        return (
+            self.prompt_logprobs
+            or self.topk_prompt_logprobs > 0
+            or self.target_prompt_tokens is not None
+            or self.prompt_alt_tokens_k > 0
+        )
 
 
 @dataclass(frozen=True)
 class SamplerLimits:
-    """How big one generation may get; larger batches run as several row groups, one after another.
+    """How big the running batch may get; rows beyond it wait until finished rows make room.
 
     The KV cache is sized for the worst case (every row runs to its `max_tokens`). The prefill is one
     forward over every padded prompt of the group, and it keeps logits for every prompt position only
@@ -92,11 +127,25 @@ class _Row:
     max_new: int
     stops: _Stops
     generator: torch.Generator
-    wants_prompt_logprobs: bool
+    prompt_request: SampleRequest | None  # set on one row per request that asked for prompt extras
+    topk: int = 0  # top-k log-probabilities to keep at each sampled position
+    on_token: TokenCallback | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_logprobs: list[TopLogprobs] = field(default_factory=list)
     stop_reason: Literal["stop", "length"] | None = None
-    prompt_logprobs: list[float | None] | None = None
+    extras: _PromptExtras | None = None  # what `prompt_request` asked about the prompt
+    uniforms: list[float] = field(default_factory=list)  # the current block of this row's uniform draws
+
+
+@dataclass
+class _PromptExtras:
+    """What a request asked for about its prompt, all from the prefill's logits."""
+
+    logprobs: list[float | None] | None = None
+    topk: list[TopLogprobs | None] | None = None
+    targets: list[list[float]] | None = None
+    alt_tokens: PromptAltTokens | None = None
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -105,23 +154,21 @@ class _Row:
 def sample_batch(
     base: BaseModel, requests: list[SampleRequest], limits: SamplerLimits | None = None
 ) -> list[SampleResult]:
-    """Sample every request (× its `num_samples`) in one batched generation; results in request order.
+    """Sample every request (× its `num_samples`) on a continuous batcher of its own; results in request order.
 
     All input is checked before any compute (`InvalidInputError` names the field). Runs under the base
-    model's lock, so no training step changes an adapter half-way through a generation.
+    model's lock, so no training step changes an adapter half-way through a generation. Rows beyond
+    `limits` wait and join the running batch as earlier rows finish.
     """
-    limits = limits or SamplerLimits()
-    with base.lock:  # checked and used under one lock: no adapter can vanish in between
-        rows = _make_rows(base, requests)
-        try:
-            with torch.inference_mode():
-                for group in _row_groups(base, rows, limits):
-                    _generate(base, group)
-        except torch.OutOfMemoryError as exc:
-            raise ComputeError(
-                f"out of memory while sampling {len(rows)} rows; try fewer or shorter"
-            ) from exc
-    return _collect(len(requests), rows)
+    from eztinker.engine.batcher import run_to_completion  # the batcher builds on this module
+
+    return run_to_completion(base, requests, limits)
+
+
+def check_requests(base: BaseModel, requests: Sequence[SampleRequest]) -> None:
+    """Raise `InvalidInputError` / `NotFoundError` now, before any compute, if a request is bad."""
+    for i, request in enumerate(requests):
+        _check_request(base, request, f"requests[{i}]." if len(requests) > 1 else "")
 
 
 def prompt_logprobs(base: BaseModel, tokens: list[int], adapter: str | None) -> list[float | None]:
@@ -159,7 +206,9 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 max_new=max_new,
                 stops=stops,
                 generator=torch.Generator().manual_seed(_row_seed(seed, j)),
-                wants_prompt_logprobs=request.prompt_logprobs and j == 0,
+                prompt_request=request if request.wants_prompt and j == 0 else None,
+                topk=request.topk_sample_logprobs,
+                on_token=request.on_token,
             )
             for j in range(request.num_samples)
         ]
@@ -176,8 +225,12 @@ def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple
     _check_adapter(base, request.adapter, f"{where}adapter")
     params = request.params
     _check_sampling_params(params, f"{where}sampling_params")
+    _check_extras(base, request, len(prompt), where)
     max_new = _max_new_tokens(base, len(prompt), params.max_tokens, where)
-    return prompt, max_new, _parse_stop(base, params.stop, f"{where}sampling_params.stop")
+    stops = _parse_stop(base, params.stop, f"{where}sampling_params.stop")
+    if request.stop_at_eos:
+        stops = replace(stops, token_ids=stops.token_ids | frozenset(base.eos_token_ids))
+    return prompt, max_new, stops
 
 
 def _check_prompt(base: BaseModel, prompt: Sequence[int], field: str) -> list[int]:
@@ -212,6 +265,41 @@ def _check_sampling_params(params: SamplingParams, where: str) -> None:
         raise InvalidInputError(f"{where}.top_k", f"{top_k!r} must be -1 (no limit) or >= 1")
     if params.seed is not None and not isinstance(params.seed, int):
         raise InvalidInputError(f"{where}.seed", f"{params.seed!r} must be an integer or null")
+
+
+def _check_extras(base: BaseModel, request: SampleRequest, prompt_len: int, where: str) -> None:
+    """Top-k sizes, `prompt_logprobs_last_n` and `target_prompt_tokens` of a request, checked before compute."""
+    for name in ("topk_sample_logprobs", "topk_prompt_logprobs", "prompt_alt_tokens_k"):
+        k = getattr(request, name)
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_K:
+            raise InvalidInputError(f"{where}{name}", f"{k!r} must be an integer in 0..{MAX_TOP_K}")
+    last_n = request.prompt_logprobs_last_n
+    if last_n is not None:
+        if not (request.prompt_logprobs or request.topk_prompt_logprobs):
+            raise InvalidInputError(
+                f"{where}prompt_logprobs_last_n", "applies to prompt logprobs: set prompt_logprobs too"
+            )
+        if not isinstance(last_n, int) or not 1 <= last_n <= prompt_len - 1:
+            raise InvalidInputError(
+                f"{where}prompt_logprobs_last_n",
+                f"{last_n!r} must be in 1..{prompt_len - 1} (prompt length - 1)",
+            )
+    if request.target_prompt_tokens is not None:
+        _check_targets(base, request.target_prompt_tokens, prompt_len, f"{where}target_prompt_logprobs")
+
+
+def _check_targets(
+    base: BaseModel, targets: torch.Tensor | Sequence[Sequence[int]], prompt_len: int, field: str
+) -> None:
+    """A (P-1, K) table of token ids, -1 meaning "nothing asked here"."""
+    try:
+        table = torch.as_tensor(targets, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(field, f"must be a 2-D table of integer token ids: {exc}") from None
+    if table.dim() != 2 or table.shape[0] != prompt_len - 1:
+        raise InvalidInputError(field, f"has shape {list(table.shape)}; expected [{prompt_len - 1}, K]")
+    if table.numel() and (table.min() < -1 or table.max() >= base.vocab_size):
+        raise InvalidInputError(field, f"token ids must be -1 (none) or in [0, {base.vocab_size})")
 
 
 def _max_new_tokens(base: BaseModel, prompt_len: int, max_tokens: int | None, where: str) -> int:
@@ -289,7 +377,7 @@ def _fits(base: BaseModel, rows: list[_Row], limits: SamplerLimits, kv_tokens: i
     longest_total = max(len(r.prompt) + r.max_new for r in rows)
     if n > limits.max_rows or n * longest_total > kv_tokens or n * longest_prompt > limits.prefill_tokens:
         return False
-    if not any(r.wants_prompt_logprobs for r in rows):
+    if not any(r.prompt_request is not None for r in rows):
         return True  # the prefill keeps the last position's logits only
     return n * longest_prompt * base.vocab_size <= limits.logits_elements
 
@@ -328,7 +416,6 @@ class _Batch:
     temperature: torch.Tensor  # (B,): 0 where the row samples greedily
     top_k: torch.Tensor  # (B,): -1 for no limit
     top_p: torch.Tensor  # (B,)
-    uniforms: torch.Tensor | None = None  # (B, K): the rows' next block of uniform draws, in (0, 1]
 
     def keep(self, keep_B: torch.Tensor, kept_rows: list[_Row]) -> None:
         """Drop finished rows, KV cache included, so they neither change nor cost compute."""
@@ -336,32 +423,10 @@ class _Batch:
         self.cache.batch_select_indices(keep_B)
         for name in ("attention_mask", "next_position", "temperature", "top_k", "top_p"):
             setattr(self, name, getattr(self, name)[keep_B])
-        if self.uniforms is not None:
-            self.uniforms = self.uniforms[keep_B]
 
     @property
     def segments(self) -> list[Segment]:
         return _segments([r.adapter for r in self.rows])
-
-
-def _generate(base: BaseModel, rows: list[_Row]) -> None:
-    """Sample every row of one group to completion, filling in its tokens, log-probs and stop reason."""
-    batch, logits_BV = _prefill(base, rows)
-    for step in range(max(r.max_new for r in rows)):
-        if step % _UNIFORM_BLOCK == 0:
-            batch.uniforms = _draw_uniforms(batch.rows, base.device)
-        assert batch.uniforms is not None
-        tokens_B = _choose_tokens(logits_BV, batch, batch.uniforms[:, step % _UNIFORM_BLOCK])
-        logprobs_B = _token_logprobs(logits_BV, tokens_B)
-        done = _record(base, batch.rows, tokens_B.tolist(), logprobs_B.tolist())
-        if all(done):
-            return
-        if any(done):
-            keep = [b for b, d in enumerate(done) if not d]
-            keep_B = torch.tensor(keep, device=base.device)
-            batch.keep(keep_B, [batch.rows[b] for b in keep])
-            tokens_B = tokens_B[keep_B]
-        logits_BV = _decode_step(base, batch, tokens_B)
 
 
 def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
@@ -375,7 +440,7 @@ def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
         input_ids_BP[b, P - lengths[b] :] = torch.tensor(row.prompt)
         attention_mask_BP[b, P - lengths[b] :] = 1
     position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
-    full_logits = any(r.wants_prompt_logprobs for r in rows)
+    full_logits = any(r.prompt_request is not None for r in rows)
     cache = DynamicCache(config=base.model.config)
     with routed(base.routing, _segments([r.adapter for r in rows])):
         logits_BTV = _forward(
@@ -387,8 +452,8 @@ def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
             keep_all_logits=full_logits,
         )
     for b, row in enumerate(rows):
-        if row.wants_prompt_logprobs:
-            row.prompt_logprobs = _prompt_logprobs_from(logits_BTV[b, P - lengths[b] : P - 1], row.prompt)
+        if row.prompt_request is not None:
+            row.extras = _prompt_extras(logits_BTV[b, P - lengths[b] : P - 1], row.prompt_request)
     batch = _Batch(
         rows=list(rows),
         cache=cache,
@@ -450,14 +515,6 @@ def _temperature(params: SamplingParams) -> float:
 # --- choosing tokens -----------------------------------------------------------------------------
 
 
-def _draw_uniforms(rows: list[_Row], device: torch.device) -> torch.Tensor:
-    """The next `_UNIFORM_BLOCK` uniforms in (0, 1] of each row's own generator, as (B, K) float64."""
-    draws_BK = torch.stack(
-        [torch.rand(_UNIFORM_BLOCK, generator=r.generator, dtype=torch.float64) for r in rows]
-    )
-    return (1.0 - draws_BK).to(device)
-
-
 def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) -> torch.Tensor:
     """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution."""
     greedy_B = logits_BV.argmax(dim=-1)
@@ -506,6 +563,74 @@ def _token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Te
     return picked_B - torch.logsumexp(logits_BV, dim=-1)
 
 
+def _top_logprobs(logits_NV: torch.Tensor, k: int) -> list[TopLogprobs]:
+    """The k most likely (token id, log-probability) pairs of each row, from raw logits (temperature 1)."""
+    logprobs_NV = logits_NV.float().log_softmax(dim=-1)
+    values_Nk, ids_Nk = logprobs_NV.topk(min(k, logprobs_NV.shape[-1]), dim=-1)
+    return [
+        list(zip(ids, values, strict=True))
+        for ids, values in zip(ids_Nk.tolist(), values_Nk.tolist(), strict=True)
+    ]
+
+
+def _prompt_extras(logits_TV: torch.Tensor, request: SampleRequest) -> _PromptExtras:
+    """A request's prompt extras from the logits at prompt positions 0..n-2 (each predicts the next token)."""
+    prompt = request.prompt
+    logits_TV = logits_TV.float()
+    skipped = len(prompt) - request.prompt_logprobs_last_n if request.prompt_logprobs_last_n else 1
+    extras = _PromptExtras()
+    if request.prompt_logprobs:
+        scored = _prompt_logprobs_from(logits_TV, list(prompt))
+        extras.logprobs = [None] * skipped + scored[skipped:]
+    if request.topk_prompt_logprobs:
+        top = _top_logprobs(logits_TV[skipped - 1 :], request.topk_prompt_logprobs) if len(prompt) > 1 else []
+        extras.topk = [None] * skipped + list(top)
+    if request.target_prompt_tokens is not None:
+        extras.targets = _target_logprobs(logits_TV, request.target_prompt_tokens)
+    if request.prompt_alt_tokens_k:
+        extras.alt_tokens = _alt_tokens(logits_TV, request)
+    return extras
+
+
+def _target_logprobs(
+    logits_TV: torch.Tensor, targets: torch.Tensor | Sequence[Sequence[int]]
+) -> list[list[float]]:
+    """log p(targets[i][j]) at prompt position i+1 (from the logits at i); 0.0 where the id is -1."""
+    if logits_TV.shape[0] == 0:
+        return []
+    targets_TK = torch.as_tensor(targets, dtype=torch.long, device=logits_TV.device).reshape(
+        logits_TV.shape[0], -1
+    )
+    logprobs_TV = logits_TV.log_softmax(dim=-1)
+    picked_TK = logprobs_TV.gather(-1, targets_TK.clamp(min=0))
+    return picked_TK.masked_fill(targets_TK < 0, 0.0).tolist()
+
+
+def _alt_tokens(logits_TV: torch.Tensor, request: SampleRequest) -> PromptAltTokens:
+    """k draws per prompt position at the request's temperature, top-k and top-p, from a generator of their own."""
+    k, params = request.prompt_alt_tokens_k, request.params
+    T = logits_TV.shape[0]
+    if T == 0:
+        return PromptAltTokens(tokens=[], logprobs=[])
+    temperature = _temperature(params)
+    if temperature == 0:
+        tokens_Tk = logits_TV.argmax(dim=-1, keepdim=True).expand(T, k)
+    else:
+        scaled_TV = logits_TV / temperature
+        if params.top_k > 0 or params.top_p < 1:
+            top_k_T = torch.full((T,), params.top_k, device=logits_TV.device)
+            top_p_T = torch.full((T,), float(params.top_p), device=logits_TV.device)
+            scaled_TV = _filter_top_k_top_p(scaled_TV, top_k_T, top_p_T)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        generator = torch.Generator().manual_seed(_row_seed(seed, -1))  # apart from every sample's stream
+        u_Tk = 1.0 - torch.rand(T, k, generator=generator, dtype=torch.float64)
+        cdf_TV = torch.softmax(scaled_TV, dim=-1).double().cumsum(dim=-1)
+        target_Tk = u_Tk.to(logits_TV.device) * cdf_TV[:, -1:]
+        tokens_Tk = torch.searchsorted(cdf_TV, target_Tk).clamp(max=logits_TV.shape[-1] - 1)
+    logprobs_Tk = logits_TV.log_softmax(dim=-1).gather(-1, tokens_Tk)
+    return PromptAltTokens(tokens=tokens_Tk.tolist(), logprobs=logprobs_Tk.tolist())
+
+
 def _prompt_logprobs_from(logits_TV: torch.Tensor, prompt: list[int]) -> list[float | None]:
     """[None, log p(prompt[1]), ...] from the logits at prompt positions 0..n-2."""
     logits_TV = logits_TV.float()
@@ -516,17 +641,28 @@ def _prompt_logprobs_from(logits_TV: torch.Tensor, prompt: list[int]) -> list[fl
 # --- stopping and results ------------------------------------------------------------------------
 
 
-def _record(base: BaseModel, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> list[bool]:
+def _record(
+    base: BaseModel,
+    rows: list[_Row],
+    tokens: list[int],
+    logprobs: list[float],
+    topk: list[TopLogprobs] | None = None,
+) -> list[bool]:
     """Append each row's new token; return which rows are now finished (and set their stop reason)."""
     done = []
-    for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
+    for b, (row, token, logprob) in enumerate(zip(rows, tokens, logprobs, strict=True)):
         row.tokens.append(token)
         row.logprobs.append(logprob)
+        if row.topk and topk is not None:
+            row.topk_logprobs.append(topk[b][: row.topk])
         if token in row.stops.token_ids or _hit_stop_string(base, row):
             row.stop_reason = "stop"
         elif len(row.tokens) >= row.max_new:
             row.stop_reason = "length"
         done.append(row.stop_reason is not None)
+        if row.on_token is not None:
+            top = row.topk_logprobs[-1] if row.topk and topk is not None else None
+            row.on_token(row.sample, token, logprob, top, row.stop_reason is not None)
     return done
 
 
@@ -543,13 +679,23 @@ def _collect(num_requests: int, rows: list[_Row]) -> list[SampleResult]:
     by_request: list[list[_Row]] = [[] for _ in range(num_requests)]
     for row in sorted(rows, key=lambda r: (r.request, r.sample)):
         by_request[row.request].append(row)
-    return [
-        SampleResult(
-            sequences=[
-                SampledSequence(tokens=r.tokens, logprobs=r.logprobs, stop_reason=r.stop_reason or "length")
-                for r in request_rows
-            ],
-            prompt_logprobs=request_rows[0].prompt_logprobs,
-        )
-        for request_rows in by_request
-    ]
+    return [_result(request_rows) for request_rows in by_request]
+
+
+def _result(rows: list[_Row]) -> SampleResult:
+    prompt = rows[0].extras or _PromptExtras()
+    return SampleResult(
+        sequences=[
+            SampledSequence(
+                tokens=r.tokens,
+                logprobs=r.logprobs,
+                stop_reason=r.stop_reason or "length",
+                topk_logprobs=r.topk_logprobs if r.topk else None,
+            )
+            for r in rows
+        ],
+        prompt_logprobs=prompt.logprobs,
+        topk_prompt_logprobs=prompt.topk,
+        target_prompt_logprobs=prompt.targets,
+        prompt_alt_tokens=prompt.alt_tokens,
+    )

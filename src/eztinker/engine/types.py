@@ -103,14 +103,29 @@ class SamplingParams:
     seed: int | None = None
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability) pairs, most likely first
+
+
 @dataclass(frozen=True)
 class SampledSequence:
     tokens: list[int]
     logprobs: list[float]  # the model's log-probability of each sampled token (temperature 1, unfiltered)
     stop_reason: Literal["stop", "length"]
+    topk_logprobs: list[TopLogprobs] | None = None  # per sampled token, when top-k was asked for
+
+
+@dataclass(frozen=True)
+class PromptAltTokens:
+    """k independent draws at every prompt position after the first: `tokens[i]` are alternatives to prompt[i+1]."""
+
+    tokens: list[list[int]]  # (P-1, k)
+    logprobs: list[list[float]]  # (P-1, k): the model's log-probability of each draw (temperature 1)
 
 
 @dataclass(frozen=True)
 class SampleResult:
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None  # position 0 is None: nothing predicts it
+    topk_prompt_logprobs: list[TopLogprobs | None] | None = None  # per prompt position; None where unscored
+    target_prompt_logprobs: list[list[float]] | None = None  # (P-1, K): log p of the asked ids, 0.0 for -1
+    prompt_alt_tokens: PromptAltTokens | None = None

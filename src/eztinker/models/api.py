@@ -230,7 +230,37 @@ class Job(JobRef):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
-    queue_position: int | None = None
+    queue_position: int | None = Field(None, description="0-based place among queued jobs, in start order.")
+    estimated_start: float | None = Field(
+        None, description="When a queued job is expected to start (epoch s)."
+    )
+    pass_size: int | None = Field(None, description="How many jobs (of different runs) executed in its pass.")
+
+
+class QueuedJob(BaseModel):
+    """A job running or waiting, as the queue view shows it."""
+
+    job_id: str
+    op: str
+    run_id: str | None
+    status: Literal["queued", "running"]
+    tokens: int
+    created_at: float
+    started_at: float | None = None
+    position: int | None = None
+    estimated_start: float | None = None
+
+
+class QueueView(BaseModel):
+    """The scheduler at a glance: what runs, what waits (in start order), and how busy it is."""
+
+    queue_depth: int
+    running: int
+    passes: int
+    jobs_per_pass: float = Field(description="Mean jobs executed together per pass, since start.")
+    utilisation: float = Field(description="Busy fraction of the workers over the last minute.")
+    tokens_per_second: float = Field(description="Recent training throughput of the scheduler's passes.")
+    jobs: list[QueuedJob]
 
 
 class StepMetrics(BaseModel):

@@ -1,10 +1,29 @@
 """Futures and the queue that runs them: every op is a job, answered at once, executed by a worker.
 
-Rules: the ops of one run execute in submission order; ops of different runs may run side by side on
-different workers (the engine's per-base-model lock serialises what must be). Workers are woken by
-`submit` and waiters by completion — events, never sleeps or polling.
+Rules: the ops of one run execute in submission order; ops of different runs may execute together in
+one pass (co-batching) or side by side on different workers (the engine's per-base-model lock
+serialises what must be). Runs share the workers fairly by tokens. Workers are woken by `submit` and
+waiters by completion — events, never sleeps or polling.
 """
 
-from eztinker.scheduler.jobs import Job, QueueFullError, Scheduler
+from eztinker.scheduler.jobs import (
+    Background,
+    Batchable,
+    Deferred,
+    Job,
+    QueueEntry,
+    QueueFullError,
+    Scheduler,
+    SchedulerStats,
+)
 
-__all__ = ["Job", "QueueFullError", "Scheduler"]
+__all__ = [
+    "Background",
+    "Batchable",
+    "Deferred",
+    "Job",
+    "QueueEntry",
+    "QueueFullError",
+    "Scheduler",
+    "SchedulerStats",
+]

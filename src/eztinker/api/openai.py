@@ -1,0 +1,616 @@
+"""The OpenAI-compatible facade: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+`model` names what to sample from, in this order:
+- a **base model** the server has configured or loaded (its name as given to `--model` / `create_run`);
+- a **run id** (`run-...`): the run's live adapter, as trained so far (ordered with the run's other ops);
+- a **sampler snapshot id** (Tinker's sampling sessions, `save_sampler`): a frozen adapter.
+`GET /v1/models` lists all three (with auth on: the caller's runs and snapshots only).
+
+Routes translate only: tokenize (chat template from the tokenizer), build engine `SampleRequest`s, submit
+them through the service, and turn results into OpenAI's JSON. `stream: true` answers with server-sent
+events as the engine chooses tokens (its `on_token` callback, bridged from the sampling thread into the
+event loop). Every failure, request validation included, is answered in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
+from eztinker.engine.sampler import SampleRequest
+from eztinker.engine.types import SamplingParams, TopLogprobs
+from eztinker.models.api import field_path
+from eztinker.scheduler import Job, QueueFullError
+from eztinker.service import ModelTarget, Service
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+# --- errors in OpenAI's shape ------------------------------------------------------------------------
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status
+    )
+
+
+def _error_response(exc: Exception) -> JSONResponse:
+    """One place that maps every failure on these routes to OpenAI's error JSON and status."""
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = tuple(x for x in first.get("loc", ()) if x != "body")
+        param = field_path(loc) or None
+        return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param=param)
+    if isinstance(exc, InvalidInputError):
+        return openai_error(400, str(exc), param=exc.field)
+    if isinstance(exc, NotFoundError):
+        return openai_error(404, str(exc), code="model_not_found")
+    if isinstance(exc, PermissionError):
+        return openai_error(401, str(exc), type="authentication_error", code="invalid_api_key")
+    if isinstance(exc, QueueFullError):
+        response = openai_error(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
+    if isinstance(exc, ConflictError):
+        return openai_error(409, str(exc), code="conflict")
+    if isinstance(exc, ComputeError):
+        return openai_error(500, str(exc), type="server_error")
+    if isinstance(exc, EngineError):
+        return openai_error(400, str(exc))
+    if isinstance(exc, HTTPException):
+        return openai_error(exc.status_code, str(exc.detail))
+    return openai_error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose every exception (validation and auth included) is answered as an OpenAI error."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return _error_response(exc)
+
+        return handle
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(get_owner)])
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields both routes share. Unknown fields OpenAI defines (`user`, penalties at 0...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInputError("stop", f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(not s for s in stops):
+            raise InvalidInputError("stop", "contains an empty string")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text is supported
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+# --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
+
+
+@dataclass
+class _Choice:
+    """One sample's completion as it grows: the text released so far and the tokens behind it.
+
+    Text is held back while it might be the start of a stop string, or ends in an incomplete UTF-8
+    character; `stopped` once a stop string appeared (the text ends before it, as OpenAI's does).
+    """
+
+    tokenizer: Any
+    stops: list[str]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[TopLogprobs | None] = field(default_factory=list)
+    released: int = 0  # characters of text released
+    released_tokens: int = 0  # tokens whose text is fully released
+    stopped: bool = False
+
+    def add(self, token: int, logprob: float, topk: TopLogprobs | None) -> None:
+        if not self.stopped:
+            self.tokens.append(token)
+            self.logprobs.append(logprob)
+            self.topk.append(topk)
+
+    def text(self) -> str:
+        return _decode(self.tokenizer, self.tokens)
+
+    def take(self, final: bool) -> tuple[str, list[int]]:
+        """(new text to release, indices of the tokens it completes); all that is left when `final`."""
+        if self.stopped:
+            return "", []
+        text = self.text()
+        end = len(text)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            end, self.stopped, final = cut, True, True
+        elif not final:
+            while end > self.released and text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete UTF-8 character: wait for its other bytes
+            end -= _held_for_stop(text[:end], self.stops)
+        end = max(end, self.released)
+        new = text[self.released : end]
+        self.released = end
+        if self.stopped:  # the tokens with text before the stop string, the one it starts in included
+            done = self._tokens_within(end)
+            if done < len(self.tokens) and len(_decode(self.tokenizer, self.tokens[:done])) < end:
+                done += 1
+        else:
+            done = len(self.tokens) if final else self._tokens_within(end)
+        indices = list(range(self.released_tokens, max(done, self.released_tokens)))
+        self.released_tokens = max(done, self.released_tokens)
+        return new, indices
+
+    def _tokens_within(self, chars: int) -> int:
+        """How many leading tokens decode to text no longer than `chars` characters."""
+        n = self.released_tokens
+        while n < len(self.tokens) and len(_decode(self.tokenizer, self.tokens[: n + 1])) <= chars:
+            n += 1
+        return n
+
+
+def _held_for_stop(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could start a stop string (and so must wait)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+def _decode(tokenizer: Any, tokens: list[int]) -> str:
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return text if isinstance(text, str) else "".join(text)
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    return _decode(tokenizer, [token])
+
+
+# --- one generation: prompts, engine requests, and the choices they produce --------------------------
+
+
+@dataclass
+class _Generation:
+    """A route's prompts on one model, each sampled `n` times; choice index = prompt · n + sample."""
+
+    target: ModelTarget
+    tokenizer: Any
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    top_logprobs: int
+    stops: list[str]
+    choices: list[_Choice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.choices = [_Choice(self.tokenizer, self.stops) for _ in range(len(self.prompts) * self.n)]
+
+    def requests(
+        self, on_token: Callable[[int, int, float, TopLogprobs | None, bool], None] | None
+    ) -> list[SampleRequest]:
+        return [
+            SampleRequest(
+                prompt=prompt,
+                params=self.params,
+                num_samples=self.n,
+                topk_sample_logprobs=self.top_logprobs,
+                stop_at_eos=True,
+                on_token=None if on_token is None else _shifted(on_token, i * self.n),
+            )
+            for i, prompt in enumerate(self.prompts)
+        ]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        completion = self.completion_tokens()
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def fill(self, result: dict[str, Any]) -> list[str]:
+        """Put a finished job's sequences into the choices; return each choice's finish reason."""
+        reasons = []
+        for i, request_result in enumerate(result["results"]):
+            for j, sequence in enumerate(request_result["sequences"]):
+                choice = self.choices[i * self.n + j]
+                if not choice.tokens:
+                    topk = sequence.get("topk_logprobs") or [None] * len(sequence["tokens"])
+                    for token, logprob, top in zip(
+                        sequence["tokens"], sequence["logprobs"], topk, strict=True
+                    ):
+                        choice.add(token, logprob, top)
+                reasons.append("stop" if sequence["stop_reason"] == "stop" else "length")
+        return reasons
+
+
+def _shifted(
+    on_token: Callable[[int, int, float, TopLogprobs | None, bool], None], offset: int
+) -> Callable[[int, int, float, TopLogprobs | None, bool], None]:
+    def call(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
+        on_token(offset + sample, token, logprob, topk, done)
+
+    return call
+
+
+def _params(body: _Sampling, max_tokens: int | None, stops: list[str]) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stops or None,
+        seed=body.seed,
+    )
+
+
+def _completion_prompts(
+    service: Service, target: ModelTarget, body: CompletionRequest
+) -> tuple[Any, list[list[int]]]:
+    tokenizer = service.tokenizer(target.base_model)
+    prompt: Any = body.prompt
+    ids: list[list[int]]
+    if isinstance(prompt, str):
+        ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        ids = [[int(t) for t in prompt]]
+    else:
+        ids = [[int(t) for t in p] for p in prompt]
+    if not ids or any(not p for p in ids):
+        raise InvalidInputError("prompt", "is empty: send some text or token ids")
+    return tokenizer, ids
+
+
+def _chat_prompt(service: Service, target: ModelTarget, body: ChatCompletionRequest) -> tuple[Any, list[int]]:
+    tokenizer = service.tokenizer(target.base_model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError(
+            "messages", f"the tokenizer of {target.base_model!r} has no chat template: use /v1/completions"
+        )
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return tokenizer, [int(t) for t in ids]
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+@router.get("/models")
+async def list_models(service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
+    """Base models, the caller's live runs and sampler snapshots: each usable as `model`."""
+    models = await run_in_threadpool(service.list_models, owner)
+    return {
+        "object": "list",
+        "data": [
+            {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "eztinker", **m}
+            for m in models
+        ],
+    }
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, service: ServiceDep, owner: OwnerDep
+) -> dict[str, Any] | StreamingResponse:
+    """Text completions of a prompt (text, texts, token ids or lists of ids), `n` each."""
+    if body.echo:
+        raise InvalidInputError("echo", "is not supported")
+
+    def prepare() -> _Generation:
+        target = service.resolve_model(body.model, owner)
+        tokenizer, prompts = _completion_prompts(service, target, body)
+        stops = body.stops()
+        return _Generation(
+            target,
+            tokenizer,
+            prompts,
+            _params(body, body.max_tokens, stops),
+            body.n,
+            body.logprobs or 0,
+            stops,
+        )
+
+    generation = await run_in_threadpool(prepare)
+    return await _respond(service, owner, body, generation, "text_completion")
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, service: ServiceDep, owner: OwnerDep
+) -> dict[str, Any] | StreamingResponse:
+    """A chat turn: the messages through the tokenizer's chat template, then `n` completions."""
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidInputError("top_logprobs", "needs logprobs: true")
+
+    def prepare() -> _Generation:
+        target = service.resolve_model(body.model, owner)
+        tokenizer, prompt = _chat_prompt(service, target, body)
+        stops = body.stops()
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = _params(body, max_tokens, stops)
+        return _Generation(target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops)
+
+    generation = await run_in_threadpool(prepare)
+    return await _respond(service, owner, body, generation, "chat.completion")
+
+
+Kind = Literal["text_completion", "chat.completion"]
+
+
+async def _respond(
+    service: Service, owner: str | None, body: _Sampling, generation: _Generation, kind: Kind
+) -> dict[str, Any] | StreamingResponse:
+    response_id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if not body.stream:
+        job = await run_in_threadpool(service.generate, generation.target, generation.requests(None), owner)
+        await job.wait(None)
+        result = _job_result(job)
+        reasons = generation.fill(result)
+        choices = [_final_choice(generation, i, reasons[i], kind, body) for i in range(len(reasons))]
+        return {
+            "id": response_id,
+            "object": kind,
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": generation.usage(),
+        }
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None] = asyncio.Queue()
+
+    def on_token(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (sample, token, logprob, topk, done))
+
+    job = await run_in_threadpool(service.generate, generation.target, generation.requests(on_token), owner)
+    # Set after the last token's callback on the same thread, so it reaches the queue after every token.
+    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    return StreamingResponse(
+        _events(generation, body, job, queue, response_id, created, kind), media_type="text/event-stream"
+    )
+
+
+def _job_result(job: Job) -> dict[str, Any]:
+    if job.status == "failed":
+        if job.error_category == "server":
+            raise ComputeError(job.error or "sampling failed")
+        raise InvalidInputError("request", job.error or "sampling failed")
+    assert job.result is not None
+    return job.result
+
+
+async def _events(
+    generation: _Generation,
+    body: _Sampling,
+    job: Job,
+    queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None],
+    response_id: str,
+    created: int,
+    kind: Kind,
+) -> AsyncIterator[str]:
+    chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = {"id": response_id, "object": chunk_kind, "created": created, "model": body.model}
+        return f"data: {json.dumps({**payload, 'choices': choices, **extra})}\n\n"
+
+    if kind == "chat.completion":
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in range(len(generation.choices))
+            ]
+        )
+    finished: set[int] = set()
+    while (event := await queue.get()) is not None:
+        index, token, logprob, topk, done = event
+        choice = generation.choices[index]
+        choice.add(token, logprob, topk)
+        text, indices = choice.take(final=done)
+        if text or indices:
+            yield chunk([_chunk_choice(generation, index, text, indices, None, kind, body)])
+        if done:
+            finished.add(index)
+    if job.status == "failed":
+        error = {
+            "message": job.error,
+            "type": "server_error" if job.error_category == "server" else "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+        yield f"data: {json.dumps({'error': error})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    assert job.result is not None
+    reasons = generation.fill(job.result)
+    for index, reason in enumerate(reasons):
+        text, indices = generation.choices[index].take(final=True)
+        yield chunk([_chunk_choice(generation, index, text, indices, reason, kind, body)])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield chunk([], usage=generation.usage())
+    yield "data: [DONE]\n\n"
+
+
+def _final_choice(
+    generation: _Generation, index: int, reason: str, kind: Kind, body: _Sampling
+) -> dict[str, Any]:
+    choice = generation.choices[index]
+    text, _ = choice.take(final=True)
+    indices = list(range(choice.released_tokens))
+    if kind == "text_completion":
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": _completion_logprobs(generation, choice, indices, body),
+            "finish_reason": reason,
+        }
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": _chat_logprobs(generation, choice, indices, body),
+        "finish_reason": reason,
+    }
+
+
+def _chunk_choice(
+    generation: _Generation,
+    index: int,
+    text: str,
+    indices: list[int],
+    reason: str | None,
+    kind: Kind,
+    body: _Sampling,
+) -> dict[str, Any]:
+    choice = generation.choices[index]
+    if kind == "text_completion":
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": _completion_logprobs(generation, choice, indices, body),
+            "finish_reason": reason,
+        }
+    delta = {"content": text} if text or reason is None else {}
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": _chat_logprobs(generation, choice, indices, body),
+        "finish_reason": reason,
+    }
+
+
+def _completion_logprobs(
+    generation: _Generation, choice: _Choice, indices: list[int], body: _Sampling
+) -> dict[str, Any] | None:
+    if not isinstance(body, CompletionRequest) or body.logprobs is None:
+        return None
+    tok = generation.tokenizer
+    texts = [_token_text(tok, choice.tokens[i]) for i in indices]
+    offsets, offset = [], len(_decode(tok, choice.tokens[: indices[0]])) if indices else 0
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [choice.logprobs[i] for i in indices],
+        "top_logprobs": [
+            {_token_text(tok, t): lp for t, lp in (choice.topk[i] or [])} if body.logprobs else None
+            for i in indices
+        ],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(
+    generation: _Generation, choice: _Choice, indices: list[int], body: _Sampling
+) -> dict[str, Any] | None:
+    if not isinstance(body, ChatCompletionRequest) or not body.logprobs:
+        return None
+    tok = generation.tokenizer
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tok, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {
+                **entry(choice.tokens[i], choice.logprobs[i]),
+                "top_logprobs": [entry(t, lp) for t, lp in (choice.topk[i] or [])],
+            }
+            for i in indices
+        ]
+    }
