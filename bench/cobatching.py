@@ -227,12 +227,14 @@ def main() -> None:
             headline = compare(
                 service, run_ids[: args.runs], args.steps, 1, vocab, args.rounds, progress, task
             )
-            ceiling = peft_ceiling(model_dir, args.steps, args.rounds, progress, task)
             sweep = [
                 compare(service, run_ids[:n], args.sweep_steps, s, vocab, args.rounds, progress, task)
                 for n, s in sweep_points
             ]
-        delay = scheduling_delay(service, run_ids[0], 200, vocab)
+            delay = scheduling_delay(service, run_ids[0], 200, vocab)
+            # Last: torch used from a second thread (this one) leaves small ops on the worker measurably
+            # slower for the rest of the process (two OpenMP teams), which would skew the modes above.
+            ceiling = peft_ceiling(model_dir, args.steps, args.rounds, progress, task)
         service.stop()
 
     table = Table(title=f"co-batching on {tag}, {SEQ_LEN}-token sequences (best of {args.rounds} rounds)")

@@ -68,7 +68,9 @@ def test_32_clients_of_mixed_ops_lose_nothing_and_memory_stays_bounded(tmp_path,
                 thread.join(900)
             assert not errors, errors[:3]
             assert len(out) == CLIENTS
-            jobs = collections.Counter((job.run_id, job.op, job.status) for job in service.store.list_jobs(limit=10**6))
+            jobs = collections.Counter(
+                (job.run_id, job.op, job.status) for job in service.store.list_jobs(limit=10**6)
+            )
             for run_id, (ops, step, checkpoints) in out.items():
                 assert sum(ops.values()) == OPS
                 for op, count in ops.items():  # every op recorded once, and completed
