@@ -6,6 +6,7 @@ Protobuf layouts follow reference/tinker-wire-protocol.md §3.4-3.5 and §3.8 (S
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -47,10 +48,28 @@ class ForwardBackwardCall:
     data: list[Datum]
 
 
+MAX_DECOMPRESSED_BYTES = 1 << 30  # a zstd body may not expand past this (a small bomb must not fill memory)
+
+
+def _decompress(body: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """zstd-decompress a request body, refusing corrupt data and output beyond `limit` bytes."""
+    chunks, size = [], 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            while chunk := reader.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInputError("body", f"decompresses to more than {limit} bytes")
+                chunks.append(chunk)
+    except zstandard.ZstdError as exc:
+        raise InvalidInputError("body", f"is not valid zstd data: {exc}") from None
+    return b"".join(chunks)
+
+
 def decode_forward_backward(body: bytes, content_encoding: str | None) -> ForwardBackwardCall:
     """A `ForwardBackwardRequest` body (zstd-compressed if `content_encoding` says so) as engine data."""
     if content_encoding and "zstd" in content_encoding.lower():
-        body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        body = _decompress(body)
     request = pb.ForwardBackwardRequest()
     try:
         request.ParseFromString(body)
