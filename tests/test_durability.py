@@ -91,3 +91,69 @@ def test_kill_9_mid_job_then_restart_loses_nothing(tmp_path: Path, tiny_model_di
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+SLOW_SAVE_PLUGIN = '''
+"""Test plugin: a save of a checkpoint named "slow" stalls after writing its files, before the rename."""
+import time
+from eztinker.engine import checkpoint
+
+_fsync = checkpoint._fsync
+
+
+def _stalling_fsync(path):
+    _fsync(path)
+    if path.name.startswith(".slow"):
+        open(path.parent / "STALLED", "w").close()  # tells the test the files are written
+        time.sleep(120)
+
+
+checkpoint._fsync = _stalling_fsync
+'''
+
+
+def test_kill_9_during_a_checkpoint_save_leaves_no_half_written_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "slow_save.py").write_text(SLOW_SAVE_PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", str(plugins))
+    monkeypatch.setenv("EZTINKER_PLUGINS", "slow_save")
+    data_dir, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(data_dir, port, tiny_model_dir)
+    try:
+        with EZTinkerClient(base_url=url) as client:
+            run_id = client.create_run(str(tiny_model_dir), lora_config={"r": 4}, run_id="saving")
+            client.forward_backward(run_id, input_ids=[5, 6, 7, 8])
+            client.optim_step(run_id, learning_rate=1e-2)
+            client.save_checkpoint(run_id, "good")
+            response = httpx.post(f"{url}/v1/runs/{run_id}/save", json={"name": "slow"})
+            job_id = response.json()["job_id"]
+            stalled = data_dir / "checkpoints" / run_id / "STALLED"
+            deadline = time.monotonic() + 60
+            while not stalled.exists():  # the save's files are on disk, its rename not done
+                assert time.monotonic() < deadline, "the save never reached its rename"
+                time.sleep(0.05)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    leftovers = [
+        p.name for p in (data_dir / "checkpoints" / "saving").iterdir() if p.name.startswith(".slow")
+    ]
+    assert leftovers, "the kill should have left the save's temporary directory behind"
+
+    monkeypatch.delenv("EZTINKER_PLUGINS")
+    server = start_server(data_dir, port, tiny_model_dir)
+    try:
+        with EZTinkerClient(base_url=url) as client:
+            assert [c.name for c in client.get_checkpoints("saving")] == ["good"]  # no half-written "slow"
+            job = client.get_job(job_id)
+            assert job.status == "failed" and "server stopped" in (job.error or "")
+            remaining = {p.name for p in (data_dir / "checkpoints" / "saving").iterdir()}
+            assert not any(name.startswith(".slow") for name in remaining)  # the restart cleaned it up
+            assert client.load_checkpoint("saving", "good").status == "active"  # the good one still loads
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
