@@ -366,3 +366,19 @@ def test_server_rejects_a_bad_option_in_one_line(started: list[tuple[Settings, b
     line = friendly_error(runner.invoke(app, ["server", "--dtype", "float64"]))
     assert "dtype" in line
     assert started == []
+
+
+def test_server_workers_ray_selects_the_ray_pool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started: list[Settings] = []
+    monkeypatch.setattr("eztinker.server.run_server", lambda settings, reload=False: started.append(settings))
+    result = runner.invoke(
+        app, ["server", "--workers", "ray", "--ray-workers", "4", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert started[0].worker_pool == "ray" and started[0].ray_workers == 4
+
+    result = runner.invoke(app, ["server", "--workers", "3", "--data-dir", str(tmp_path)])
+    assert started[1].worker_pool == "local" and started[1].workers == 3
+
+    result = runner.invoke(app, ["server", "--workers", "many"])
+    assert result.exit_code == 1 and "number of worker threads, or `ray`" in result.output

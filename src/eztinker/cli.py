@@ -143,8 +143,28 @@ def server(
         str | None, typer.Option(envvar="EZTINKER_DTYPE", help="float32, bfloat16 or float16.")
     ] = None,
     workers: Annotated[
-        int, typer.Option(envvar="EZTINKER_WORKERS", help="Worker threads: one per device.")
-    ] = 1,
+        str,
+        typer.Option(
+            envvar="EZTINKER_WORKERS",
+            help="Worker threads in this process (a number), or `ray`: model workers as Ray actors.",
+        ),
+    ] = "1",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EZTINKER_RAY_ADDRESS",
+            help="With --workers ray: the cluster to join (default: a local one).",
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None,
+        typer.Option(envvar="EZTINKER_RAY_WORKERS", help="With --workers ray: how many (default 2)."),
+    ] = None,
+    ray_gpus_per_worker: Annotated[
+        float | None,
+        typer.Option(envvar="EZTINKER_RAY_GPUS_PER_WORKER", help="Default: 1 if the cluster has GPUs."),
+    ] = None,
+    ray_cpus_per_worker: Annotated[float | None, typer.Option(envvar="EZTINKER_RAY_CPUS_PER_WORKER")] = None,
 ) -> None:
     """Start the EZTinker server (SQLite and an in-process worker by default; models load on first use)."""
     from eztinker.server import run_server
@@ -157,7 +177,12 @@ def server(
         "database_url": database_url,
         "device": device,
         "dtype": dtype,
-        "workers": workers,
+        "workers": None if workers == "ray" else _worker_threads(workers),
+        "worker_pool": "ray" if workers == "ray" else None,
+        "ray_address": ray_address,
+        "ray_workers": ray_workers,
+        "ray_gpus_per_worker": ray_gpus_per_worker,
+        "ray_cpus_per_worker": ray_cpus_per_worker,
         "models": model,
         "api_keys": api_key,
         "plugins": plugin,
@@ -167,6 +192,12 @@ def server(
     _check_plugins(settings.plugins)
     console.print(f"EZTinker on http://{settings.host}:{settings.port}  (docs: /docs, health: /health)")
     run_server(settings, reload=reload)
+
+
+def _worker_threads(value: str) -> int:
+    if not value.isdigit():
+        raise _fail(f"--workers {value!r}: give a number of worker threads, or `ray`")
+    return int(value)
 
 
 def _check_plugins(modules: list[str]) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,22 +32,26 @@ from eztinker.engine import (
     EngineConfig,
     ForwardBackwardResult,
     OptimStepResult,
+    RunInfo,
+    SamplerInfo,
     SamplingParams,
     TokenLoss,
     TrainOp,
 )
-from eztinker.engine.batcher import ContinuousBatcher
-from eztinker.engine.checkpoint import delete_checkpoint, remove_stale_temp_dirs
+from eztinker.engine.batcher import SamplingEngines
+from eztinker.engine.checkpoint import CheckpointInfo, delete_checkpoint, remove_stale_temp_dirs
 from eztinker.engine.errors import ComputeError, ConflictError, InvalidInputError, NotFoundError
-from eztinker.engine.lora import resolve_targets
-from eztinker.engine.sampler import SampleRequest, check_requests
+from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SampledSequence, SampleResult
 from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Batchable, Deferred, Job, QueueFullError, Scheduler
 from eztinker.scheduler.jobs import Completion
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
-from eztinker.telemetry import Telemetry
+from eztinker.telemetry import SamplingRows, Telemetry
+
+if TYPE_CHECKING:
+    from eztinker.distributed import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -69,47 +73,8 @@ class QuotaExceededError(Exception):
 
 
 class RunLostError(ConflictError):
-    """The run's adapter is not in memory (the server restarted): load a checkpoint to resume it."""
-
-
-class SamplingEngines:
-    """One continuous batcher per base model; the scheduler steps them between passes (its background)."""
-
-    def __init__(self, engine: Engine, telemetry: Telemetry) -> None:
-        self._engine, self._telemetry = engine, telemetry
-        self._batchers: dict[str, ContinuousBatcher] = {}
-        self._lock = threading.Lock()
-
-    def batcher(self, base_model: str) -> ContinuousBatcher:
-        with self._lock:
-            if base_model not in self._batchers:
-                self._batchers[base_model] = ContinuousBatcher(
-                    self._engine.base_model(base_model),
-                    on_first_token=self._telemetry.time_to_first_token.observe,
-                    on_tokens=self._telemetry.tokens_sampled.inc,
-                )
-            return self._batchers[base_model]
-
-    @property
-    def has_work(self) -> bool:
-        return any(b.has_work for b in list(self._batchers.values()))
-
-    def step(self) -> None:
-        for batcher in list(self._batchers.values()):
-            if batcher.has_work:
-                batcher.step()
-
-    @property
-    def waiting_rows(self) -> int:
-        return sum(b.waiting_rows for b in list(self._batchers.values()))
-
-    @property
-    def running_rows(self) -> int:
-        return sum(b.running_rows for b in list(self._batchers.values()))
-
-    def abort(self, error: Exception) -> None:
-        for batcher in list(self._batchers.values()):
-            batcher.abort(error)
+    """The run's adapter is not in memory (the server restarted, or its worker died before any
+    checkpoint): load a checkpoint to resume it."""
 
 
 def hash_key(key: str) -> str:
@@ -121,18 +86,34 @@ class Service:
     """Runs, jobs, checkpoints and metrics over one `Engine`."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        """`settings.worker_pool` says where models live: in this process (an `Engine`, the default) or
+        on Ray model workers (a `WorkerPool`, which offers the same methods); the rest is the same."""
         self.settings = settings
-        self.engine = engine or Engine(
-            EngineConfig(
-                device=settings.device,
-                dtype=_DTYPES[settings.dtype] if settings.dtype else None,
-                token_budget=settings.token_budget,
-            )
-        )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.resolved_database_url)
         self.telemetry = Telemetry()
-        self.sampling = SamplingEngines(self.engine, self.telemetry)
+        self.pool: WorkerPool | None = None
+        self.sampling: SamplingEngines | None = None
+        self.engine: Engine | WorkerPool
+        if settings.worker_pool == "ray":
+            from eztinker.distributed import WorkerPool  # Ray is imported only in this mode
+
+            self.engine = self.pool = WorkerPool(settings, on_worker_lost=self._worker_lost)
+            sampling_rows: SamplingRows = self.pool
+        else:
+            self.engine = engine or Engine(
+                EngineConfig(
+                    device=settings.device,
+                    dtype=_DTYPES[settings.dtype] if settings.dtype else None,
+                    token_budget=settings.token_budget,
+                )
+            )
+            self.sampling = SamplingEngines(
+                self.engine.base_model,
+                on_first_token=self.telemetry.time_to_first_token.observe,
+                on_tokens=self.telemetry.tokens_sampled.inc,
+            )
+            sampling_rows = self.sampling
         self.scheduler = Scheduler(
             workers=settings.workers,
             max_queue=settings.max_queue,
@@ -151,7 +132,7 @@ class Service:
             background=self.sampling,
         )
         self.telemetry.watch_scheduler(self.scheduler)
-        self.telemetry.watch_sampling(self.sampling)
+        self.telemetry.watch_sampling(sampling_rows)
         self.api_key_hashes = {hash_key(k) for k in settings.api_keys}
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
         self._lock = threading.Lock()
@@ -176,12 +157,15 @@ class Service:
                 "recovered after restart: %d runs need a checkpoint loaded, %d jobs failed", len(lost), failed
             )
         for name in self.settings.models:
-            self.engine.base_model(name)
+            self.engine.load_model(name)
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
-        self.sampling.abort(ComputeError("the server shut down before the sample finished"))
+        if self.sampling is not None:
+            self.sampling.abort(ComputeError("the server shut down before the sample finished"))
+        if self.pool is not None:
+            self.pool.stop()
         self.store.close()
 
     # --- auth and ownership --------------------------------------------------------------------------
@@ -212,8 +196,9 @@ class Service:
         record = self._run_record(run_id, owner)
         if record.status == "lost":
             raise RunLostError(
-                f"run {run_id!r} lost its in-memory adapter when the server restarted; "
-                f"resume it by loading a checkpoint (POST /v1/runs/{run_id}/load)"
+                f"run {run_id!r} lost its in-memory adapter (the server restarted, or its model worker "
+                f"died before the run had a checkpoint); resume it by loading a checkpoint "
+                f"(POST /v1/runs/{run_id}/load)"
             )
         self._active[run_id] = record
         return record
@@ -343,6 +328,78 @@ class Service:
             finished_at=job.finished_at,
         )
 
+    def _engine_job(
+        self, run_id: str, method: str, *args: Any, then: Callable[[Any], dict[str, Any]], **kwargs: Any
+    ) -> dict[str, Any] | Deferred:
+        """A job's engine call, `then(engine.<method>(*args, **kwargs))`: at once on the local engine, or
+        (with a worker pool) on the run's worker, completing the job when its answer comes back."""
+        if self.pool is None:
+            return then(getattr(self.engine, method)(*args, **kwargs))
+        pool = self.pool
+
+        def start(complete: Completion) -> None:
+            def done(future: Any) -> None:
+                try:
+                    complete(then(future.result()))
+                except Exception as exc:
+                    complete(exc)
+
+            pool.call_async(run_id, method, *args, **kwargs).add_done_callback(done)
+
+        return Deferred(start)
+
+    def _local(self, batch: Batchable) -> Batchable | None:
+        """Co-batching happens where the model is: here, or (with a worker pool) on the run's worker."""
+        return batch if self.pool is None else None
+
+    def _worker_lost(self, worker: str, run_ids: list[str]) -> None:
+        """Worker `worker` died with runs `run_ids`: fail their queued ops, restore them elsewhere.
+
+        Their running ops fail with the worker; queued ones were sent against state that is gone, so
+        they fail too (with this reason), and ops sent from now on run on the restored run.
+        """
+        for run_id in run_ids:
+            self.scheduler.cancel_queued(
+                run_id,
+                f"model worker {worker} died before this op ran; run {run_id!r} is being restored from its "
+                "last checkpoint on another worker (see its step), resubmit from there",
+            )
+            with self._lock:
+                self._pending_losses.pop(run_id, None)
+            self._active.pop(run_id, None)
+        threading.Thread(
+            target=self._restore_runs, args=(run_ids,), name="eztinker-restore", daemon=True
+        ).start()
+
+    def _restore_runs(self, run_ids: list[str]) -> None:
+        assert self.pool is not None
+        for run_id in run_ids:
+            try:
+                self._restore_run(run_id)
+            except Exception:
+                log.exception("could not restore run %s; it is lost until a checkpoint is loaded", run_id)
+                self.store.update_run(run_id, status="lost")
+            finally:
+                self._active.pop(run_id, None)
+                self.pool.restored(run_id)
+
+    def _restore_run(self, run_id: str) -> None:
+        """Re-create the run from its latest checkpoint (adapter, optimizer state and step if saved)."""
+        record = self.store.get_run(run_id)
+        if record is None:  # deleted meanwhile
+            return
+        checkpoints = self.store.list_checkpoints(run_id=run_id, include_all=True)
+        if not checkpoints:
+            log.error("run %s had no checkpoint when its worker died; it is lost", run_id)
+            self.store.update_run(run_id, status="lost")
+            return
+        latest = max(checkpoints, key=lambda c: (c.created_at, c.step))
+        info = self.engine.create_run(
+            record.base_model, record.lora_config, record.loss_config, run_id=run_id, adapter_path=latest.path
+        )
+        self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
+        log.warning("run %s restored from checkpoint %r at step %d", run_id, latest.name, info.step)
+
     def forward_backward(
         self, run_id: str, request: api.ForwardBackwardRequest, owner: str | None, *, backward: bool = True
     ) -> Job:
@@ -374,9 +431,10 @@ class Service:
         self.engine.check_data(run_id, data, loss)  # a bad request is refused now, not as a failed job later
         request = TrainOp(run_id, data, loss, backward)
 
-        def work() -> dict[str, Any]:
-            (outcome,) = self.engine.forward_backward_many([request])
-            return finish(outcome)
+        def work() -> dict[str, Any] | Deferred:
+            return self._engine_job(
+                run_id, "forward_backward_many", [request], then=lambda outs: finish(outs[0])
+            )
 
         def finish(result: ForwardBackwardResult | Exception) -> dict[str, Any]:
             if isinstance(result, Exception):
@@ -392,15 +450,16 @@ class Service:
 
         op = "forward_backward" if backward else "forward"
         batch = Batchable(kind="train", group=record.base_model, request=request, finish=finish)
-        return self.submit(op, run_id, work, owner, tokens=tokens, batch=batch)
+        return self.submit(op, run_id, work, owner, tokens=tokens, batch=self._local(batch))
 
     def optim_step(self, run_id: str, request: api.OptimStepRequest, owner: str | None) -> Job:
         record = self._live_run(run_id, owner)
         params = AdamParams(**request.model_dump())
 
-        def work() -> dict[str, Any]:
-            (outcome,) = self.engine.optim_step_many([(run_id, params)])
-            return finish(outcome)
+        def work() -> dict[str, Any] | Deferred:
+            return self._engine_job(
+                run_id, "optim_step_many", [(run_id, params)], then=lambda outs: finish(outs[0])
+            )
 
         def finish(result: OptimStepResult | Exception) -> dict[str, Any]:
             if isinstance(result, Exception):
@@ -425,7 +484,7 @@ class Service:
             ).model_dump()
 
         batch = Batchable(kind="optim", group=record.base_model, request=(run_id, params), finish=finish)
-        return self.submit("optim_step", run_id, work, owner, batch=batch)
+        return self.submit("optim_step", run_id, work, owner, batch=self._local(batch))
 
     def sample(self, run_id: str | None, request: api.SampleRequest, owner: str | None) -> Job:
         """Sample from a run's live adapter, a sampler snapshot, or a base model (run_id None)."""
@@ -447,7 +506,7 @@ class Service:
 
         def prepare() -> tuple[str, list[SampleRequest]]:
             name = base_model if base_model is not None else self._base_name(run_id, request.sampler_id)
-            tokenizer = self.engine.base_model(name).tokenizer
+            tokenizer = self.engine.tokenizer(name)
             prompt = request.prompt_tokens or tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
             prepared.update(tokenizer=tokenizer, prompt=list(prompt))
             one = SampleRequest(
@@ -485,8 +544,10 @@ class Service:
         """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
         self._live_run(run_id, owner)
 
-        def work() -> dict[str, Any]:
-            info = self.engine.save_sampler(run_id, sampler_id)
+        def work() -> dict[str, Any] | Deferred:
+            return self._engine_job(run_id, "save_sampler", run_id, sampler_id, then=sampler_json)
+
+        def sampler_json(info: SamplerInfo) -> dict[str, Any]:
             return {"sampler_id": info.sampler_id, "base_model": info.base_model, "step": info.step}
 
         return self.submit("save_sampler", run_id, work, owner)
@@ -511,8 +572,7 @@ class Service:
 
     def default_lora_targets(self, base_model: str) -> list[str]:
         """The module paths a run on `base_model` adapts by default (loads the model). Blocking."""
-        base = self.engine.base_model(base_model)
-        return resolve_targets(base.model, base.default_targets())
+        return self.engine.default_targets(base_model)
 
     def _base_name(self, run_id: str | None, sampler_id: str | None) -> str:
         if run_id is not None:
@@ -544,10 +604,12 @@ class Service:
             )
         path = self.checkpoint_path(run_id, request.name)
 
-        def work() -> dict[str, Any]:
+        def work() -> dict[str, Any] | Deferred:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save = self.engine.save_state if request.kind == "state" else self.engine.save_weights
-            info = save(run_id, path)
+            method = "save_state" if request.kind == "state" else "save_weights"
+            return self._engine_job(run_id, method, run_id, path, then=recorded)
+
+        def recorded(info: CheckpointInfo) -> dict[str, Any]:
             self.store.add_checkpoint(
                 CheckpointRecord(
                     run_id=run_id,
@@ -582,12 +644,21 @@ class Service:
         record = self._run_record(run_id, owner)
         checkpoint = self._checkpoint(request.source_run_id or run_id, request.name, owner)
 
-        def work() -> dict[str, Any]:
+        def work() -> dict[str, Any] | Deferred:
             if record.status == "lost":  # rebuild the adapter slot, then fill it from the checkpoint
                 self.engine.create_run(
                     record.base_model, record.lora_config, record.loss_config, run_id=run_id
                 )
-            info = self.engine.load_state(run_id, checkpoint.path, with_optimizer=request.with_optimizer)
+            return self._engine_job(
+                run_id,
+                "load_state",
+                run_id,
+                checkpoint.path,
+                with_optimizer=request.with_optimizer,
+                then=loaded,
+            )
+
+        def loaded(info: RunInfo) -> dict[str, Any]:
             self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
             self._active.pop(run_id, None)  # re-read as active on the next op
             with self._lock:
@@ -777,7 +848,7 @@ class Service:
 
     def tokenizer(self, base_model: str) -> Any:
         """The tokenizer of `base_model` (loading the model on first use). Blocking."""
-        return self.engine.base_model(base_model).tokenizer
+        return self.engine.tokenizer(base_model)
 
     def generate(self, target: ModelTarget, requests: list[SampleRequest], owner: str | None) -> Job:
         """Sample engine requests on `target` (their `adapter` is set here); checked now, before queueing.
@@ -786,8 +857,7 @@ class Service:
         on a live run is ordered with the run's other ops.
         """
         requests = [replace(r, adapter=target.adapter) for r in requests]
-        base = self.engine.base_model(target.base_model)
-        check_requests(base, requests)
+        self.engine.check_requests(target.base_model, requests)
         tokens = sum(len(r.prompt) + r.num_samples * (r.params.max_tokens or 0) for r in requests)
 
         def finish(results: list[SampleResult]) -> dict[str, Any]:
@@ -827,7 +897,12 @@ class Service:
                 else:
                     complete(result)
 
-            self.sampling.batcher(base_model).add(requests, done)
+            if self.sampling is not None:
+                self.sampling.batcher(base_model).add(requests, done)
+            else:
+                assert self.pool is not None
+                future = self.pool.sample_async(base_model, requests)
+                future.add_done_callback(lambda f: done(_exception(f) or f.result()))
 
         deferred = Deferred(start)
         batch = Batchable(kind="sample", group="sample", request=None, finish=lambda _: deferred)
@@ -836,14 +911,7 @@ class Service:
 
     def output_head_name(self, base_model: str) -> str | None:
         """The module path of `base_model`'s output head (unembedding), None if it has none. Blocking."""
-        model = self.engine.base_model(base_model).model
-        head = model.get_output_embeddings()
-        if head is None:
-            return None
-        for path, module in model.named_modules():
-            if module is head or getattr(module, "base_layer", None) is head:
-                return path
-        return None
+        return self.engine.output_head_name(base_model)
 
     # --- dashboard: the views and the export the web UI needs beyond the API -------------------------
 
@@ -869,7 +937,7 @@ class Service:
         """The text of each token in the tokenizer of `base_model`, which must be loaded already."""
         if base_model not in self.engine.loaded_models:
             raise NotFoundError(f"base model {base_model!r} is not loaded")
-        tokenizer = self.engine.base_model(base_model).tokenizer
+        tokenizer = self.engine.tokenizer(base_model)
         return [str(tokenizer.decode([token])) for token in tokens]
 
     def server_stats(self) -> dict[str, Any]:
@@ -944,6 +1012,11 @@ def _to_engine_data(request: api.ForwardBackwardRequest) -> tuple[list[Datum], A
         if isinstance(d, api.NativeDatum)
     ]
     return data, request.loss_config
+
+
+def _exception(future: Any) -> Exception | None:
+    exc = future.exception()
+    return exc if isinstance(exc, Exception) else None
 
 
 def _sequence_json(sequence: SampledSequence) -> dict[str, Any]:

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     # turns on one run's jobs keep two pools, one spinning while the other computes (measured: the client
     # SFT loop at 0.66-0.70 of in-process with 2 workers, 0.98-0.99 with 1). More help with several devices.
     workers: int = Field(1, ge=1, le=64, description="Worker threads executing jobs (one per device).")
+    worker_pool: Literal["local", "ray"] = Field(
+        "local",
+        description="local: models in this process. ray: model workers as Ray actors (see README, Scale out).",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); default: start a local one."
+    )
+    ray_workers: int = Field(2, ge=1, le=1024, description="Model workers (Ray actors) to start.")
+    ray_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each model worker reserves.")
+    ray_gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each model worker reserves (default: 1 if the cluster has GPUs, else 0).",
+    )
     max_queue: int = Field(10_000, ge=1, description="Queued jobs beyond this are refused with 429.")
     max_queue_per_run: int = Field(
         1_000,

@@ -7,19 +7,28 @@ never collide.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
     from eztinker.scheduler import Job, Scheduler
-    from eztinker.service import SamplingEngines
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _PASS_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _PASS_TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class SamplingRows(Protocol):
+    """Where sampling stands: rows waiting for room in a running batch, and rows decoding."""
+
+    @property
+    def waiting_rows(self) -> int: ...
+
+    @property
+    def running_rows(self) -> int: ...
 
 
 class Telemetry:
@@ -87,7 +96,7 @@ class Telemetry:
         self.running.set_function(lambda: scheduler.running)
         self.utilisation.set_function(lambda: scheduler.stats().utilisation)
 
-    def watch_sampling(self, sampling: SamplingEngines) -> None:
+    def watch_sampling(self, sampling: SamplingRows) -> None:
         self.sampling_queue.set_function(lambda: sampling.waiting_rows)
         self.sampling_rows.set_function(lambda: sampling.running_rows)
 

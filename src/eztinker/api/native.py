@@ -5,9 +5,11 @@ Ops answer 202 with a `JobRef` at once; `GET /v1/jobs/{id}?wait=s` long-polls fo
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
@@ -18,6 +20,32 @@ from eztinker.scheduler import Job
 router = APIRouter(prefix="/v1", tags=["native"])
 
 MAX_WAIT_SECONDS = 60.0
+
+T = TypeVar("T")
+
+
+async def while_connected(request: Request, waiting: Awaitable[T]) -> T | None:
+    """Await `waiting` unless the client hangs up first: then cancel it and return None.
+
+    A long-poll whose client has gone has nobody to answer, so it ends at once, instead of keeping its
+    task (and its request) alive until the job finishes or the wait runs out, once per abandoned poll.
+    Only the waiting stops: the job itself runs on. Call it once the request body has been read.
+    """
+    work = asyncio.ensure_future(waiting)
+    hang_up = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait((work, hang_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+        work.cancel()  # nothing if it is done
+    return work.result() if work.done() and not work.cancelled() else None
+
+
+async def _hung_up(request: Request) -> None:
+    """Return when the client disconnects. After the body, the server's next message is only that
+    (sent when the connection closes, or when the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _ref(job: Job) -> api.JobRef:
@@ -130,6 +158,7 @@ def queue(service: ServiceDep, owner: OwnerDep) -> api.QueueView:
 @router.get("/jobs/{job_id}")
 async def get_job(
     job_id: str,
+    request: Request,
     service: ServiceDep,
     owner: OwnerDep,
     wait: Annotated[
@@ -139,5 +168,5 @@ async def get_job(
     """A job's status and result; with `wait`, answers as soon as it finishes (long-poll)."""
     job = service.scheduler.get(job_id)
     if job is not None and wait > 0:
-        await job.wait(wait)
+        await while_connected(request, job.wait(wait))
     return service.get_job(job_id, owner)

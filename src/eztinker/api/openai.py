@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.native import while_connected
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SamplingParams, TopLogprobs
@@ -379,8 +380,8 @@ async def list_models(service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, service: ServiceDep, owner: OwnerDep
-) -> dict[str, Any] | StreamingResponse:
+    body: CompletionRequest, request: Request, service: ServiceDep, owner: OwnerDep
+) -> dict[str, Any] | Response:
     """Text completions of a prompt (text, texts, token ids or lists of ids), `n` each."""
     if body.echo:
         raise InvalidInputError("echo", "is not supported")
@@ -400,13 +401,13 @@ async def completions(
         )
 
     generation = await run_in_threadpool(prepare)
-    return await _respond(service, owner, body, generation, "text_completion")
+    return await _respond(request, service, owner, body, generation, "text_completion")
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, service: ServiceDep, owner: OwnerDep
-) -> dict[str, Any] | StreamingResponse:
+    body: ChatCompletionRequest, request: Request, service: ServiceDep, owner: OwnerDep
+) -> dict[str, Any] | Response:
     """A chat turn: the messages through the tokenizer's chat template, then `n` completions."""
     if body.top_logprobs and not body.logprobs:
         raise InvalidInputError("top_logprobs", "needs logprobs: true")
@@ -420,20 +421,26 @@ async def chat_completions(
         return _Generation(target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops)
 
     generation = await run_in_threadpool(prepare)
-    return await _respond(service, owner, body, generation, "chat.completion")
+    return await _respond(request, service, owner, body, generation, "chat.completion")
 
 
 Kind = Literal["text_completion", "chat.completion"]
 
 
 async def _respond(
-    service: Service, owner: str | None, body: _Sampling, generation: _Generation, kind: Kind
-) -> dict[str, Any] | StreamingResponse:
+    request: Request,
+    service: Service,
+    owner: str | None,
+    body: _Sampling,
+    generation: _Generation,
+    kind: Kind,
+) -> dict[str, Any] | Response:
     response_id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if not body.stream:
         job = await run_in_threadpool(service.generate, generation.target, generation.requests(None), owner)
-        await job.wait(None)
+        if not await while_connected(request, job.wait(None)):  # the client hung up; the job runs on
+            return Response(status_code=499)
         result = _job_result(job)
         reasons = generation.fill(result)
         choices = [_final_choice(generation, i, reasons[i], kind, body) for i in range(len(reasons))]

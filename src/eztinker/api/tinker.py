@@ -39,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.native import while_connected
 from eztinker.engine import TokenLoss
 from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
 from eztinker.models import LoRAConfig, api
@@ -914,16 +915,18 @@ async def retrieve_future(
         return JSONResponse({"error": f"unknown request {request_id!r}", "category": "user"}, status_code=410)
     started = time.monotonic()
     if not future.submitted.done():  # an op held for seq_id order
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(future.submitted), LONG_POLL_SECONDS)
-        except TimeoutError:
+        # `asyncio.wait`, not `wait_for`: a poll that times out or is abandoned must not cancel the
+        # future itself (the op's `settle` would then raise when the op is submitted).
+        submitted = asyncio.wait([asyncio.wrap_future(future.submitted)], timeout=LONG_POLL_SECONDS)
+        waited = await while_connected(request, submitted)
+        if waited is None or not waited[0]:  # the client hung up (nobody reads this), or time is up
             return _try_again(request_id)
     if future.error is not None:
         return JSONResponse({"error": future.error[0], "category": future.error[1]})
     job = future.job or future.record
     assert job is not None
-    if isinstance(job, Job) and not await job.wait(
-        max(0.0, LONG_POLL_SECONDS - (time.monotonic() - started))
+    if isinstance(job, Job) and not await while_connected(
+        request, job.wait(max(0.0, LONG_POLL_SECONDS - (time.monotonic() - started)))
     ):
         return _try_again(request_id)
     if job.status != "completed" or job.result is None:

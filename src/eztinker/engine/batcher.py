@@ -382,3 +382,48 @@ def _trim(batch: _Batch) -> None:
 
 
 __all__ = ["ContinuousBatcher", "run_to_completion", "sampler"]
+
+
+class SamplingEngines:
+    """One continuous batcher per base model; a scheduler steps them between passes (its background)."""
+
+    def __init__(
+        self,
+        load: Callable[[str], BaseModel],
+        *,
+        on_first_token: Callable[[float], None] | None = None,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> None:
+        self._load = load  # base model name -> the loaded model (e.g. `Engine.base_model`)
+        self._on_first_token, self._on_tokens = on_first_token, on_tokens
+        self._batchers: dict[str, ContinuousBatcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, base_model: str) -> ContinuousBatcher:
+        with self._lock:
+            if base_model not in self._batchers:
+                self._batchers[base_model] = ContinuousBatcher(
+                    self._load(base_model), on_first_token=self._on_first_token, on_tokens=self._on_tokens
+                )
+            return self._batchers[base_model]
+
+    @property
+    def has_work(self) -> bool:
+        return any(b.has_work for b in list(self._batchers.values()))
+
+    def step(self) -> None:
+        for batcher in list(self._batchers.values()):
+            if batcher.has_work:
+                batcher.step()
+
+    @property
+    def waiting_rows(self) -> int:
+        return sum(b.waiting_rows for b in list(self._batchers.values()))
+
+    @property
+    def running_rows(self) -> int:
+        return sum(b.running_rows for b in list(self._batchers.values()))
+
+    def abort(self, error: Exception) -> None:
+        for batcher in list(self._batchers.values()):
+            batcher.abort(error)

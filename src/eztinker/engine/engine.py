@@ -20,7 +20,7 @@ import torch
 from eztinker.engine import checkpoint, sampler
 from eztinker.engine.batch import check_data
 from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
-from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter
+from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter, resolve_targets
 from eztinker.engine.losses import get_loss_spec
 from eztinker.engine.model import BaseModel, load_base_model
 from eztinker.engine.run import (
@@ -107,6 +107,47 @@ class Engine:
     @property
     def loaded_models(self) -> list[str]:
         return list(self._models)
+
+    def load_model(self, name: str) -> None:
+        """Load base model `name` now rather than on first use."""
+        self.base_model(name)
+
+    def tokenizer(self, name: str) -> Any:
+        """The tokenizer of base model `name` (loading the model on first use)."""
+        return self.base_model(name).tokenizer
+
+    def default_targets(self, name: str) -> list[str]:
+        """The module paths a run on base model `name` adapts when its LoRA config names none."""
+        base = self.base_model(name)
+        return resolve_targets(base.model, base.default_targets())
+
+    def output_head_name(self, name: str) -> str | None:
+        """The module path of base model `name`'s output head (unembedding), None if it has none."""
+        model = self.base_model(name).model
+        head = model.get_output_embeddings()
+        if head is None:
+            return None
+        for path, module in model.named_modules():
+            if module is head or getattr(module, "base_layer", None) is head:
+                return path
+        return None
+
+    def check_requests(self, name: str, requests: Sequence[sampler.SampleRequest]) -> None:
+        """Raise `InvalidInputError` / `NotFoundError` now (no compute) if sampling `requests` would."""
+        sampler.check_requests(self.base_model(name), requests)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held per base model (its weights) and by the runs' adapters with their gradients and
+        AdamW moments (four copies of each trainable parameter): what placing a run elsewhere would free."""
+        with self._registry_lock:
+            held = {
+                name: sum(
+                    t.numel() * t.element_size() for t in (*base.model.parameters(), *base.model.buffers())
+                )
+                for name, base in self._models.items()
+            }
+            held["adapters"] = sum(4 * run.num_parameters * 4 for run in self._runs.values())
+        return held
 
     # --- runs ----------------------------------------------------------------------------------------
 

@@ -123,16 +123,26 @@ def load_base_model(
     dtype = dtype or default_dtype(device)
     source, extra = _source_kwargs(name)
     hf_logging.disable_progress_bar()  # per-load bars are noise in a server's log
+    tokenizer = load_tokenizer(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **extra)
     except OSError as exc:  # transformers reports a missing hub repo or file as OSError
         raise NotFoundError(f"cannot load base model {name!r}: {exc}") from exc
-    if tokenizer is None:
-        raise NotFoundError(f"base model {name!r} has no tokenizer files")
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    return BaseModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of base model `name` alone (hub id, directory or .gguf file), with a pad token."""
+    source, extra = _source_kwargs(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as exc:
+        raise NotFoundError(f"cannot load base model {name!r}: {exc}") from exc
+    if tokenizer is None:
+        raise NotFoundError(f"base model {name!r} has no tokenizer files")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return tokenizer

@@ -321,6 +321,19 @@ class Scheduler:
             ]:
                 del self._jobs[job_id]
 
+    def cancel_queued(self, run_id: str, reason: str) -> int:
+        """Fail every queued job of run `run_id` with `reason` (its running jobs are left alone).
+
+        For when the state those jobs were sent against is gone, e.g. the run's worker died.
+        """
+        with self._cond:
+            pending = list(self._queues.pop(run_id, ()))
+            self._depth -= len(pending)
+            self._cond.notify_all()
+        for job in pending:
+            self._finish(job, error=reason, category="server")
+        return len(pending)
+
     # --- estimates -----------------------------------------------------------------------------------
 
     def _estimate(self, job: Job) -> float:

@@ -1,0 +1,229 @@
+"""The Ray worker pool (`--workers ray`): a local cluster of two CPU model workers behind one API server.
+
+Runs are placed on workers by free memory, two base models live on different workers at once, ops give
+exactly what they give in-process, and when a worker is killed mid-training its runs resume on the other
+worker from their last checkpoint — in-flight ops fail with the reason, the metrics history stays.
+"""
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import eztinker
+from eztinker import EZTinkerClient, LossFunctionConfig
+from eztinker.engine import Datum, Engine
+from eztinker.exceptions import ConflictError as ClientConflictError
+from eztinker.service import Service
+from eztinker.settings import Settings
+from eztinker.testing import make_tiny_model
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray cluster takes ~15 s to start on two cores
+
+SLOW_LOSS = "ray_test_slow_cross_entropy"
+PLUGIN = f'''
+import time
+
+import torch
+
+from eztinker.engine import register_loss_function
+
+
+def slow_cross_entropy(logits, labels, weights=None, **kwargs):
+    time.sleep(1.0)  # keeps an op running long enough to kill its worker under it
+    shift = logits[:, :-1, :].contiguous()
+    return torch.nn.functional.cross_entropy(
+        shift.view(-1, shift.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+register_loss_function("{SLOW_LOSS}", slow_cross_entropy)
+'''
+
+
+def ids(n: int, start: int = 7) -> list[int]:
+    return [(start + 13 * i) % 900 + 3 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def second_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    out = tmp_path_factory.mktemp("tiny-gpt2-ray")
+    return make_tiny_model(out, "gpt2", hidden_size=64, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def pool_service(tmp_path_factory, monkeypatch_module):
+    """A server whose models live on two Ray actors; a plugin loss the workers import too."""
+    plugin_dir = tmp_path_factory.mktemp("ray-plugin")
+    (plugin_dir / "ray_test_losses.py").write_text(textwrap.dedent(PLUGIN))
+    # Workers are new processes: they find the plugin through PYTHONPATH, inherited at cluster start.
+    monkeypatch_module.setenv("PYTHONPATH", f"{plugin_dir}:{':'.join(sys.path)}")
+    monkeypatch_module.syspath_prepend(str(plugin_dir))
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("ray-data"),
+        worker_pool="ray",
+        ray_workers=2,
+        plugins=["ray_test_losses"],
+        port=0,
+    )
+    service = Service(settings)
+    with eztinker.serve(service=service) as url:
+        yield service, url
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_runs_on_two_base_models_are_placed_on_different_workers(
+    pool_service, tiny_model_dir, second_model_dir
+) -> None:
+    service, url = pool_service
+    with EZTinkerClient(base_url=url) as client:
+        run_a = client.create_run(str(tiny_model_dir), {"r": 4, "seed": 1})
+        run_b = client.create_run(str(second_model_dir), {"r": 4, "seed": 1})
+        assert {service.pool.worker_of(run_a), service.pool.worker_of(run_b)} == {"worker-0", "worker-1"}
+        for step in (1, 2):
+            futures = [
+                client.forward_backward(r, input_ids=ids(24), target_ids=ids(24)) for r in (run_a, run_b)
+            ]
+            steps = [client.optim_step(r, learning_rate=1e-2) for r in (run_a, run_b)]
+            assert all(f.result()["loss"] > 0 for f in futures)
+            assert [s.result()["step"] for s in steps] == [step, step]
+        assert client.get_run(run_a).step == 2 and client.get_run(run_b).step == 2
+        holders = {s.name: set(s.models) for s in service.pool.workers()}
+        assert holders[service.pool.worker_of(run_a)] == {str(tiny_model_dir)}
+        assert holders[service.pool.worker_of(run_b)] == {str(second_model_dir)}
+        text = client.sample("hello", max_new_tokens=4, run_id=run_b, seed=3)
+        assert isinstance(text, str)
+        client.delete_run(run_a)
+        client.delete_run(run_b)
+
+
+def test_ops_on_a_worker_equal_ops_in_process(pool_service, tiny_model_dir) -> None:
+    _, url = pool_service
+    engine = Engine()
+    local = engine.create_run(str(tiny_model_dir), {"r": 4, "seed": 7}).run_id
+    with EZTinkerClient(base_url=url) as client:
+        remote = client.create_run(str(tiny_model_dir), {"r": 4, "seed": 7})
+        for step in range(3):
+            tokens = ids(20, start=step)
+            expected = engine.forward_backward(local, [Datum.from_labels(tokens, tokens)])
+            expected_step = engine.optim_step(local)
+            got = client.forward_backward(remote, input_ids=tokens, target_ids=tokens).result()
+            got_step = client.optim_step(remote).result()
+            assert got["loss"] == pytest.approx(expected.loss, rel=1e-5)
+            assert got["logprobs"][0] == pytest.approx(expected.logprobs[0].tolist(), rel=1e-5, abs=1e-6)
+            assert got_step["grad_norm"] == pytest.approx(expected_step.grad_norm, rel=1e-4)
+        client.delete_run(remote)
+
+
+def test_the_tinker_sdk_and_the_openai_api_work_through_the_pool(
+    pool_service, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    tinker = pytest.importorskip("tinker")
+    openai = pytest.importorskip("openai")
+    from tinker import types
+
+    _, url = pool_service
+    monkeypatch.setenv("TINKER_API_KEY", "tml-test")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    service_client = tinker.ServiceClient(base_url=url)
+    service_client.get_server_capabilities()
+    training = service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0)
+    tokens = ids(12)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+    losses = []
+    for _ in range(4):
+        forward_backward = training.forward_backward([datum], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        losses.append(forward_backward.result().metrics["loss:sum"])
+    assert losses[-1] < losses[0]
+    sampler = training.save_weights_and_get_sampling_client(name="ray-sampler")
+    sampled = sampler.sample(
+        types.ModelInput.from_ints(tokens[:4]), 2, types.SamplingParams(max_tokens=5, seed=1)
+    ).result()
+    assert len(sampled.sequences) == 2 and all(len(s.tokens) == 5 for s in sampled.sequences)
+    service_client.close("success").result()
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    completion = client.completions.create(model=str(tiny_model_dir), prompt="hello", max_tokens=4, seed=0)
+    assert completion.usage.completion_tokens == 4
+    stream = client.completions.create(
+        model=str(tiny_model_dir), prompt="hello", max_tokens=4, seed=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+
+
+def test_a_run_whose_worker_dies_resumes_elsewhere_from_its_last_checkpoint(
+    pool_service, tiny_model_dir
+) -> None:
+    service, url = pool_service
+    slow = LossFunctionConfig(loss_type=SLOW_LOSS)
+    with EZTinkerClient(base_url=url) as client:
+        run_id = client.create_run(str(tiny_model_dir), {"r": 4, "seed": 2})
+        for _ in range(3):
+            client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16))
+            client.optim_step(run_id, learning_rate=1e-2).result()
+        saved = client.save_checkpoint(run_id, name="step3")
+        assert saved["step"] == 3
+        for _ in range(2):  # two more steps, past the checkpoint: these are what the crash loses
+            client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16))
+            client.optim_step(run_id, learning_rate=1e-2).result()
+        before = client.get_metrics(run_id).history
+        assert [m.step for m in before] == [1, 2, 3, 4, 5]
+
+        dead = service.pool.worker_of(run_id)
+        in_flight = client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16), loss_config=slow)
+        queued = client.optim_step(run_id, learning_rate=1e-2)
+        wait_until(lambda: client.get_job(in_flight.job_id).status == "running")
+        service.pool.kill_worker(dead)
+
+        for future in (in_flight, queued):
+            with pytest.raises(Exception, match=f"model worker {dead} died"):
+                future.result()
+        # The next op waits for the run to be restored, then runs on the other worker.
+        resumed = client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16)).result()
+        assert resumed["loss"] > 0
+        assert service.pool.worker_of(run_id) not in (None, dead)
+        run = client.get_run(run_id)
+        assert run.status == "active" and run.step == 3  # back at its checkpoint
+        assert client.optim_step(run_id, learning_rate=1e-2).result()["step"] == 4
+        after = client.get_metrics(run_id).history
+        # The history is intact — steps 4 and 5, lost with the worker, too — and training goes on from 3.
+        assert [m.step for m in after] == [1, 2, 3, 4, 4, 5]
+        assert all(m in after for m in before)
+        assert max(after, key=lambda m: m.time).step == 4
+
+
+def test_a_run_without_a_checkpoint_is_lost_with_its_worker_and_says_how_to_resume(
+    pool_service, tiny_model_dir
+) -> None:
+    service, url = pool_service
+    wait_until(lambda: len(service.pool.workers()) >= 2)  # the replacement for the killed worker is up
+    with EZTinkerClient(base_url=url) as client:
+        run_id = client.create_run(str(tiny_model_dir), {"r": 4})
+        client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16)).result()
+        service.pool.kill_worker(service.pool.worker_of(run_id))
+        wait_until(lambda: client.get_run(run_id).status == "lost")
+        with pytest.raises(ClientConflictError, match="load"):
+            client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16))
+        text = client.sample("hello", max_new_tokens=3, base_model=str(tiny_model_dir))
+        assert isinstance(text, str)  # the pool still serves
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
