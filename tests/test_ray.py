@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 import eztinker
@@ -162,6 +163,20 @@ def test_the_tinker_sdk_and_the_openai_api_work_through_the_pool(
         model=str(tiny_model_dir), prompt="hello", max_tokens=4, seed=0, stream=True
     )
     assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+
+
+def test_an_abandoned_stream_stops_decoding_on_its_worker(pool_service, tiny_model_dir) -> None:
+    service, url = pool_service
+    before = {j.job_id for j in service.store.list_jobs(limit=1000)}
+    body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "talk"}], "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(3)][0].startswith("data: ")  # then the client hangs up
+    (job_id,) = [j.job_id for j in service.store.list_jobs(limit=1000) if j.job_id not in before]
+    wait_until(lambda: service.store.get_job(job_id).status == "completed")
+    result = service.store.get_job(job_id).result
+    generated = sum(len(s["tokens"]) for r in result["results"] for s in r["sequences"])
+    assert generated < 100  # stopped soon after the hang-up, not at the end of the context
 
 
 def test_a_run_whose_worker_dies_resumes_elsewhere_from_its_last_checkpoint(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -266,7 +267,9 @@ class _Generation:
         self.choices = [_Choice(self.tokenizer, self.stops) for _ in range(len(self.prompts) * self.n)]
 
     def requests(
-        self, on_token: Callable[[int, int, float, TopLogprobs | None, bool], None] | None
+        self,
+        on_token: Callable[[int, int, float, TopLogprobs | None, bool], None] | None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[SampleRequest]:
         return [
             SampleRequest(
@@ -276,6 +279,7 @@ class _Generation:
                 topk_sample_logprobs=self.top_logprobs,
                 stop_at_eos=True,
                 on_token=None if on_token is None else _shifted(on_token, i * self.n),
+                cancelled=cancelled,
             )
             for i, prompt in enumerate(self.prompts)
         ]
@@ -458,12 +462,27 @@ async def _respond(
     def on_token(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (sample, token, logprob, topk, done))
 
-    job = await run_in_threadpool(service.generate, generation.target, generation.requests(on_token), owner)
+    hung_up = threading.Event()  # set if the client leaves before the end: generation stops there
+    requests = generation.requests(on_token, cancelled=hung_up.is_set)
+    job = await run_in_threadpool(service.generate, generation.target, requests, owner)
     # Set after the last token's callback on the same thread, so it reaches the queue after every token.
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
     return StreamingResponse(
-        _events(generation, body, job, queue, response_id, created, kind), media_type="text/event-stream"
+        _until_hung_up(_events(generation, body, job, queue, response_id, created, kind), hung_up),
+        media_type="text/event-stream",
     )
+
+
+async def _until_hung_up(events: AsyncIterator[str], hung_up: threading.Event) -> AsyncIterator[str]:
+    """The stream's events; if the client leaves before the last one, `hung_up` is set (and decoding stops)."""
+    finished = False
+    try:
+        async for event in events:
+            yield event
+        finished = True
+    finally:
+        if not finished:
+            hung_up.set()
 
 
 def _job_result(job: Job) -> dict[str, Any]:

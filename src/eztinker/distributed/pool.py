@@ -391,7 +391,8 @@ class WorkerPool:
     def check_requests(self, name: str, requests: Sequence[SampleRequest]) -> None:
         adapters = {r.adapter for r in requests} - {None}
         worker = self._sampling_worker(name, next(iter(adapters), None))
-        self._sync(worker, "check_requests", None, name, [replace(r, on_token=None) for r in requests])
+        bare = [replace(r, on_token=None, cancelled=None) for r in requests]
+        self._sync(worker, "check_requests", None, name, bare)
 
     def create_run(
         self,
@@ -488,6 +489,7 @@ class WorkerPool:
         adapter = next((r.adapter for r in requests if r.adapter is not None), None)
         if any(r.on_token is not None for r in requests):
             return self._sample_streaming(base_model, adapter, requests)
+        requests = [replace(r, cancelled=None) for r in requests]  # (callables stay on this side)
         out: concurrent.futures.Future[list[SampleResult]] = concurrent.futures.Future()
 
         def attempt(retries: int) -> None:
@@ -525,13 +527,17 @@ class WorkerPool:
             out.set_exception(exc)
             return out
         callbacks = [r.on_token for r in requests]
-        stripped = [replace(r, on_token=None) for r in requests]
+        cancels = [r.cancelled for r in requests if r.cancelled is not None]
+        stripped = [replace(r, on_token=None, cancelled=None) for r in requests]
         actor = self._workers[worker].actor
+        stream_id = uuid.uuid4().hex
         stream = actor.sample_stream.options(num_returns="streaming").remote(
-            base_model, stripped, [c is not None for c in callbacks]
+            base_model, stripped, [c is not None for c in callbacks], stream_id
         )
+        hung_up = False
 
         def relay() -> None:
+            nonlocal hung_up
             try:
                 for ref in stream:
                     event = ray.get(ref)
@@ -545,6 +551,9 @@ class WorkerPool:
                     callback = callbacks[index]
                     if callback is not None:
                         callback(*token)
+                    if not hung_up and any(cancelled() for cancelled in cancels):
+                        hung_up = True  # the caller has gone: tell the worker to stop decoding
+                        actor.hang_up.remote(stream_id)
                 out.set_exception(ComputeError(f"model worker {worker} ended the stream without a result"))
             except RayActorError as exc:
                 self._lost(worker, exc)

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -124,6 +125,7 @@ class ModelWorker:
         )
         self.scheduler.start()
         self._memory_bytes = memory_bytes  # a CPU worker's share of host memory (a GPU reports its own)
+        self._hung_up: dict[str, threading.Event] = {}  # streams whose caller has gone: their decoding stops
 
     # --- engine calls ----------------------------------------------------------------------------------
 
@@ -197,11 +199,11 @@ class ModelWorker:
         return Reply(value=outcome)
 
     async def sample_stream(
-        self, base_model: str, requests: list[SampleRequest], streamed: list[bool]
+        self, base_model: str, requests: list[SampleRequest], streamed: list[bool], stream_id: str
     ) -> AsyncIterator[tuple[Any, ...] | Reply]:
         """Like `sample`, for a Ray streaming call: yields `(request index, sample, token, logprob,
         top-k, done)` as tokens are chosen, for each request whose `streamed` flag is set (its
-        `on_token` callback stays with the caller), then the `Reply`."""
+        `on_token` callback stays with the caller), then the `Reply`. `hang_up(stream_id)` stops it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Any, ...] | Reply] = asyncio.Queue()
 
@@ -217,7 +219,11 @@ class ModelWorker:
             )
             loop.call_soon_threadsafe(events.put_nowait, reply)
 
-        requests = [replace(r, on_token=forward(i) if streamed[i] else None) for i, r in enumerate(requests)]
+        hung_up = self._hung_up[stream_id] = threading.Event()
+        requests = [
+            replace(r, on_token=forward(i) if streamed[i] else None, cancelled=hung_up.is_set)
+            for i, r in enumerate(requests)
+        ]
         try:
             batcher = await asyncio.to_thread(self.sampling.batcher, base_model)
             batcher.add(requests, finished)
@@ -225,11 +231,20 @@ class ModelWorker:
             yield Reply(error=encode_error(exc))
             return
         self.scheduler.wake()
-        while True:
-            event = await events.get()
-            yield event
-            if isinstance(event, Reply):
-                return
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, Reply):
+                    return
+        finally:
+            self._hung_up.pop(stream_id, None)
+
+    async def hang_up(self, stream_id: str) -> None:
+        """The caller of stream `stream_id` has gone: its rows end after their next token."""
+        event = self._hung_up.get(stream_id)
+        if event is not None:
+            event.set()
 
     # --- health and placement ----------------------------------------------------------------------------
 

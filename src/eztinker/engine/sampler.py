@@ -79,6 +79,9 @@ class SampleRequest:
     # Called on the sampling thread as each token is chosen, for streaming: (sample index, token, logprob,
     # its top-k or None, finished?). It must be quick and must not raise.
     on_token: TokenCallback | None = field(default=None, compare=False)
+    # Polled on the sampling thread after each token: once it returns True the request's rows end, cut
+    # short (stop reason "length") — e.g. when the client of a stream has hung up. It must be quick.
+    cancelled: Callable[[], bool] | None = field(default=None, compare=False)
 
     @property
     def wants_prompt(self) -> bool:
@@ -130,6 +133,7 @@ class _Row:
     prompt_request: SampleRequest | None  # set on one row per request that asked for prompt extras
     topk: int = 0  # top-k log-probabilities to keep at each sampled position
     on_token: TokenCallback | None = None
+    cancelled: Callable[[], bool] | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk_logprobs: list[TopLogprobs] = field(default_factory=list)
@@ -209,6 +213,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 prompt_request=request if request.wants_prompt and j == 0 else None,
                 topk=request.topk_sample_logprobs,
                 on_token=request.on_token,
+                cancelled=request.cancelled,
             )
             for j in range(request.num_samples)
         ]
@@ -657,7 +662,7 @@ def _record(
             row.topk_logprobs.append(topk[b][: row.topk])
         if token in row.stops.token_ids or _hit_stop_string(base, row):
             row.stop_reason = "stop"
-        elif len(row.tokens) >= row.max_new:
+        elif len(row.tokens) >= row.max_new or (row.cancelled is not None and row.cancelled()):
             row.stop_reason = "length"
         done.append(row.stop_reason is not None)
         if row.on_token is not None:
