@@ -6,7 +6,7 @@ from different seeds), then writes the example's summary plus the machine to
 `bench/results/<example>-smollm2-135m-cpu.json` and a reward-per-step plot to `docs/<example>-reward.png`.
 
     uv run python bench/rl_learning.py                                  # rejection-sampling SFT
-    uv run python bench/rl_learning.py --example grpo_gsm8k -- --steps 12 --learning-rate 1e-4
+    uv run python bench/rl_learning.py --example grpo_gsm8k -- --steps 24 --learning-rate 3e-4
 
 Arguments after `--` go to the example. torch runs on one thread: on a small, shared CPU, two OpenMP
 threads were 3-5x slower than one for this model's sampling and training (threads spin while the other
@@ -32,7 +32,7 @@ DEFAULTS = {
         "--learning-rate", "1e-3", "--eval-size", "60", "--eval-samples", "4", "--max-tokens", "40",
     ],
     "grpo_gsm8k": [
-        "--steps", "12", "--batch-size", "2", "--group-size", "8", "--learning-rate", "1e-4",
+        "--steps", "16", "--batch-size", "2", "--group-size", "8", "--learning-rate", "5e-4",
         "--eval-size", "60", "--eval-samples", "4", "--max-tokens", "40",
     ],
 }  # fmt: skip
