@@ -175,7 +175,7 @@ def main() -> None:
         f"per op at p50"
     )
     path = write_results(
-        f"ray_pool-{tag}",
+        f"ray_pool-{tag}-{args.seqs}x{args.tokens}",
         {
             "args": vars(args),
             "machine": machine_info(torch.device("cpu")),
