@@ -17,6 +17,8 @@ Reproduce:
 
     uv run python bench/cobatching.py                       # headline (8 runs x 20 steps) + sweep + plot
     uv run python bench/cobatching.py --no-sweep            # headline, ceiling and delay only
+    uv run python bench/cobatching.py --no-sweep --pipelined   # clients submit optim_step without waiting
+                                                                # for forward_backward (the cookbook's loop)
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ def make_data(seqs: int, vocab: int, seed: int) -> list[Datum]:
     return [Datum.from_labels(torch.randint(3, vocab, (SEQ_LEN,), generator=g).tolist()) for _ in range(seqs)]
 
 
-def train_concurrently(service: Service, run_ids: list[str], steps: int, seqs: int, vocab: int) -> float:
-    """Wall seconds for every run to do `steps` (forward_backward + optim_step) from its own thread."""
+def train_concurrently(
+    service: Service, run_ids: list[str], steps: int, seqs: int, vocab: int, pipelined: bool = False
+) -> float:
+    """Wall seconds for every run to do `steps` (forward_backward + optim_step) from its own thread.
+
+    `pipelined`: each step submits both ops, then waits for both (tinker-cookbook's loop); otherwise it
+    waits for `forward_backward` before sending `optim_step`."""
     start_line = threading.Barrier(len(run_ids) + 1)
     errors: list[BaseException] = []
 
@@ -62,8 +69,10 @@ def train_concurrently(service: Service, run_ids: list[str], steps: int, seqs: i
         try:
             for _ in range(steps):
                 fb = service.forward_backward_data(run_id, data, None, None)
-                fb.wait_sync(300)
+                if not pipelined:
+                    fb.wait_sync(300)
                 step = service.optim_step(run_id, api.OptimStepRequest(learning_rate=1e-4), None)
+                fb.wait_sync(300)
                 step.wait_sync(300)
                 for job in (fb, step):
                     if job.status != "completed":
@@ -85,7 +94,15 @@ def train_concurrently(service: Service, run_ids: list[str], steps: int, seqs: i
 
 
 def compare(
-    service: Service, run_ids: list[str], steps: int, seqs: int, vocab: int, rounds: int, progress, task
+    service: Service,
+    run_ids: list[str],
+    steps: int,
+    seqs: int,
+    vocab: int,
+    rounds: int,
+    progress,
+    task,
+    pipelined: bool = False,
 ):
     """tokens/s per mode over interleaved rounds (A B, B A, A B …), and the co-batched / multiplexed ratio."""
     tokens = len(run_ids) * steps * seqs * SEQ_LEN
@@ -96,7 +113,8 @@ def compare(
         for mode in order:
             service.scheduler.max_pass_jobs = MODES[mode]
             passes, jobs = service.scheduler.passes, service.scheduler.jobs_in_passes
-            rates[mode].append(tokens / train_concurrently(service, run_ids, steps, seqs, vocab))
+            seconds = train_concurrently(service, run_ids, steps, seqs, vocab, pipelined)
+            rates[mode].append(tokens / seconds)
             pass_sizes[mode].append(
                 (service.scheduler.jobs_in_passes - jobs) / (service.scheduler.passes - passes)
             )
@@ -200,6 +218,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="clients send optim_step without waiting for forward_backward",
+    )
     parser.add_argument("--sweep-steps", type=int, default=8)
     parser.add_argument(
         "--plot", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "cobatching.png"
@@ -225,10 +248,28 @@ def main() -> None:
             task = progress.add_task("benchmarking", total=total)
             train_concurrently(service, run_ids[: args.runs], 2, 1, vocab)  # warm-up
             headline = compare(
-                service, run_ids[: args.runs], args.steps, 1, vocab, args.rounds, progress, task
+                service,
+                run_ids[: args.runs],
+                args.steps,
+                1,
+                vocab,
+                args.rounds,
+                progress,
+                task,
+                args.pipelined,
             )
             sweep = [
-                compare(service, run_ids[:n], args.sweep_steps, s, vocab, args.rounds, progress, task)
+                compare(
+                    service,
+                    run_ids[:n],
+                    args.sweep_steps,
+                    s,
+                    vocab,
+                    args.rounds,
+                    progress,
+                    task,
+                    args.pipelined,
+                )
                 for n, s in sweep_points
             ]
             delay = scheduling_delay(service, run_ids[0], 200, vocab)
@@ -261,11 +302,12 @@ def main() -> None:
         plot(sweep, args.plot)
         console.print(f"plot: {args.plot}")
     path = write_results(
-        f"cobatching-{tag}",
+        f"cobatching-{tag}" + ("-pipelined" if args.pipelined else ""),
         {
             "benchmark": "cobatching",
             "model": tag,
             "machine": machine_info(torch.device("cpu")),
+            "pipelined": args.pipelined,
             "headline": headline,
             "peft_ceiling": ceiling,
             "scheduling_delay": delay,

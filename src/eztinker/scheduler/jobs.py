@@ -217,6 +217,7 @@ class Scheduler:
         self._pass_ends: list[float] = []  # expected end of each running pass
         self._op_seconds: dict[str, float] = {}  # moving average of a lone job's seconds, by op
         self._tokens_per_second = 0.0  # moving average over token-carrying passes
+        self._run_tokens_per_second: dict[str, float] = {}  # the same per run, from its lone passes
 
     def start(self) -> None:
         for thread in self._threads:
@@ -338,8 +339,9 @@ class Scheduler:
 
     def _estimate(self, job: Job) -> float:
         """Seconds `job` is expected to keep a worker busy (throughput-based for token-carrying jobs)."""
-        if _priced_by_tokens(job) and self._tokens_per_second > 0:
-            return job.tokens / self._tokens_per_second
+        rate = self._run_tokens_per_second.get(job.queue_key, self._tokens_per_second)
+        if _priced_by_tokens(job) and rate > 0:
+            return job.tokens / rate  # (a run's own rate knows its loss is slow, or its sequences long)
         return self._op_seconds.get(job.op, DEFAULT_OP_SECONDS)
 
     def _drain_seconds(self, queue: Sequence[Job] | None = None) -> float:
@@ -528,6 +530,7 @@ class Scheduler:
         stale = self._last_finish.get(key, 0.0) <= self._virtual_time
         if key not in self._queues and (job.run_id is None or stale):
             self._last_finish.pop(key, None)
+            self._run_tokens_per_second.pop(key, None)
 
     def _defer(self, job: Job, deferred: Deferred, start: float) -> None:
         """Hand `job` to whoever completes it later (see `Deferred`)."""
@@ -564,6 +567,9 @@ class Scheduler:
             self._tokens_per_second = (
                 rate if not self._tokens_per_second else 0.8 * self._tokens_per_second + 0.2 * rate
             )
+            if len(jobs) == 1 and jobs[0].run_id is not None:
+                key, previous = jobs[0].queue_key, self._run_tokens_per_second.get(jobs[0].queue_key)
+                self._run_tokens_per_second[key] = rate if previous is None else 0.5 * previous + 0.5 * rate
         else:
             op, per_job = jobs[0].op, seconds / len(jobs)
             self._op_seconds[op] = 0.8 * self._op_seconds.get(op, per_job) + 0.2 * per_job
