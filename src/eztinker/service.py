@@ -150,7 +150,9 @@ class Service:
             log.info("plugin %s imported", module)
         for run_dir in self.settings.checkpoint_dir.glob("*/"):  # leftovers of saves cut short by a crash
             remove_stale_temp_dirs(run_dir)
-        lost = self.store.mark_active_runs_lost()
+        # Runs whose adapters outlived the old process (on detached Ray workers) stay active.
+        alive = self.pool.adopt_runs() if self.pool is not None else set()
+        lost = self.store.mark_active_runs_lost(keep=alive)
         failed = self.store.fail_inflight_jobs("the server stopped while this job was queued or running")
         if lost or failed:
             log.warning(

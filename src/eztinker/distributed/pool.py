@@ -50,6 +50,7 @@ from .worker import ModelWorker, RemoteError, Reply, WorkerStatus, host_memory_b
 log = logging.getLogger(__name__)
 
 RAY_NAMESPACE = "eztinker"
+WORKER_PREFIX = "eztinker-"  # a model worker's Ray actor name: the prefix, then its worker name
 HEALTH_INTERVAL = 1.0  # seconds between health checks of idle workers
 CALL_TIMEOUT = 600.0  # seconds a synchronous call may take (loading a big model included)
 RESTORE_TIMEOUT = 600.0  # seconds a call for a run being re-placed waits for it
@@ -140,7 +141,13 @@ class WorkerPool:
         self._tokenizers: dict[str, Any] = {}
         self._count = 0
         self._stopping = threading.Event()
-        for _ in range(settings.ray_workers):
+        # On a cluster this server joined, workers are detached: they outlive it, keep their runs across
+        # its restarts, and other API servers of the cluster find them by name. A local cluster it started
+        # itself ends with it.
+        self._detached = not self._owns_ray
+        if self._detached:
+            self._adopt_workers()
+        while sum(w.alive for w in self._workers.values()) < settings.ray_workers:
             self._add_worker()
         try:
             ray.get([w.actor.pid.remote() for w in self._workers.values()], timeout=CALL_TIMEOUT)
@@ -152,30 +159,85 @@ class WorkerPool:
 
     def _add_worker(self) -> _Worker:
         with self._lock:
-            name = f"worker-{self._count}"
-            self._count += 1
+            if self._detached:  # a name no other API server of the cluster will pick
+                name, options = f"worker-{uuid.uuid4().hex[:6]}", {"lifetime": "detached"}
+            else:
+                name, options = f"worker-{self._count}", {}
+                self._count += 1
             actor = self._actor_class.options(
-                name=f"eztinker-{name}-{uuid.uuid4().hex[:8]}", **self._actor_options
+                name=f"{WORKER_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+                if not self._detached
+                else f"{WORKER_PREFIX}{name}",
+                namespace=RAY_NAMESPACE,
+                **options,
+                **self._actor_options,
             ).remote(name, **self._worker_kwargs)
             worker = self._workers[name] = _Worker(name, actor)
         return worker
 
+    def _adopt_workers(self) -> None:
+        """Take on the detached workers already in the cluster (started by this server before a restart,
+        or by another API server)."""
+        import ray
+        from ray.util import list_named_actors
+
+        for entry in list_named_actors(all_namespaces=True):
+            if entry["namespace"] != RAY_NAMESPACE or not entry["name"].startswith(WORKER_PREFIX):
+                continue
+            name = entry["name"][len(WORKER_PREFIX) :]
+            try:
+                actor = ray.get_actor(entry["name"], namespace=RAY_NAMESPACE)
+                ray.get(actor.pid.remote(), timeout=30)
+            except Exception:  # gone since it was listed
+                log.debug("model worker %s is listed but does not answer", name)
+                continue
+            self._workers[name] = _Worker(name, actor)
+        if self._workers:
+            log.warning("joined %d running model workers: %s", len(self._workers), ", ".join(self._workers))
+
+    def adopt_runs(self) -> set[str]:
+        """Learn which runs and sampler snapshots the workers already hold; returns the run ids."""
+        for worker in [w for w in list(self._workers.values()) if w.alive]:
+            try:
+                runs: list[RunInfo] = self._sync(worker.name, "list_runs", None)
+                samplers: list[SamplerInfo] = self._sync(worker.name, "list_samplers", None)
+            except EngineError:
+                continue
+            with self._lock:
+                self._runs.update({info.run_id: worker.name for info in runs})
+                self._samplers.update({info.sampler_id: (worker.name, info) for info in samplers})
+        return set(self._runs)
+
     def stop(self) -> None:
+        """Stop watching the workers; end them too unless they are detached (they keep their runs)."""
         import ray
 
         self._stopping.set()
-        for worker in list(self._workers.values()):
-            try:
-                ray.kill(worker.actor)
-            except Exception:  # already gone
-                log.debug("worker %s was already gone", worker.name)
+        if not self._detached:
+            for worker in list(self._workers.values()):
+                try:
+                    ray.kill(worker.actor)
+                except Exception:  # already gone
+                    log.debug("worker %s was already gone", worker.name)
         if self._owns_ray:
             ray.shutdown()
+
+    def shutdown_workers(self) -> None:
+        """End every worker this pool knows, detached ones included (their runs are lost)."""
+        import ray
+
+        for worker in list(self._workers.values()):
+            try:
+                ray.kill(worker.actor, no_restart=True)
+            except Exception:
+                log.debug("worker %s was already gone", worker.name)
 
     # --- workers -----------------------------------------------------------------------------------------
 
     def workers(self) -> list[WorkerStatus]:
         """The live workers' last reported status (refreshed every `HEALTH_INTERVAL` seconds)."""
+        if any(w.alive and w.status is None for w in list(self._workers.values())):
+            self._statuses()  # a worker not heard from yet (just started or joined)
         return [w.status for w in list(self._workers.values()) if w.alive and w.status is not None]
 
     def worker_of(self, run_id: str) -> str | None:
@@ -339,9 +401,19 @@ class WorkerPool:
 
     def _worker(self, run_id: str) -> str:
         worker = self._runs.get(run_id)
+        if worker is None:  # perhaps created, or restored, through another API server of the cluster
+            worker = self.locate(run_id)
         if worker is None:
             raise NotFoundError(f"no run {run_id!r}")
         return worker
+
+    def locate(self, run_id: str) -> str | None:
+        """The live worker holding run `run_id`, asking the workers when this server does not know it."""
+        if run_id in self._runs:
+            return self._runs[run_id]
+        if self._detached:
+            self.adopt_runs()
+        return self._runs.get(run_id)
 
     def _sync(self, worker: str, method: str, for_run: str | None, *args: Any, **kwargs: Any) -> Any:
         return self._call(worker, method, for_run, *args, **kwargs).result(CALL_TIMEOUT)

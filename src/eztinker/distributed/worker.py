@@ -44,6 +44,7 @@ READ_METHODS = frozenset(
         "create_run",
         "delete_run",
         "run_info",
+        "list_runs",
         "check_data",
         "check_requests",
         "default_targets",

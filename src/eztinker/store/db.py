@@ -26,7 +26,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -152,13 +152,15 @@ class Store:
             session.execute(delete(StepMetricsRow).where(StepMetricsRow.run_id == run_id))
             return _rowcount(session.execute(delete(RunRow).where(RunRow.run_id == run_id))) > 0
 
-    def mark_active_runs_lost(self) -> list[str]:
-        """At startup: every `active` run becomes `lost` (its adapter died with the old process).
+    def mark_active_runs_lost(self, keep: Collection[str] = ()) -> list[str]:
+        """At startup: every `active` run becomes `lost` (its adapter died with the old process), but
+        those in `keep` (adapters that outlived it, on Ray workers).
 
         Returns the ids marked. `load_checkpoint` on a lost run makes it active again (`update_run`).
         """
         with self._write() as session:
-            run_ids = list(session.scalars(select(RunRow.run_id).where(RunRow.status == "active")))
+            active = session.scalars(select(RunRow.run_id).where(RunRow.status == "active"))
+            run_ids = [run_id for run_id in active if run_id not in keep]
             if run_ids:
                 session.execute(
                     update(RunRow)
