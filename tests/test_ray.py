@@ -112,6 +112,11 @@ def test_runs_on_two_base_models_are_placed_on_different_workers(
         holders = {s.name: set(s.models) for s in service.pool.workers()}
         assert holders[service.pool.worker_of(run_a)] == {str(tiny_model_dir)}
         assert holders[service.pool.worker_of(run_b)] == {str(second_model_dir)}
+        stats = httpx.get(f"{url}/dashboard/api/stats").json()  # the dashboard's server page
+        assert {(w["name"], tuple(w["models"]), w["runs"]) for w in stats["workers"]} == {
+            (service.pool.worker_of(run_a), (str(tiny_model_dir),), 1),
+            (service.pool.worker_of(run_b), (str(second_model_dir),), 1),
+        }
         text = client.sample("hello", max_new_tokens=4, run_id=run_b, seed=3)
         assert isinstance(text, str)
         client.delete_run(run_a)

@@ -12,6 +12,7 @@ checkpoints only — after a restart a run is `lost` until a checkpoint is loade
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -924,8 +925,6 @@ class Service:
 
     def visible_samplers(self, owner: str | None) -> list[dict[str, Any]]:
         """Sampler snapshots in memory: all of them without auth; with auth, those of the caller's runs."""
-        import dataclasses
-
         visible = []
         for info in self.engine.list_samplers():
             if self.auth_enabled:
@@ -978,6 +977,10 @@ class Service:
             "tokens_trained": registry.get_sample_value("eztinker_tokens_trained_total") or 0.0,
             "tokens_sampled": registry.get_sample_value("eztinker_tokens_sampled_total") or 0.0,
             "active_runs": len(self._active),
+            "workers": [
+                {**dataclasses.asdict(w), "models": list(w.models)}
+                for w in (self.pool.workers() if self.pool is not None else [])
+            ],
         }
 
     def merged_checkpoint_archive(self, run_id: str, name: str, owner: str | None) -> Path:

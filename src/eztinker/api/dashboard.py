@@ -94,6 +94,20 @@ class MemoryView(BaseModel):
     total_bytes: int
 
 
+class WorkerView(BaseModel):
+    """A Ray model worker (with `--workers ray`): where it runs, what it holds, how loaded it is."""
+
+    name: str
+    host: str
+    device: str
+    models: list[str]
+    runs: int
+    free_bytes: int
+    total_bytes: int
+    queue_depth: int
+    running_rows: int
+
+
 class ServerStats(BaseModel):
     health: api.Health
     uptime_seconds: float
@@ -102,6 +116,7 @@ class ServerStats(BaseModel):
     tokens_trained: float
     tokens_sampled: float
     active_runs: int
+    workers: list[WorkerView] = []
 
 
 def _runs(service: Service, owner: str | None) -> list[DashboardRun]:

@@ -427,6 +427,19 @@ function renderServer() {
       ),
     ),
   );
+  const workers = stats.workers || [];
+  $("workers-section").hidden = workers.length === 0;
+  $("workers").replaceChildren(
+    ...workers.map((w) =>
+      tile(
+        `${w.name} @ ${w.host}`,
+        `${w.runs} runs · ${fmtBytes(w.total_bytes - w.free_bytes)} / ${fmtBytes(w.total_bytes)}`,
+        `${w.device} · ${w.models.length ? w.models.map(shortModel).join(", ") : "no model yet"} · ` +
+          `queue ${w.queue_depth} · sampling ${w.running_rows} rows`,
+        (w.total_bytes - w.free_bytes) / w.total_bytes,
+      ),
+    ),
+  );
   const queue = state.queue;
   $("throughput-tiles").replaceChildren(
     tile("Training tokens/s", queue ? fmtInt(queue.tokens_per_second) : "—"),
