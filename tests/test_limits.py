@@ -25,6 +25,8 @@ def limited(tmp_path, tiny_model_dir):
         max_tokens_per_op=40,
         max_runs_per_key=2,
         max_jobs_per_key=2,
+        max_sequence_tokens=32,
+        max_samples=2,
     )
     service = Service(settings)
     with TestClient(create_app(service=service)) as http:
@@ -67,6 +69,47 @@ def test_too_many_tokens_in_one_op_gets_422_naming_data(limited) -> None:
     )
     assert response.status_code == 422
     assert response.json()["field"] == "data" and "at most 40" in response.json()["error"]
+
+
+def test_a_sequence_over_the_limit_gets_422_naming_it(limited) -> None:
+    http, _, model = limited
+    run_id = create_run(http, model, KEY_A)
+    long = list(range(3, 38))  # 35 tokens
+    response = http.post(
+        f"/v1/runs/{run_id}/forward_backward",
+        json={"data": [{"input_ids": TOKENS}, {"input_ids": long}]},
+        headers=KEY_A,
+    )
+    assert response.status_code == 422
+    assert response.json()["field"] == "data[1].input_ids" and "at most 32" in response.json()["error"]
+
+    sample = {"base_model": model, "prompt_tokens": long[:20], "max_new_tokens": 20}
+    response = http.post("/v1/sample", json=sample, headers=KEY_A)
+    assert response.status_code == 422
+    assert response.json()["field"] == "prompt" and "make 40" in response.json()["error"]
+
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40}
+    response = http.post("/v1/chat/completions", json=chat, headers=KEY_A)
+    assert 400 <= response.status_code < 500
+    assert (
+        response.json()["error"]["param"] == "messages"
+        and "at most 32" in response.json()["error"]["message"]
+    )
+
+
+def test_more_samples_than_the_limit_get_422_naming_n(limited) -> None:
+    http, _, model = limited
+    response = http.post(
+        "/v1/sample", json={"base_model": model, "prompt_tokens": TOKENS, "n": 3}, headers=KEY_A
+    )
+    assert response.status_code == 422
+    assert response.json()["field"] == "n" and "at most 2" in response.json()["error"]
+
+    completion = {"model": model, "prompt": "hi", "max_tokens": 4, "n": 3}
+    response = http.post("/v1/completions", json=completion, headers=KEY_A)
+    assert 400 <= response.status_code < 500 and response.json()["error"]["param"] == "n"
+    completion["n"] = 2
+    assert http.post("/v1/completions", json=completion, headers=KEY_A).status_code == 200
 
 
 def test_a_key_may_hold_only_so_many_live_runs(limited) -> None:

@@ -355,6 +355,27 @@ class Service:
         """Co-batching happens where the model is: here, or (with a worker pool) on the run's worker."""
         return batch if self.pool is None else None
 
+    def check_sampling_limits(
+        self, requests: list[SampleRequest], *, n_field: str = "n", prompt_field: str = "prompt"
+    ) -> None:
+        """Refuse (422 naming the field) a sampling request over the server's `max_samples` or
+        `max_sequence_tokens` (prompt plus its max tokens) limits — before anything is queued."""
+        for request in requests:
+            if request.num_samples > self.settings.max_samples:
+                raise InvalidInputError(
+                    n_field,
+                    f"asks for {request.num_samples} samples; one request may ask for at most "
+                    f"{self.settings.max_samples} on this server",
+                )
+            length = len(request.prompt) + (request.params.max_tokens or 0)
+            if length > self.settings.max_sequence_tokens:
+                raise InvalidInputError(
+                    prompt_field,
+                    f"the prompt ({len(request.prompt)} tokens) plus max tokens ({request.params.max_tokens}) "
+                    f"make {length}; a sequence may have at most {self.settings.max_sequence_tokens} on "
+                    "this server",
+                )
+
     def _worker_lost(self, worker: str, run_ids: list[str]) -> None:
         """Worker `worker` died with runs `run_ids`: fail their queued ops, restore them elsewhere.
 
@@ -425,6 +446,13 @@ class Service:
     ) -> Job:
         """`forward_backward` (or `forward`) on engine data; the job's result is an `api.ForwardBackwardOutput`."""
         record = self._live_run(run_id, owner)
+        for i, datum in enumerate(data):
+            if len(datum.tokens) > self.settings.max_sequence_tokens:
+                raise InvalidInputError(
+                    f"data[{i}].tokens",
+                    f"has {len(datum.tokens)} tokens; a sequence may have at most "
+                    f"{self.settings.max_sequence_tokens} on this server",
+                )
         tokens = sum(len(d.tokens) for d in data)
         if tokens > self.settings.max_tokens_per_op:
             raise InvalidInputError(
@@ -507,18 +535,25 @@ class Service:
         adapter = run_id if run_id is not None else request.sampler_id
         prepared: dict[str, Any] = {}
 
-        def prepare() -> tuple[str, list[SampleRequest]]:
-            name = base_model if base_model is not None else self._base_name(run_id, request.sampler_id)
-            tokenizer = self.engine.tokenizer(name)
-            prompt = request.prompt_tokens or tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-            prepared.update(tokenizer=tokenizer, prompt=list(prompt))
-            one = SampleRequest(
-                prompt=list(prompt),
+        def engine_request(prompt: list[int]) -> SampleRequest:
+            return SampleRequest(
+                prompt=prompt,
                 params=params,
                 num_samples=request.n,
                 adapter=adapter,
                 prompt_logprobs=request.prompt_logprobs,
             )
+
+        # Checked now; a text prompt's length only once it is tokenized, when the job starts.
+        self.check_sampling_limits([engine_request(list(request.prompt_tokens or []))])
+
+        def prepare() -> tuple[str, list[SampleRequest]]:
+            name = base_model if base_model is not None else self._base_name(run_id, request.sampler_id)
+            tokenizer = self.engine.tokenizer(name)
+            prompt = request.prompt_tokens or tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+            prepared.update(tokenizer=tokenizer, prompt=list(prompt))
+            one = engine_request(list(prompt))
+            self.check_sampling_limits([one])
             return name, [one]
 
         def finish(results: list[SampleResult]) -> dict[str, Any]:
@@ -782,6 +817,7 @@ class Service:
         The job's result is JSON: the sequences (with top-k where asked) and the prompt extras, plus `echo`
         — request details a facade needs to encode the result again later (kept with the job's result).
         """
+        self.check_sampling_limits([request], n_field="num_samples")
 
         def prepare() -> tuple[str, list[SampleRequest]]:
             name = base_model if request.adapter is None else self._base_name(None, request.adapter)
@@ -853,13 +889,21 @@ class Service:
         """The tokenizer of `base_model` (loading the model on first use). Blocking."""
         return self.engine.tokenizer(base_model)
 
-    def generate(self, target: ModelTarget, requests: list[SampleRequest], owner: str | None) -> Job:
+    def generate(
+        self,
+        target: ModelTarget,
+        requests: list[SampleRequest],
+        owner: str | None,
+        *,
+        prompt_field: str = "prompt",
+    ) -> Job:
         """Sample engine requests on `target` (their `adapter` is set here); checked now, before queueing.
 
         The job's result is `{"results": [{"sequences": [...]}, ...]}`, one entry per request. A request
-        on a live run is ordered with the run's other ops.
+        on a live run is ordered with the run's other ops. `prompt_field` names the prompt in errors.
         """
         requests = [replace(r, adapter=target.adapter) for r in requests]
+        self.check_sampling_limits(requests, prompt_field=prompt_field)
         self.engine.check_requests(target.base_model, requests)
         tokens = sum(len(r.prompt) + r.num_samples * (r.params.max_tokens or 0) for r in requests)
 

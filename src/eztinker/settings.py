@@ -80,6 +80,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Tokens in one forward/forward_backward beyond this are refused with 422.",
     )
+    max_sequence_tokens: int = Field(
+        131_072,
+        ge=1,
+        description="Tokens in one sequence (a datum; a prompt plus its max tokens) beyond this: 422.",
+    )
+    max_samples: int = Field(
+        256,
+        ge=1,
+        description="Samples one sampling request may ask for (`n`, `num_samples`) beyond this: 422.",
+    )
     max_runs_per_key: int = Field(
         1_000, ge=1, description="Live runs (adapters in memory) one API key may hold; beyond: 429."
     )

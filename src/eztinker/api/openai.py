@@ -120,7 +120,7 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1)  # (at most the server's `max_samples`)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
@@ -441,8 +441,11 @@ async def _respond(
 ) -> dict[str, Any] | Response:
     response_id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    prompt_field = "prompt" if kind == "text_completion" else "messages"
     if not body.stream:
-        job = await run_in_threadpool(service.generate, generation.target, generation.requests(None), owner)
+        job = await run_in_threadpool(
+            service.generate, generation.target, generation.requests(None), owner, prompt_field=prompt_field
+        )
         if not await while_connected(request, job.wait(None)):  # the client hung up; the job runs on
             return Response(status_code=499)
         result = _job_result(job)
@@ -464,7 +467,9 @@ async def _respond(
 
     hung_up = threading.Event()  # set if the client leaves before the end: generation stops there
     requests = generation.requests(on_token, cancelled=hung_up.is_set)
-    job = await run_in_threadpool(service.generate, generation.target, requests, owner)
+    job = await run_in_threadpool(
+        service.generate, generation.target, requests, owner, prompt_field=prompt_field
+    )
     # Set after the last token's callback on the same thread, so it reaches the queue after every token.
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
     return StreamingResponse(

@@ -153,7 +153,7 @@ class SampleRequest(_Strict):
     top_k: int = Field(-1, ge=-1)
     stop: list[str] | list[int] | str | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=256, description="Number of samples.")
+    n: int = Field(1, ge=1, description="Number of samples (at most the server's `max_samples`).")
     prompt_logprobs: bool = False
 
     @model_validator(mode="after")
