@@ -9,6 +9,7 @@ once (checked against the server's job records).
 Reproduce:
 
     uv run python bench/load.py                      # 32 clients x 50 ops, tiny qwen2 (H=256, L=4)
+    uv run python bench/load.py --workers ray        # the same against 2 Ray model workers
 """
 
 from __future__ import annotations
@@ -67,10 +68,16 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--ops", type=int, default=50)
+    parser.add_argument(
+        "--workers", choices=["local", "ray"], default="local", help="ray: 2 Ray model workers"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, tag = resolve_model(args.model, Path(tmp))
-        service = Service(Settings(data_dir=Path(tmp) / "data", models=[str(model_dir)], device="cpu"))
+        pool = {"worker_pool": "ray", "ray_workers": 2} if args.workers == "ray" else {}
+        service = Service(
+            Settings(data_dir=Path(tmp) / "data", models=[str(model_dir)], device="cpu", **pool)
+        )
         latencies: dict[str, list[float]] = collections.defaultdict(list)
         errors: list[BaseException] = []
         with eztinker.serve(service=service) as url:
@@ -107,7 +114,7 @@ def main() -> None:
         "p50 ms",
         "p99 ms",
         "completed in the job log",
-        title=f"{args.clients} clients x {args.ops} ops on {tag}",
+        title=f"{args.clients} clients x {args.ops} ops on {tag} ({args.workers} workers)",
     )
     for kind, row in rows.items():
         table.add_row(
@@ -122,11 +129,12 @@ def main() -> None:
         f"{total} ops in {seconds:.1f} s: {total / seconds:.1f} ops/s; jobs not completed: {lost or 'none'}"
     )
     path = write_results(
-        f"load-{tag}",
+        f"load-{tag}" + ("-ray" if args.workers == "ray" else ""),
         {
             "benchmark": "load",
             "model": tag,
             "machine": machine_info(torch.device("cpu")),
+            "workers": args.workers,
             "clients": args.clients,
             "ops_per_client": args.ops,
             "seconds": seconds,
