@@ -222,16 +222,6 @@ class WorkerPool:
         if self._owns_ray:
             ray.shutdown()
 
-    def shutdown_workers(self) -> None:
-        """End every worker this pool knows, detached ones included (their runs are lost)."""
-        import ray
-
-        for worker in list(self._workers.values()):
-            try:
-                ray.kill(worker.actor, no_restart=True)
-            except Exception:
-                log.debug("worker %s was already gone", worker.name)
-
     # --- workers -----------------------------------------------------------------------------------------
 
     def workers(self) -> list[WorkerStatus]:
@@ -300,13 +290,16 @@ class WorkerPool:
             for sampler_id in [s for s, (w, _) in self._samplers.items() if w == name]:
                 del self._samplers[sampler_id]
         log.error("model worker %s died (%s); re-placing its %d runs", name, exc, len(runs))
-        try:
-            if self.on_worker_lost is not None:
-                self.on_worker_lost(name, runs)
-        finally:
-            for run_id in runs:  # whoever restores them calls `restored`; never leave a run waiting
-                if self.on_worker_lost is None:
-                    self.restored(run_id)
+        restoring = False
+        if self.on_worker_lost is not None:
+            try:
+                self.on_worker_lost(name, runs)  # it calls `restored` for each run when done with it
+                restoring = True
+            except Exception:
+                log.exception("the runs of model worker %s could not be handed over for restoring", name)
+        if not restoring:
+            for run_id in runs:  # never leave calls waiting for a restore that will not come
+                self.restored(run_id)
         if not self._stopping.is_set():
             threading.Thread(target=self._replace, args=(name,), daemon=True).start()
 
