@@ -17,6 +17,7 @@ Reproduce:
 
     uv run python bench/cobatching.py                       # headline (8 runs x 20 steps) + sweep + plot
     uv run python bench/cobatching.py --no-sweep            # headline, ceiling and delay only
+    uv run python bench/cobatching.py --model <dir> --device cuda --no-sweep   # on a GPU (bf16)
     uv run python bench/cobatching.py --no-sweep --pipelined   # clients submit optim_step without waiting
                                                                 # for forward_backward (the cookbook's loop)
 """
@@ -37,7 +38,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, resolve_model, summary, write_results
+from common import machine_info, pick_device, pick_dtype, resolve_model, summary, sync, write_results
 from eztinker.engine import Datum
 from eztinker.models import api
 from eztinker.service import Service
@@ -134,25 +135,29 @@ def compare(
     }
 
 
-def peft_ceiling(model_dir: Path, steps: int, rounds: int, progress, task) -> dict:
+def peft_ceiling(
+    model_dir: Path, steps: int, rounds: int, progress, task, device: torch.device, dtype: torch.dtype
+) -> dict:
     """tokens/s of a plain PEFT + AdamW loop at batch 8x64 over 1x64: what batching can give at best."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(device)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
     rates: dict[int, list[float]] = {1: [], 8: []}
     for r in range(rounds):
         for batch in (1, 8) if r % 2 == 0 else (8, 1):
-            ids = torch.randint(3, vocab, (batch, SEQ_LEN))
+            ids = torch.randint(3, vocab, (batch, SEQ_LEN), device=device)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
+            sync(device)
             rates[batch].append(batch * SEQ_LEN * steps / (time.perf_counter() - t0))
             progress.advance(task)
     return {
@@ -217,6 +222,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 (default: bf16 on CUDA, fp32 on CPU)"
+    )
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument(
         "--pipelined",
@@ -231,7 +240,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, tag = resolve_model(args.model, Path(tmp))
-        settings = Settings(data_dir=Path(tmp) / "data", models=[str(model_dir)], device="cpu")
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        settings = Settings(
+            data_dir=Path(tmp) / "data",
+            models=[str(model_dir)],
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+        )
         service = Service(settings)
         service.start()
         vocab = service.engine.base_model(str(model_dir)).vocab_size
@@ -275,7 +291,7 @@ def main() -> None:
             delay = scheduling_delay(service, run_ids[0], 200, vocab)
             # Last: torch used from a second thread (this one) leaves small ops on the worker measurably
             # slower for the rest of the process (two OpenMP teams), which would skew the modes above.
-            ceiling = peft_ceiling(model_dir, args.steps, args.rounds, progress, task)
+            ceiling = peft_ceiling(model_dir, args.steps, args.rounds, progress, task, device, dtype)
         service.stop()
 
     table = Table(title=f"co-batching on {tag}, {SEQ_LEN}-token sequences (best of {args.rounds} rounds)")
@@ -306,7 +322,7 @@ def main() -> None:
         {
             "benchmark": "cobatching",
             "model": tag,
-            "machine": machine_info(torch.device("cpu")),
+            "machine": machine_info(device),
             "pipelined": args.pipelined,
             "headline": headline,
             "peft_ceiling": ceiling,
