@@ -46,7 +46,7 @@ from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SampledSequence, SampleResult
 from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Batchable, Deferred, Job, QueueFullError, Scheduler
-from eztinker.scheduler.jobs import Completion
+from eztinker.scheduler.jobs import Completion, PassRunner
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
 from eztinker.telemetry import SamplingRows, Telemetry
@@ -96,11 +96,13 @@ class Service:
         self.pool: WorkerPool | None = None
         self.sampling: SamplingEngines | None = None
         self.engine: Engine | WorkerPool
+        runners: dict[str, PassRunner]
         if settings.worker_pool == "ray":
             from eztinker.distributed import WorkerPool  # Ray is imported only in this mode
 
             self.engine = self.pool = WorkerPool(settings, on_worker_lost=self._worker_lost)
             sampling_rows: SamplingRows = self.pool
+            runners = {}  # each worker co-batches its own runs' ops
         else:
             self.engine = engine or Engine(
                 EngineConfig(
@@ -115,6 +117,12 @@ class Service:
                 on_tokens=self.telemetry.tokens_sampled.inc,
             )
             sampling_rows = self.sampling
+            # Several runs' training ops execute as one pass: rows routed per run to its own adapter.
+            runners = {
+                "train": self.engine.forward_backward_many,
+                "optim": self.engine.optim_step_many,
+                "sample": lambda requests: [None] * len(requests),  # each job's `finish` hands it over
+            }
         self.scheduler = Scheduler(
             workers=settings.workers,
             max_queue=settings.max_queue,
@@ -122,12 +130,7 @@ class Service:
             max_pass_jobs=settings.max_pass_jobs,
             pass_token_budget=settings.pass_token_budget,
             pass_linger=settings.pass_linger_ms / 1000,
-            # Several runs' training ops execute as one pass: rows routed per run to its own adapter.
-            runners={
-                "train": self.engine.forward_backward_many,
-                "optim": self.engine.optim_step_many,
-                "sample": lambda requests: [None] * len(requests),  # each job's `finish` hands it over
-            },
+            runners=runners,
             on_finish=self._job_finished,
             on_pass=self.telemetry.pass_finished,
             background=self.sampling,

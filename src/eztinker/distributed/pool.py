@@ -24,22 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from eztinker.engine import (
-    AdamParams,
     ComputeError,
     ConflictError,
     EngineConfig,
     EngineError,
-    ForwardBackwardResult,
     InvalidInputError,
     NonFiniteError,
     NotFoundError,
-    OptimStepResult,
     RunInfo,
     SamplerInfo,
-    TrainOp,
     UnknownLossError,
 )
-from eztinker.engine.checkpoint import CheckpointInfo
 from eztinker.engine.model import load_tokenizer
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SampleResult
@@ -495,25 +490,6 @@ class WorkerPool:
     def check_data(self, run_id: str, data: Sequence[Any], loss: Any = None) -> None:
         self._read_run(run_id, "check_data", run_id, list(data), loss)
 
-    def forward_backward_many(self, ops: Sequence[TrainOp]) -> list[ForwardBackwardResult | EngineError]:
-        futures = [self.call_async(op.run_id, "forward_backward_many", [op]) for op in ops]
-        return [_first_outcome(f) for f in futures]
-
-    def optim_step_many(
-        self, steps: Sequence[tuple[str, AdamParams | None]]
-    ) -> list[OptimStepResult | EngineError]:
-        futures = [self.call_async(run_id, "optim_step_many", [(run_id, p)]) for run_id, p in steps]
-        return [_first_outcome(f) for f in futures]
-
-    def save_state(self, run_id: str, path: str | Path) -> CheckpointInfo:
-        return self._on_run(run_id, "save_state", run_id, path)
-
-    def save_weights(self, run_id: str, path: str | Path) -> CheckpointInfo:
-        return self._on_run(run_id, "save_weights", run_id, path)
-
-    def load_state(self, run_id: str, path: str | Path, *, with_optimizer: bool = True) -> RunInfo:
-        return self._on_run(run_id, "load_state", run_id, path, with_optimizer=with_optimizer)
-
     def save_sampler(self, run_id: str, sampler_id: str | None = None) -> SamplerInfo:
         return self._on_run(run_id, "save_sampler", run_id, sampler_id)
 
@@ -645,11 +621,3 @@ def _settle(out: concurrent.futures.Future[Any], source: concurrent.futures.Futu
         out.set_exception(exc)
     else:
         out.set_result(source.result())
-
-
-def _first_outcome(future: concurrent.futures.Future[Any]) -> Any:
-    try:
-        (outcome,) = future.result(CALL_TIMEOUT)
-    except EngineError as exc:
-        return exc
-    return outcome
