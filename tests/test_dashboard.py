@@ -25,8 +25,12 @@ import torch
 
 import eztinker
 from eztinker import EZTinkerClient, LossFunctionConfig
+from eztinker.api.dashboard import _Stream
 from eztinker.engine import register_loss_function
 from eztinker.engine.losses import unregister_loss_function
+from eztinker.service import Service
+from eztinker.settings import Settings
+from eztinker.store import RunRecord, StepMetricsRecord
 
 KEY_A, KEY_B = "dashboard-key-a", "dashboard-key-b"
 SLOW_LOSS = "dashboard_test_slow"  # a cross entropy that takes 0.25 s: keeps jobs waiting in the queue
@@ -253,6 +257,45 @@ def test_a_checkpoint_exports_merged_into_its_base_model(server: str, trained_ru
     assert not any("adapter" in name for name in names)
 
 
+# --- the stream's metric cursor, with the reads interleaved on purpose -------------------------------
+
+
+def test_a_step_recorded_between_the_run_list_and_the_history_read_is_sent_once(
+    tmp_path, monkeypatch
+) -> None:
+    service = Service(Settings(data_dir=tmp_path))
+    service.store.add_run(RunRecord(run_id="race", base_model="m", lora_config={"r": 4}))
+
+    def record(step: int) -> None:
+        service.store.add_step_metrics(StepMetricsRecord(run_id="race", step=step, loss=1.0 / step))
+
+    record(1)
+    stream = _Stream(service, None, "race", after=0)
+    read_history = service.metrics
+
+    def history_one_step_later(run_id: str, owner: str | None) -> Any:
+        record(2)  # an optimizer step lands after the tick read the run list (step 1), before this read
+        return read_history(run_id, owner)
+
+    def metrics_events() -> list[dict[str, Any]]:
+        return [json.loads(data) for event, data in stream.tick() if event == "metrics"]
+
+    monkeypatch.setattr(service, "metrics", history_one_step_later)
+    first = metrics_events()
+    monkeypatch.undo()
+    assert [[m["step"] for m in e["history"]] for e in first] == [[1, 2]]
+    assert metrics_events() == []  # the run list now says step 2: the page has it already
+    record(3)
+    assert [[m["step"] for m in e["history"]] for e in metrics_events()] == [[3]]
+    # A resume from step 1 records step 2 again: the page gets the whole history anew, as the API has it.
+    service.store.update_run("race", step=1)
+    assert metrics_events() == []
+    record(2)
+    (resumed,) = metrics_events()
+    assert resumed["reset"] is True and [m["step"] for m in resumed["history"]] == [1, 2, 2, 3]
+    service.store.close()
+
+
 # --- in a real browser -------------------------------------------------------------------------------
 
 
@@ -323,7 +366,10 @@ def test_the_dashboard_shows_a_training_loop_live(page, server: str, base_model:
         page.wait_for_function(
             f"Number(document.querySelector('#chart-loss').dataset.count) >= {seen + 2}", timeout=30_000
         )
-        assert chart_points(page, "chart-lr") >= seen + 2 and loop.steps >= seen + 2
+        points = chart_points(page, "chart-lr")
+        with EZTinkerClient(base_url=server, api_key=KEY_A) as client:  # read after the page: never behind it
+            recorded = len(client.get_metrics(loop.run_id).history)
+        assert seen + 2 <= points <= recorded  # a point per recorded step, none twice
         assert "dash-live" in page.inner_text("#run-title")
         assert page.locator("#chart-loss path.line").count() == 1
         assert page.errors == []

@@ -17,6 +17,7 @@ import eztinker
 from eztinker import EZTinkerClient, LossFunctionConfig
 from eztinker.engine import Datum, Engine
 from eztinker.exceptions import ConflictError as ClientConflictError
+from eztinker.exceptions import JobFailedError
 from eztinker.service import Service
 from eztinker.settings import Settings
 from eztinker.testing import make_tiny_model
@@ -25,6 +26,7 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray cluster takes ~15 s to start on two cores
 
 SLOW_LOSS = "ray_test_slow_cross_entropy"
+NAN_LOSS = "ray_test_nan"
 PLUGIN = f'''
 import time
 
@@ -41,7 +43,12 @@ def slow_cross_entropy(logits, labels, weights=None, **kwargs):
     )
 
 
+def nan_loss(logits, labels, weights=None, **kwargs):
+    return logits.sum() * float("nan")
+
+
 register_loss_function("{SLOW_LOSS}", slow_cross_entropy)
+register_loss_function("{NAN_LOSS}", nan_loss)
 '''
 
 
@@ -139,6 +146,30 @@ def test_ops_on_a_worker_equal_ops_in_process(pool_service, tiny_model_dir) -> N
             assert got["logprobs"][0] == pytest.approx(expected.logprobs[0].tolist(), rel=1e-5, abs=1e-6)
             assert got_step["grad_norm"] == pytest.approx(expected_step.grad_norm, rel=1e-4)
         client.delete_run(remote)
+
+
+def test_an_op_failing_in_a_co_batched_pass_keeps_its_error_class(pool_service, tiny_model_dir) -> None:
+    service, url = pool_service
+    slow, nan = LossFunctionConfig(loss_type=SLOW_LOSS), LossFunctionConfig(loss_type=NAN_LOSS)
+    with EZTinkerClient(base_url=url) as client:
+        runs: dict[str, list[str]] = {}
+        while not any(len(on) == 3 for on in runs.values()):  # three runs on one worker (of two)
+            run_id = client.create_run(str(tiny_model_dir), {"r": 4})
+            runs.setdefault(service.pool.worker_of(run_id), []).append(run_id)
+        busy, bad, good = next(on for on in runs.values() if len(on) == 3)
+        # One run's slow op holds the worker; the other two runs' ops arrive during it and share its next pass.
+        holding = client.forward_backward(busy, input_ids=ids(16), loss_config=slow)
+        wait_until(lambda: client.get_job(holding.job_id).status == "running")
+        failing = client.forward_backward(bad, input_ids=ids(16), loss_config=nan)
+        passing = client.forward_backward(good, input_ids=ids(16))
+        assert passing.result()["loss"] > 0 and holding.result()["loss"] > 0
+        with pytest.raises(JobFailedError) as failed:
+            failing.result()
+        # As in-process: the user's NaN (a NonFiniteError, category "user"), not an internal error.
+        assert failed.value.category == "user"
+        assert failed.value.message.startswith(f"loss {NAN_LOSS!r} is nan"), failed.value.message
+        for run_id in (r for on in runs.values() for r in on):
+            client.delete_run(run_id)
 
 
 def test_the_tinker_sdk_and_the_openai_api_work_through_the_pool(

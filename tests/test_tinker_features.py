@@ -374,3 +374,26 @@ def test_state_survives_a_restart(tmp_path, tiny_model_dir, sdk_env) -> None:
         response.ParseFromString(_result(http, future, proto=True).content)
         after = np.frombuffer(response.prompt_logprobs, dtype="<f4")
         assert after[1:].tolist() == pytest.approx(before[1:], abs=1e-5)
+
+
+def test_user_metadata_is_kept_on_runs_and_checkpoints(server, service_client, tiny_model_dir) -> None:
+    """`user_metadata` of create_model, save_state and save_weights_for_sampler comes back from
+    get_training_run, the checkpoint listings and weights_info (the cookbook keeps its renderer there)."""
+    run_meta = {"renderer_name": "qwen3", "wandb_link": "https://example.invalid/run"}
+    client = service_client.create_lora_training_client(
+        base_model=str(tiny_model_dir), rank=2, user_metadata=run_meta
+    )
+    state = client.save_state("meta-state", user_metadata={"step": "0", "note": "first"}).result().path
+    sampler = client.save_weights_for_sampler("meta-sampler", user_metadata={"kind": "eval"}).result().path
+    rest = service_client.create_rest_client()
+    run_id = client.get_info().model_id
+    assert rest.get_training_run(run_id).result().user_metadata == run_meta
+    assert rest.get_training_run_by_tinker_path(state).result().user_metadata == run_meta
+    listed = {c.tinker_path: c.user_metadata for c in rest.list_checkpoints(run_id).result().checkpoints}
+    assert listed == {state: {"step": "0", "note": "first"}, sampler: {"kind": "eval"}}
+    everything = rest.list_user_checkpoints(limit=1000).result().checkpoints
+    assert {c.tinker_path: c.user_metadata for c in everything}[state] == {"step": "0", "note": "first"}
+    info = httpx.post(
+        f"{server}/api/v1/weights_info", json={"tinker_path": state}, headers={"X-API-Key": "tml-test"}
+    )
+    assert info.json()["user_metadata"] == {"step": "0", "note": "first"}

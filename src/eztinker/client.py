@@ -224,7 +224,8 @@ def _create_run_call(
     lora_config: LoRAConfig | Mapping[str, Any] | None,
     loss_config: LossFunctionConfig | Mapping[str, Any] | None,
     run_id: str | None,
-    from_checkpoint: CheckpointRef | Mapping[str, str] | None,
+    from_checkpoint: CheckpointRef | Mapping[str, Any] | None,
+    optimizer: Literal["adamw", "dimuon"] | None = None,
 ) -> _Call:
     body = _dump(
         CreateRunRequest,
@@ -233,11 +234,12 @@ def _create_run_call(
         loss_config=loss_config,
         run_id=run_id,
         from_checkpoint=from_checkpoint,
+        optimizer=optimizer,
     )
     return _Call("POST", "/v1/runs", json=body, read_timeout=DEFAULT_CREATE_RUN_TIMEOUT)
 
 
-def _optim_call(run_id: str, **params: float) -> _Call:
+def _optim_call(run_id: str, **params: float | None) -> _Call:
     return _Call("POST", f"/v1/runs/{_seg(run_id)}/optim_step", json=_dump(OptimStepRequest, **params))
 
 
@@ -704,12 +706,15 @@ class EZTinkerClient(_ClientBase):
         lora_config: LoRAConfig | Mapping[str, Any] | None = None,
         loss_config: LossFunctionConfig | Mapping[str, Any] | None = None,
         run_id: str | None = None,
-        from_checkpoint: CheckpointRef | Mapping[str, str] | None = None,
+        from_checkpoint: CheckpointRef | Mapping[str, Any] | None = None,
+        *,
+        optimizer: Literal["adamw", "dimuon"] | None = None,
     ) -> str:
         """Create a LoRA training run and return its id. Waits while the server loads `base_model` the first
         time (up to DEFAULT_CREATE_RUN_TIMEOUT). `from_checkpoint={"run_id": ..., "name": ...}` starts from a
-        saved checkpoint."""
-        call = _create_run_call(base_model, lora_config, loss_config, run_id, from_checkpoint)
+        saved checkpoint (add `"with_optimizer": False` for its weights only). `optimizer` ("adamw", the
+        default, or "dimuon") is fixed for the run's life; `optim_step` then takes its settings."""
+        call = _create_run_call(base_model, lora_config, loss_config, run_id, from_checkpoint, optimizer)
         return Run.model_validate(self._send(call)).run_id
 
     def get_run(self, run_id: str) -> Run:
@@ -802,8 +807,13 @@ class EZTinkerClient(_ClientBase):
         beta2: float = 0.95,
         eps: float = 1e-12,
         grad_clip_norm: float = 0.0,
+        *,
+        damping: float | None = None,
+        rank_lr_correction_exponent: float | None = None,
     ) -> JobFuture:
-        """One AdamW step on the accumulated gradients; the result is `{step, grad_norm, learning_rate}`."""
+        """One step of the run's optimizer on the accumulated gradients; the result is `{step, grad_norm,
+        learning_rate}`. AdamW uses the six positional settings; Dimuon uses `learning_rate`, `beta1`,
+        `grad_clip_norm`, `damping` and `rank_lr_correction_exponent` (None: Tinker's defaults)."""
         call = _optim_call(
             run_id,
             learning_rate=learning_rate,
@@ -812,6 +822,8 @@ class EZTinkerClient(_ClientBase):
             beta2=beta2,
             eps=eps,
             grad_clip_norm=grad_clip_norm,
+            damping=damping,
+            rank_lr_correction_exponent=rank_lr_correction_exponent,
         )
         return self._submit(call)
 
@@ -1004,9 +1016,11 @@ class AsyncEZTinkerClient(_ClientBase):
         lora_config: LoRAConfig | Mapping[str, Any] | None = None,
         loss_config: LossFunctionConfig | Mapping[str, Any] | None = None,
         run_id: str | None = None,
-        from_checkpoint: CheckpointRef | Mapping[str, str] | None = None,
+        from_checkpoint: CheckpointRef | Mapping[str, Any] | None = None,
+        *,
+        optimizer: Literal["adamw", "dimuon"] | None = None,
     ) -> str:
-        call = _create_run_call(base_model, lora_config, loss_config, run_id, from_checkpoint)
+        call = _create_run_call(base_model, lora_config, loss_config, run_id, from_checkpoint, optimizer)
         return Run.model_validate(await self._send(call)).run_id
 
     async def get_run(self, run_id: str) -> Run:
@@ -1085,6 +1099,9 @@ class AsyncEZTinkerClient(_ClientBase):
         beta2: float = 0.95,
         eps: float = 1e-12,
         grad_clip_norm: float = 0.0,
+        *,
+        damping: float | None = None,
+        rank_lr_correction_exponent: float | None = None,
     ) -> AsyncJobFuture:
         call = _optim_call(
             run_id,
@@ -1094,6 +1111,8 @@ class AsyncEZTinkerClient(_ClientBase):
             beta2=beta2,
             eps=eps,
             grad_clip_norm=grad_clip_norm,
+            damping=damping,
+            rank_lr_correction_exponent=rank_lr_correction_exponent,
         )
         return await self._submit(call)
 

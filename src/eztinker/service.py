@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import logging
 import threading
@@ -26,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eztinker import __version__
+from eztinker.access import Access
 from eztinker.engine import (
     AdamParams,
     Datum,
+    DimuonParams,
     Engine,
     EngineConfig,
     ForwardBackwardResult,
@@ -40,8 +41,15 @@ from eztinker.engine import (
     TrainOp,
 )
 from eztinker.engine.batcher import SamplingEngines
-from eztinker.engine.checkpoint import CheckpointInfo, delete_checkpoint, remove_stale_temp_dirs
+from eztinker.engine.checkpoint import (
+    CheckpointInfo,
+    ModuleNames,
+    delete_checkpoint,
+    parse_age_recipients,
+    remove_stale_temp_dirs,
+)
 from eztinker.engine.errors import ComputeError, ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.optimizers import OptimizerName, check_step_params
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SampledSequence, SampleResult
 from eztinker.models import LossFunctionConfig, api
@@ -49,6 +57,7 @@ from eztinker.scheduler import Batchable, Deferred, Job, QueueFullError, Schedul
 from eztinker.scheduler.jobs import Completion, PassRunner
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
+from eztinker.store.facade import FacadeState
 from eztinker.telemetry import SamplingRows, Telemetry
 
 if TYPE_CHECKING:
@@ -57,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED_JOBS_KEPT_SECONDS = 600.0  # in memory for fast polls; older results come from the store
+RUN_OPTIMIZERS = "run_optimizer"  # FacadeState namespace: run id -> {"type": its optimizer} (non-AdamW runs)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,11 +86,6 @@ class QuotaExceededError(Exception):
 class RunLostError(ConflictError):
     """The run's adapter is not in memory (the server restarted, or its worker died before any
     checkpoint): load a checkpoint to resume it."""
-
-
-def hash_key(key: str) -> str:
-    """How an API key is stored and compared: its SHA-256, never the key itself."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Service:
@@ -137,11 +142,16 @@ class Service:
         )
         self.telemetry.watch_scheduler(self.scheduler)
         self.telemetry.watch_sampling(sampling_rows)
-        self.api_key_hashes = {hash_key(k) for k in settings.api_keys}
+        self.access = Access(settings.api_keys)  # the one ownership check (see eztinker.access)
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
         self._lock = threading.Lock()
         self._active: dict[str, RunRecord] = {}  # runs whose adapter is in memory (ownership checks)
+        self._sampler_owners: dict[str, str | None] = {}  # sampler snapshot -> the key that took it
         self._jobs_per_owner: dict[str | None, int] = {}  # queued or running jobs, with API keys on
+        # Each run's optimizer, fixed when it is created: durable (a `lost` run resumes with it), and
+        # recorded only for non-AdamW runs; `_optimizers` caches what was read.
+        self._durable = FacadeState(self.store)
+        self._optimizers: dict[str, OptimizerName] = {}
         self._submitted = 0
         self.started_at = time.time()
 
@@ -178,26 +188,23 @@ class Service:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_key_hashes)
+        return self.access.enabled
 
     def owner_for_key(self, key: str | None) -> str | None:
         """The owner id of a request: its key's hash (None when auth is off). Raises if the key is bad."""
-        if not self.auth_enabled:
-            return None
-        if key is None or hash_key(key) not in self.api_key_hashes:
-            raise PermissionError("a valid API key is required: send X-API-Key or Authorization: Bearer")
-        return hash_key(key)
+        return self.access.owner_for_key(key)
 
     def _run_record(self, run_id: str, owner: str | None) -> RunRecord:
         record = self.store.get_run(run_id)
-        if record is None or (self.auth_enabled and record.owner != owner):
+        if record is None:
             raise NotFoundError(f"no run {run_id!r}")
+        self.access.require(record.owner, owner, f"no run {run_id!r}")
         return record
 
     def _live_run(self, run_id: str, owner: str | None) -> RunRecord:
         """The run, if it is active in this process: checked from memory on the hot path of every op."""
         record = self._active.get(run_id)
-        if record is not None and (not self.auth_enabled or record.owner == owner):
+        if record is not None and self.access.allows(record.owner, owner):
             return record
         record = self._run_record(run_id, owner)
         if record.status == "lost":
@@ -232,7 +239,10 @@ class Service:
             request.loss_config,
             run_id=request.run_id,
             adapter_path=adapter_path,
+            optimizer=request.optimizer,
+            with_optimizer=request.from_checkpoint is None or request.from_checkpoint.with_optimizer,
         )
+        self._set_run_optimizer(info.run_id, info.optimizer, owner)
         now = time.time()
         self._add_run_record(
             RunRecord(
@@ -256,11 +266,30 @@ class Service:
         self._active[record.run_id] = record
 
     def get_run(self, run_id: str, owner: str | None) -> api.Run:
-        return _run_model(self._run_record(run_id, owner))
+        return self._run_view(self._run_record(run_id, owner))
 
     def list_runs(self, owner: str | None) -> list[api.Run]:
         records = self.store.list_runs(owner) if self.auth_enabled else self.store.list_runs(include_all=True)
-        return [_run_model(r) for r in records]
+        return [self._run_view(r) for r in records]
+
+    def _run_view(self, record: RunRecord) -> api.Run:
+        return _run_model(record).model_copy(update={"optimizer": self.run_optimizer(record.run_id)})
+
+    def run_optimizer(self, run_id: str) -> OptimizerName:
+        """The run's optimizer ("adamw" or "dimuon"), fixed when it was created."""
+        name = self._optimizers.get(run_id)
+        if name is None:
+            record = self._durable.get(RUN_OPTIMIZERS, run_id)
+            name = record.value["type"] if record is not None else "adamw"
+            self._optimizers[run_id] = name
+        return name
+
+    def _set_run_optimizer(self, run_id: str, name: OptimizerName, owner: str | None) -> None:
+        if name == "adamw":  # the default: no record (and none left by an earlier run of this id)
+            self._durable.delete(RUN_OPTIMIZERS, run_id)
+        else:
+            self._durable.put(RUN_OPTIMIZERS, run_id, {"type": name}, owner=owner)
+        self._optimizers[run_id] = name
 
     def delete_run(self, run_id: str, owner: str | None) -> None:
         """Forget the run: its adapter is freed; its checkpoints' files stay on disk until deleted."""
@@ -268,6 +297,8 @@ class Service:
         with contextlib.suppress(NotFoundError):  # a lost run has nothing in memory
             self.engine.delete_run(run_id)
         self.store.delete_run(run_id)
+        self._durable.delete(RUN_OPTIMIZERS, run_id)
+        self._optimizers.pop(run_id, None)
         self._active.pop(run_id, None)
         self._pending_losses.pop(run_id, None)
 
@@ -422,7 +453,12 @@ class Service:
             return
         latest = max(checkpoints, key=lambda c: (c.created_at, c.step))
         info = self.engine.create_run(
-            record.base_model, record.lora_config, record.loss_config, run_id=run_id, adapter_path=latest.path
+            record.base_model,
+            record.lora_config,
+            record.loss_config,
+            run_id=run_id,
+            adapter_path=latest.path,
+            optimizer=self.run_optimizer(run_id),
         )
         self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
         log.warning("run %s restored from checkpoint %r at step %d", run_id, latest.name, info.step)
@@ -487,8 +523,20 @@ class Service:
         return self.submit(op, run_id, work, owner, tokens=tokens, batch=self._local(batch))
 
     def optim_step(self, run_id: str, request: api.OptimStepRequest, owner: str | None) -> Job:
+        """A native optim_step: its body read as a step of the run's optimizer (see `api.OptimStepRequest`)."""
+        self._live_run(run_id, owner)
+        optimizer = self.run_optimizer(run_id)
+        if request.optimizer is not None and request.optimizer != optimizer:
+            raise InvalidInputError(
+                "optimizer",
+                f"is {request.optimizer!r}, but run {run_id!r} uses {optimizer} (fixed when it was created)",
+            )
+        return self.optim_step_params(run_id, _step_params(request, optimizer), owner)
+
+    def optim_step_params(self, run_id: str, params: AdamParams | DimuonParams, owner: str | None) -> Job:
+        """`optim_step` with engine params, which must be of the run's optimizer (refused now if not)."""
         record = self._live_run(run_id, owner)
-        params = AdamParams(**request.model_dump())
+        check_step_params(self.run_optimizer(run_id), params, run_id)
 
         def work() -> dict[str, Any] | Deferred:
             return self._engine_job(
@@ -525,7 +573,9 @@ class Service:
         base_model: str | None = None
         if run_id is not None:
             self._live_run(run_id, owner)
-        elif request.sampler_id is None:
+        elif request.sampler_id is not None:
+            self.require_sampler(request.sampler_id, owner)
+        else:
             base_model = request.base_model or self.default_base_model()
         params = SamplingParams(
             max_tokens=request.max_new_tokens,
@@ -584,6 +634,7 @@ class Service:
     def save_sampler(self, run_id: str, sampler_id: str, owner: str | None) -> Job:
         """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
         self._live_run(run_id, owner)
+        self._claim_sampler(sampler_id, owner)
 
         def work() -> dict[str, Any] | Deferred:
             return self._engine_job(run_id, "save_sampler", run_id, sampler_id, then=sampler_json)
@@ -597,6 +648,7 @@ class Service:
         """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking."""
         record = self._run_record(run_id, owner)
         checkpoint = self._checkpoint(run_id, name, owner)
+        self._claim_sampler(sampler_id, owner)
         scratch = f"{sampler_id}.loading"
         self.engine.create_run(record.base_model, adapter_path=checkpoint.path, run_id=scratch)
         try:
@@ -604,12 +656,31 @@ class Service:
         finally:
             self.engine.delete_run(scratch)
 
-    def sampler_base_model(self, sampler_id: str) -> str | None:
-        """The base model of sampler snapshot `sampler_id`, or None if there is no such snapshot."""
+    def sampler_base_model(self, sampler_id: str, owner: str | None) -> str | None:
+        """The base model of the caller's sampler snapshot `sampler_id`; None if it has no such snapshot."""
         for info in self.engine.list_samplers():
-            if info.sampler_id == sampler_id:
+            if info.sampler_id == sampler_id and self.access.allows(self._sampler_owner(info), owner):
                 return info.base_model
         return None
+
+    def require_sampler(self, sampler_id: str, owner: str | None) -> None:
+        """Raise `NotFoundError` unless `sampler_id` is a sampler snapshot of the caller's."""
+        if self.sampler_base_model(sampler_id, owner) is None:
+            raise NotFoundError(f"no sampler {sampler_id!r}")
+
+    def _sampler_owner(self, info: SamplerInfo) -> str | None:
+        """Who took a snapshot: recorded when it was taken; else (a worker adopted after a restart) the
+        owner of the run it was taken from."""
+        if info.sampler_id in self._sampler_owners:
+            return self._sampler_owners[info.sampler_id]
+        record = self.store.get_run(info.run_id) if info.run_id else None
+        return record.owner if record is not None else None
+
+    def _claim_sampler(self, sampler_id: str, owner: str | None) -> None:
+        """Record `owner` as the owner of the snapshot about to be taken as `sampler_id`."""
+        with self._lock:
+            if self._sampler_owners.setdefault(sampler_id, owner) != owner:
+                raise ConflictError(f"sampler id {sampler_id!r} is already in use")
 
     def default_lora_targets(self, base_model: str) -> list[str]:
         """The module paths a run on `base_model` adapts by default (loads the model). Blocking."""
@@ -637,18 +708,36 @@ class Service:
     def checkpoint_path(self, run_id: str, name: str) -> Path:
         return self.settings.checkpoint_dir / run_id / name
 
-    def save(self, run_id: str, request: api.SaveRequest, owner: str | None) -> Job:
+    def save(
+        self,
+        run_id: str,
+        request: api.SaveRequest,
+        owner: str | None,
+        *,
+        module_names: ModuleNames = "peft",
+        age_recipients: list[str] | None = None,
+    ) -> Job:
+        """Save a checkpoint. `module_names="tinker"` (a Tinker export) names the output head as Tinker
+        does; `age_recipients` encrypts every file to them. Both: kind "weights" only."""
         self._live_run(run_id, owner)
         if self.store.get_checkpoint(run_id, request.name) is not None:
             raise ConflictError(
                 f"run {run_id!r} already has a checkpoint named {request.name!r}; choose another name"
             )
+        export: dict[str, Any] = {}
+        if module_names != "peft":
+            export["module_names"] = module_names
+        if age_recipients is not None:
+            parse_age_recipients(age_recipients)  # a bad recipient is refused now, not as a failed job
+            export["age_recipients"] = list(age_recipients)
+        if export and request.kind != "weights":
+            raise InvalidInputError("kind", "an export (Tinker names, encryption) saves kind 'weights' only")
         path = self.checkpoint_path(run_id, request.name)
 
         def work() -> dict[str, Any] | Deferred:
             path.parent.mkdir(parents=True, exist_ok=True)
             method = "save_state" if request.kind == "state" else "save_weights"
-            return self._engine_job(run_id, method, run_id, path, then=recorded)
+            return self._engine_job(run_id, method, run_id, path, then=recorded, **export)
 
         def recorded(info: CheckpointInfo) -> dict[str, Any]:
             self.store.add_checkpoint(
@@ -688,7 +777,11 @@ class Service:
         def work() -> dict[str, Any] | Deferred:
             if record.status == "lost":  # rebuild the adapter slot, then fill it from the checkpoint
                 self.engine.create_run(
-                    record.base_model, record.lora_config, record.loss_config, run_id=run_id
+                    record.base_model,
+                    record.lora_config,
+                    record.loss_config,
+                    run_id=run_id,
+                    optimizer=self.run_optimizer(run_id),
                 )
             return self._engine_job(
                 run_id,
@@ -737,8 +830,7 @@ class Service:
     def get_job(self, job_id: str, owner: str | None) -> api.Job:
         job = self.scheduler.get(job_id)
         if job is not None:
-            if self.auth_enabled and job.owner != owner:
-                raise NotFoundError(f"no job {job_id!r}")
+            self.access.require(job.owner, owner, f"no job {job_id!r}")
             entry = (
                 next((e for e in self.scheduler.snapshot() if e.job is job), None) if not job.done else None
             )
@@ -749,8 +841,9 @@ class Service:
                 pass_size=job.pass_size,
             )
         record = self.store.get_job(job_id)
-        if record is None or (self.auth_enabled and record.owner != owner):
+        if record is None:
             raise NotFoundError(f"no job {job_id!r}")
+        self.access.require(record.owner, owner, f"no job {job_id!r}")
         return _job_model(record)
 
     def queue(self, owner: str | None) -> api.QueueView:
@@ -769,7 +862,7 @@ class Service:
                 estimated_start=e.estimated_start,
             )
             for e in self.scheduler.snapshot()
-            if not self.auth_enabled or e.job.owner == owner
+            if self.access.allows(e.job.owner, owner)
         ]
         return api.QueueView(
             queue_depth=stats.queue_depth,
@@ -821,6 +914,8 @@ class Service:
         — request details a facade needs to encode the result again later (kept with the job's result).
         """
         self.check_sampling_limits([request], n_field="num_samples")
+        if request.adapter is not None:
+            self.require_sampler(request.adapter, owner)
 
         def prepare() -> tuple[str, list[SampleRequest]]:
             name = base_model if request.adapter is None else self._base_name(None, request.adapter)
@@ -850,7 +945,7 @@ class Service:
         if name in self.engine.loaded_models or name in self.settings.models:
             return ModelTarget(base_model=name, adapter=None, run_id=None)
         record = self._active.get(name) or self.store.get_run(name)
-        if record is not None and (not self.auth_enabled or record.owner == owner):
+        if record is not None and self.access.allows(record.owner, owner):
             self._live_run(name, owner)  # a lost run is refused with the way to resume it
             return ModelTarget(base_model=record.base_model, adapter=name, run_id=name)
         for info in self.visible_samplers(owner):
@@ -968,18 +1063,12 @@ class Service:
     def runs_with_owners(self, owner: str | None) -> list[tuple[api.Run, str | None]]:
         """`list_runs`, each run with its owner id (its key's hash; None for a run made without auth)."""
         records = self.store.list_runs(owner) if self.auth_enabled else self.store.list_runs(include_all=True)
-        return [(_run_model(r), r.owner) for r in records]
+        return [(self._run_view(r), r.owner) for r in records]
 
     def visible_samplers(self, owner: str | None) -> list[dict[str, Any]]:
-        """Sampler snapshots in memory: all of them without auth; with auth, those of the caller's runs."""
-        visible = []
-        for info in self.engine.list_samplers():
-            if self.auth_enabled:
-                record = self.store.get_run(info.run_id) if info.run_id else None
-                if record is None or record.owner != owner:
-                    continue
-            visible.append(dataclasses.asdict(info))
-        return visible
+        """Sampler snapshots in memory: all of them without auth; with auth, those the caller took."""
+        infos = self.engine.list_samplers()
+        return [dataclasses.asdict(i) for i in infos if self.access.allows(self._sampler_owner(i), owner)]
 
     def token_texts(self, base_model: str, tokens: list[int]) -> list[str]:
         """The text of each token in the tokenizer of `base_model`, which must be loaded already."""
@@ -1051,6 +1140,36 @@ class Service:
 
 
 # --- conversions at the boundary ------------------------------------------------------------------------
+
+_ADAM_ONLY = ("weight_decay", "beta2", "eps")
+_DIMUON_ONLY = ("damping", "rank_lr_correction_exponent")
+
+
+def _step_params(request: api.OptimStepRequest, optimizer: OptimizerName) -> AdamParams | DimuonParams:
+    """A native optim_step body as a step of `optimizer`; a setting the optimizer lacks is refused."""
+    if optimizer == "dimuon":
+        defaults = api.OptimStepRequest()
+        for name in _ADAM_ONLY:
+            if getattr(request, name) != getattr(defaults, name):
+                raise InvalidInputError(name, f"the run's optimizer, Dimuon, has no {name}: leave it out")
+        extra = {name: getattr(request, name) for name in _DIMUON_ONLY if getattr(request, name) is not None}
+        return DimuonParams(
+            learning_rate=request.learning_rate,
+            beta1=request.beta1,
+            grad_clip_norm=request.grad_clip_norm,
+            **extra,
+        )
+    for name in _DIMUON_ONLY:
+        if getattr(request, name) is not None:
+            raise InvalidInputError(name, "is a Dimuon setting; the run's optimizer is AdamW")
+    return AdamParams(
+        learning_rate=request.learning_rate,
+        beta1=request.beta1,
+        beta2=request.beta2,
+        eps=request.eps,
+        weight_decay=request.weight_decay,
+        grad_clip_norm=request.grad_clip_norm,
+    )
 
 
 def _to_engine_data(request: api.ForwardBackwardRequest) -> tuple[list[Datum], Any]:

@@ -243,6 +243,7 @@ def make_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     tokenizer_dir: str | os.PathLike[str] | None = None,
+    tie_word_embeddings: bool | None = None,
 ) -> Path:
     """Build a tiny random causal LM of `family` and save it, with its tokenizer, to `out_dir`.
 
@@ -253,6 +254,8 @@ def make_tiny_model(
     `generation_config` carry the tokenizer's eos and pad ids (and no bos).
 
     The tokenizer is loaded from `tokenizer_dir`, or trained with `make_tiny_tokenizer` when it is None.
+    `tie_word_embeddings` overrides the family's default (tied for qwen2, llama and gpt2; untied for phi
+    and phi3): a tied model shares one weight between its input embedding and its output head.
     At H=64, L=2 the models have 0.19M-0.26M parameters and build in well under a second.
 
     Returns `out_dir` as a `Path`; `AutoModelForCausalLM.from_pretrained(out_dir)` and
@@ -280,6 +283,8 @@ def make_tiny_model(
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    if tie_word_embeddings is not None:
+        config.tie_word_embeddings = tie_word_embeddings
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # from_config leaves the model in train mode; GPT-2's dropout would then make logits differ

@@ -184,7 +184,12 @@ class _Stream:
 
     def __init__(self, service: Service, owner: str | None, run_id: str | None, after: int) -> None:
         self.service, self.owner, self.run_id = service, owner, run_id
-        self.last_step = after  # the selected run's newest metric point the page has
+        # The cursor into the selected run's history: the newest step the page has, and how many points
+        # (None: whatever the history has up to `after`). Both come from the history as read, never from
+        # the run list: a step recorded between reading the two would otherwise be sent twice.
+        self.last_step = after
+        self.points: int | None = None
+        self.read_at: tuple[int, float | None] | None = None  # the run's (step, updated_at) at the last read
         self.missing_reported = False
         self.sent: dict[str, str] = {}
 
@@ -212,22 +217,27 @@ class _Stream:
         return events
 
     def _new_metrics(self, run: DashboardRun | None) -> dict[str, Any] | None:
-        """The selected run's metric points the page lacks (all of them, with `reset`, if steps went back)."""
+        """The selected run's metric points the page lacks; all of them, with `reset`, if the history
+        changed other than by growing (a resume from an earlier checkpoint records its steps again)."""
         assert self.run_id is not None
         if run is None:  # unknown, deleted, or not the caller's: said once
             if self.missing_reported:
                 return None
             self.missing_reported = True
             return {"run_id": self.run_id, "error": f"no run {self.run_id!r}", "history": []}
-        if run.step == self.last_step:
+        changed = (run.step, run.updated_at)  # a recorded step changes both, in one transaction
+        if changed == self.read_at:
             return None
         try:
             history = self.service.metrics(self.run_id, self.owner).history
         except NotFoundError:  # deleted since the run list was read: reported on the next tick
             return None
-        reset = run.step < self.last_step
-        new = [m for m in history if reset or m.step > self.last_step]
-        self.last_step = run.step
+        self.read_at = changed  # (the history may be newer than the run list: it is the next tick's to see)
+        held = sum(m.step <= self.last_step for m in history)  # ordered by step: the page's are first
+        newest = history[-1].step if history else 0
+        reset = newest < self.last_step or (self.points is not None and held != self.points)
+        new = history if reset else history[held:]
+        self.last_step, self.points = newest, len(history)
         if not new and not reset:
             return None
         return {"run_id": self.run_id, "reset": reset, "history": [m.model_dump(mode="json") for m in new]}

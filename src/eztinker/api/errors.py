@@ -8,6 +8,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
@@ -28,6 +29,14 @@ def _error(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
+def _invalid_fields(errors: list[Any]) -> JSONResponse:
+    """A 422 naming the first invalid field, with every error in `detail`."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = field_path(tuple(first.get("loc", ())))
+    detail = [{"field": field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
+    return _error(422, f"{field}: {first.get('msg')}", field=field, detail=detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -39,11 +48,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = field_path(tuple(first.get("loc", ())))
-        detail = [{"field": field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
-        return _error(422, f"{field}: {first.get('msg')}", field=field, detail=detail)
+        return _invalid_fields(list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation(request: Request, exc: ValidationError) -> JSONResponse:
+        """A model a route builds from what the caller sent (e.g. a wire field turned into a native
+        request) is the caller's mistake too: a 422 naming the field, never a 500."""
+        return _invalid_fields(list(exc.errors()))
 
     @app.exception_handler(InvalidInputError)
     async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:

@@ -37,15 +37,18 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from eztinker.api import tinker_bodies as bodies
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.native import while_connected
 from eztinker.engine import TokenLoss
+from eztinker.engine.checkpoint import parse_age_recipients
 from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
+from eztinker.engine.optimizers import optimizer_config
 from eztinker.models import LoRAConfig, api
 from eztinker.scheduler import Job
 from eztinker.service import Service
-from eztinker.store.facade import FacadeState
+from eztinker.store.facade import FacadeRecord, FacadeState
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])  # public routes; the rest need the API key
 _authed = APIRouter(dependencies=[Depends(get_owner)])
@@ -54,18 +57,23 @@ LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s read timeout on retrieve_future
 MAX_FUTURES = 100_000  # request ids remembered in memory (oldest forgotten first; jobs stay in the store)
 SEQ_GAP_WAIT_SECONDS = 2.0  # how long an op that arrived early waits for the ops before it
 LORA_ALPHA = 32.0
-SDK_VERSIONS = "0.25 - 0.38 (tested: 0.38.0); JSON forward_backward bodies of older SDKs are accepted too"
+SDK_VERSIONS = "0.24 - 0.38 (tested: 0.38.0 in the suite, 0.24.0 by hand; 0.24 sends JSON forward_backward bodies)"
 
 # FacadeState namespaces
 SESSIONS, SAMPLERS, CHECKPOINT_META, FUTURES, SECRETS = "session", "sampler", "ckpt_meta", "future", "secret"
+RUN_META = "run_meta"  # a training run's `user_metadata`
 
 Convert = Callable[[dict[str, Any]], dict[str, Any] | bytes]
 
 
 @dataclass
 class _Future:
-    """A request id's answer: its job (once submitted), or the error that refused it before it ran."""
+    """A request id's answer: its job (once submitted), or the error that refused it before it ran.
 
+    `owner` is the key that sent the request: only it can retrieve the answer (`retrieve_future`).
+    """
+
+    owner: str | None
     job: Job | None = None
     record: api.Job | None = None  # a job finished before this process started (read from the store)
     error: tuple[str, str] | None = None  # (message, category)
@@ -95,7 +103,7 @@ class TinkerState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     futures: OrderedDict[str, _Future] = field(default_factory=OrderedDict)
     answers: OrderedDict[tuple[str, ...], dict[str, Any]] = field(default_factory=OrderedDict)  # retries
-    sequencers: dict[str, _Sequencer] = field(default_factory=dict)
+    sequencers: dict[tuple[str, ...], _Sequencer] = field(default_factory=dict)  # by (owner, model)
 
     def add(self, future: _Future, request_id: str) -> str:
         with self.lock:
@@ -131,9 +139,9 @@ StateDep = Annotated[TinkerState, Depends(get_state)]
 # --- submitting ops -----------------------------------------------------------------------------------
 
 
-def _submit(state: TinkerState, submit: Callable[[], Job], **extra: Any) -> dict[str, Any]:
+def _submit(state: TinkerState, owner: str | None, submit: Callable[[], Job], **extra: Any) -> dict[str, Any]:
     """Submit an op now; a request the service refuses becomes a failed future, as the SDK expects."""
-    future = _Future()
+    future = _Future(owner)
     try:
         job = submit()
     except EngineError as exc:
@@ -143,15 +151,25 @@ def _submit(state: TinkerState, submit: Callable[[], Job], **extra: Any) -> dict
     return {"request_id": state.add(future, job.job_id), **extra}
 
 
+def _refused(state: TinkerState, owner: str | None, message: str, **extra: Any) -> dict[str, Any]:
+    """A request refused before it became an op: a future that settles at once with a user error."""
+    future = _Future(owner)
+    future.settle(error=(message, "user"))
+    return {"request_id": state.add(future, f"req-{uuid.uuid4().hex}"), **extra}
+
+
 def _ordered(
-    state: TinkerState, model_id: str, seq_id: int | None, submit: Callable[[], Job]
+    state: TinkerState, owner: str | None, model_id: str, seq_id: int | None, submit: Callable[[], Job]
 ) -> dict[str, Any]:
-    """Submit a training op of `model_id` in `seq_id` order (see the module docstring); idempotent."""
+    """Submit a training op of `model_id` in `seq_id` order (see the module docstring); idempotent.
+
+    Sequencers and retry answers are the caller's own: another key's ops never take a place in them.
+    """
     if not seq_id:
-        return _submit(state, submit, model_id=model_id)
-    key = ("op", model_id, str(seq_id))
+        return _submit(state, owner, submit, model_id=model_id)
+    key = state.service.access.key(owner, "op", model_id, str(seq_id))
     with state.lock:
-        seq = state.sequencers.setdefault(model_id, _Sequencer())
+        seq = state.sequencers.setdefault(state.service.access.key(owner, model_id), _Sequencer())
     with seq.lock:
         with state.lock:
             if key in state.answers:  # a resent request: the first one's future
@@ -160,14 +178,14 @@ def _ordered(
                 seq.next_seq = seq_id
             early = seq_id > seq.next_seq
         if early:
-            future = _Future()
+            future = _Future(owner)
             request_id = state.add(future, f"req-{uuid.uuid4().hex}")
             seq.held[seq_id] = (future, request_id, submit)
             if seq.timer is None:
                 _arm(state, seq)
             answer = {"request_id": request_id, "model_id": model_id}
         else:
-            answer = _submit(state, submit, model_id=model_id)
+            answer = _submit(state, owner, submit, model_id=model_id)
             seq.next_seq = max(seq.next_seq, seq_id + 1)
             _flush(state, seq)
         with state.lock:
@@ -217,10 +235,10 @@ def _arm(state: TinkerState, seq: _Sequencer) -> None:
     seq.timer.start()
 
 
-def _expect(state: TinkerState, model_id: str, next_seq: int) -> None:
+def _expect(state: TinkerState, owner: str | None, model_id: str, next_seq: int) -> None:
     """A new model's first op will carry `next_seq`."""
     with state.lock:
-        state.sequencers[model_id] = _Sequencer(next_seq=next_seq)
+        state.sequencers[state.service.access.key(owner, model_id)] = _Sequencer(next_seq=next_seq)
 
 
 # --- answers ------------------------------------------------------------------------------------------
@@ -283,10 +301,9 @@ def get_server_capabilities(service: ServiceDep) -> dict[str, Any]:
 
 
 @_authed.post("/create_session")
-def create_session(body: dict[str, Any], owner: OwnerDep, state: StateDep) -> dict[str, Any]:
+def create_session(body: bodies.CreateSession, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
     session_id = f"sess-{uuid.uuid4().hex[:12]}"
-    info = {k: body.get(k) for k in ("tags", "user_metadata", "sdk_version", "project_id", "display_name")}
-    state.durable.put(SESSIONS, session_id, {**info, "status": "active"}, owner=owner)
+    state.durable.put(SESSIONS, session_id, {**body.model_dump(), "status": "active"}, owner=owner)
     return {"type": "create_session", "session_id": session_id}
 
 
@@ -296,8 +313,11 @@ def session_heartbeat() -> dict[str, Any]:
 
 
 @_authed.post("/sessions/{session_id}/finish")
-def finish_session(session_id: str, body: dict[str, Any], state: StateDep) -> dict[str, Any]:
-    reason = (body.get("reason") or {}).get("type")
+def finish_session(
+    session_id: str, body: bodies.FinishSession, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    _session(state, session_id, owner)
+    reason = body.reason.type if body.reason is not None else None
     state.durable.update(SESSIONS, session_id, status=reason or "finished", finished_at=time.time())
     return {}
 
@@ -307,8 +327,20 @@ def telemetry() -> dict[str, str]:
     return {"status": "accepted"}
 
 
-def _owned(service: Service, record: Any, owner: str | None) -> bool:
-    return record is not None and (not service.auth_enabled or record.owner == owner)
+def _session(state: TinkerState, session_id: str, owner: str | None) -> FacadeRecord:
+    """The caller's session `session_id` (another key's is answered as missing)."""
+    record = state.durable.get(SESSIONS, session_id)
+    if record is None:
+        raise NotFoundError(f"no session {session_id!r}")
+    state.service.access.require(record.owner, owner, f"no session {session_id!r}")
+    return record
+
+
+def _check_session_of_new_object(state: TinkerState, session_id: str, owner: str | None) -> None:
+    """A model or sampling session named after `session_id` may be made only in the caller's session
+    (or in one this server never created: SDKs before 0.16 sent no `create_session`)."""
+    if state.durable.get(SESSIONS, session_id) is not None:
+        _session(state, session_id, owner)
 
 
 @_authed.get("/sessions")
@@ -328,10 +360,7 @@ def list_sessions(
 @_authed.get("/sessions/{session_id}")
 def get_session(session_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
     """A session's training runs (`<session>:train:<n>`) and samplers (`<session>:sample:<n>`)."""
-    record = state.durable.get(SESSIONS, session_id)
-    if not _owned(service, record, owner):
-        raise NotFoundError(f"no session {session_id!r}")
-    assert record is not None
+    record = _session(state, session_id, owner)
     runs = [r.run_id for r in service.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
     samplers = state.durable.records(
         SAMPLERS, owner=owner, include_all=not service.auth_enabled, prefix=f"{session_id}:sample:"
@@ -345,9 +374,11 @@ def get_session(session_id: str, service: ServiceDep, owner: OwnerDep, state: St
 
 
 @_authed.put("/sessions/{session_id}/project")
-def assign_session_project(session_id: str, body: dict[str, Any], state: StateDep) -> dict[str, Any]:
-    if state.durable.update(SESSIONS, session_id, project_id=body.get("project_id")) is None:
-        raise NotFoundError(f"no session {session_id!r}")
+def assign_session_project(
+    session_id: str, body: bodies.AssignProject, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    _session(state, session_id, owner)
+    state.durable.update(SESSIONS, session_id, project_id=body.project_id)
     return {}
 
 
@@ -356,36 +387,39 @@ def assign_session_project(session_id: str, body: dict[str, Any], state: StateDe
 
 @_authed.post("/create_model")
 def create_model(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.CreateModel, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     """Create a LoRA run behind a future; a resent request (same session and model_seq_id) gets the same one."""
-    session_id, model_seq_id = str(body.get("session_id")), int(body.get("model_seq_id", 0))
-    key = ("create", session_id, str(model_seq_id))
+    session_id, model_seq_id = body.session_id, body.model_seq_id
+    key = service.access.key(owner, "create", session_id, str(model_seq_id))
     model_id = wire.model_id(session_id, model_seq_id)
     with state.lock:
         if key in state.answers:
             return state.answers[key]
-    lora = body.get("lora_config") or {}
-    base_model = str(body.get("base_model"))
+    _check_session_of_new_object(state, session_id, owner)
+    lora, base_model = body.lora_config, body.base_model
+    try:  # an optimizer this server does not have is refused, never trained as another
+        optimizer = wire.optimizer_from_config(body.optimizer_config)
+    except InvalidInputError as exc:
+        return _refused(state, owner, str(exc), model_id=model_id)
 
     def work() -> dict[str, Any]:
-        head = service.output_head_name(base_model) if lora.get("train_unembed", True) else None
+        head = service.output_head_name(base_model) if lora.train_unembed else None
         targets = wire.lora_target_modules(
-            service.default_lora_targets(base_model),
-            attn=lora.get("train_attn", True),
-            mlp=lora.get("train_mlp", True),
-            head=head,
+            service.default_lora_targets(base_model), attn=lora.train_attn, mlp=lora.train_mlp, head=head
         )
-        config = LoRAConfig(
-            r=int(lora.get("rank", 32)), lora_alpha=LORA_ALPHA, seed=lora.get("seed"), target_modules=targets
-        )
+        config = LoRAConfig(r=lora.rank, lora_alpha=LORA_ALPHA, seed=lora.seed, target_modules=targets)
         service.create_run(
-            api.CreateRunRequest(base_model=base_model, lora_config=config, run_id=model_id), owner
+            api.CreateRunRequest(
+                base_model=base_model, lora_config=config, run_id=model_id, optimizer=optimizer
+            ),
+            owner,
         )
+        _keep_run_metadata(state, model_id, body.user_metadata, owner)
         return {"model_id": model_id, "type": "create_model"}
 
-    _expect(state, model_id, 1)
-    answer = _submit(state, lambda: service.submit("create_run", None, work, owner), model_id=model_id)
+    _expect(state, owner, model_id, 1)
+    answer = _submit(state, owner, lambda: service.submit("create_run", None, work, owner), model_id=model_id)
     with state.lock:
         return state.remember(key, answer)
 
@@ -398,8 +432,8 @@ def _trains_head(run: api.Run) -> bool:
 
 
 @_authed.post("/get_info")
-def get_info(body: dict[str, Any], service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
-    run = service.get_run(str(body.get("model_id")), owner)
+def get_info(body: bodies.ModelRef, service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
+    run = service.get_run(body.model_id, owner)
     return {
         "type": "get_info",
         "model_id": run.run_id,
@@ -407,6 +441,7 @@ def get_info(body: dict[str, Any], service: ServiceDep, owner: OwnerDep) -> dict
         "is_lora": True,
         "lora_rank": run.lora_config.r,
         "model_name": run.base_model,
+        "optimizer_config": optimizer_config(run.optimizer),
     }
 
 
@@ -432,9 +467,7 @@ async def _forward_backward(
         else:
             call = wire.decode_forward_backward(body, request.headers.get("content-encoding"))
     except InvalidInputError as exc:
-        future = _Future()
-        future.settle(error=(str(exc), "user"))
-        return {"request_id": state.add(future, f"req-{uuid.uuid4().hex}")}
+        return _refused(state, owner, str(exc))
 
     def submit() -> Job:
         loss = TokenLoss(call.loss_fn, call.loss_fn_config)
@@ -442,7 +475,7 @@ async def _forward_backward(
             call.model_id, call.data, loss, owner, backward=not call.forward_only
         )
 
-    return await run_in_threadpool(_ordered, state, call.model_id, call.seq_id, submit)
+    return await run_in_threadpool(_ordered, state, owner, call.model_id, call.seq_id, submit)
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
@@ -458,11 +491,18 @@ def _json_body(body: bytes) -> dict[str, Any]:
 
 
 @_authed.post("/optim_step")
-def optim_step(body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
-    model_id = str(body.get("model_id"))
-    adam = body.get("adam_params") or {}
-    params = api.OptimStepRequest(**{k: v for k, v in adam.items() if k in api.OptimStepRequest.model_fields})
-    return _ordered(state, model_id, body.get("seq_id"), lambda: service.optim_step(model_id, params, owner))
+def optim_step(
+    body: bodies.OptimStep, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    """`adam_params` (an AdamW run) or `optimizer_params` `{"type": "dimuon", ...}` (a Dimuon run); params of
+    the other optimizer than the model's, or out of range, fail the future (category "user")."""
+    model_id = body.model_id
+    params = body.model_dump(include={"adam_params", "optimizer_params", "optim_params"}, exclude_none=True)
+
+    def submit() -> Job:
+        return service.optim_step_params(model_id, wire.optim_params(params), owner)
+
+    return _ordered(state, owner, model_id, body.seq_id, submit)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
@@ -470,51 +510,65 @@ def optim_step(body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state
 
 @_authed.post("/save_weights")
 def save_weights(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.SaveWeights, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     """`save_state`: adapter + optimizer state, as `tinker://<run>/weights/<name>`."""
-    model_id = str(body.get("model_id"))
-    name = str(body.get("path") or f"ckpt-{uuid.uuid4().hex[:8]}")
-    return _save(state, service, owner, body, model_id, "weights", name, "state")
+    name = body.path or f"ckpt-{uuid.uuid4().hex[:8]}"
+    return _save(state, service, owner, body, "weights", name, "state")
 
 
 def _save(
     state: TinkerState,
     service: Service,
     owner: str | None,
-    body: dict[str, Any],
-    model_id: str,
+    body: bodies.SaveWeights | bodies.SaveWeightsExternal,
     kind: str,
     name: str,
     native_kind: Literal["state", "weights"],
+    **export: Any,
 ) -> dict[str, Any]:
-    native = wire.native_checkpoint_name(kind, name)
-    ttl = body.get("ttl_seconds")
+    """`export`: `Service.save`'s export options (Tinker module names, age recipients)."""
+    model_id, native, ttl = body.model_id, wire.native_checkpoint_name(kind, name), body.ttl_seconds
+    if body.overwrite if isinstance(body, bodies.SaveWeights) else False:
+        message = "overwrite: replacing a checkpoint is not served yet; save under a new name"
+        return _refused(state, owner, message, model_id=model_id)
+    user_metadata = body.user_metadata if isinstance(body, bodies.SaveWeights) else None
 
     def submit() -> Job:
         wire.check_name(name)
         if ttl is not None:
             _check_ttl(ttl)
-        job = service.save(model_id, api.SaveRequest(name=native, kind=native_kind), owner)
-        if ttl is not None:
-            meta = {"expires_at": time.time() + ttl}
-            state.durable.put(CHECKPOINT_META, f"{model_id}/{native}", meta, owner=owner)
+        if export.get("age_recipients") is not None:  # refused naming the wire's field
+            parse_age_recipients(export["age_recipients"], field="age_encryption_recipients")
+        job = service.save(model_id, api.SaveRequest(name=native, kind=native_kind), owner, **export)
+        meta = {
+            **({"expires_at": time.time() + ttl} if ttl is not None else {}),
+            **({"user_metadata": user_metadata} if user_metadata is not None else {}),
+        }
+        if meta:
+            _set_meta(state, f"{model_id}/{native}", owner, **meta)
         return job
 
-    return _ordered(state, model_id, body.get("seq_id"), submit)
+    return _ordered(state, owner, model_id, body.seq_id, submit)
 
 
 @_authed.post("/save_weights_for_sampler")
 def save_weights_for_sampler(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.SaveWeightsForSampler, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
-    """With `path`: a weights checkpoint. Without: a sampler snapshot named by a new sampling session."""
-    model_id = str(body.get("model_id"))
-    name = body.get("path")
-    if name:
-        return _save(state, service, owner, body, model_id, "sampler_weights", str(name), "weights")
+    """With `path`: a weights checkpoint. Without: a sampler snapshot named by a new sampling session.
+
+    Only `kind="snapshot"` (fixed weights) is served; `inflight` (weights that follow later saves) is
+    refused rather than served as a snapshot, which would sample other weights than asked.
+    """
+    model_id = body.model_id
+    if body.kind != "snapshot":
+        message = f"kind: {body.kind!r} sampling clients are not served yet; use kind='snapshot'"
+        return _refused(state, owner, message, model_id=model_id)
+    if body.path:
+        return _save(state, service, owner, body, "sampler_weights", body.path, "weights")
     session = model_id.split(":train:")[0] if ":train:" in model_id else model_id
-    sampler_id = wire.sampling_session_id(session, int(body.get("sampling_session_seq_id", 0)))
+    sampler_id = wire.sampling_session_id(session, body.sampling_session_seq_id or 0)
 
     def submit() -> Job:
         job = service.save_sampler(model_id, sampler_id, owner)
@@ -522,61 +576,87 @@ def save_weights_for_sampler(
         state.durable.put(SAMPLERS, sampler_id, {"base_model": base, "source_run": model_id}, owner=owner)
         return job
 
-    return _ordered(state, model_id, body.get("seq_id"), submit)
+    return _ordered(state, owner, model_id, body.seq_id, submit)
 
 
 @_authed.post("/save_weights_external")
 def save_weights_external(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.SaveWeightsExternal, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
-    """The adapter as a PEFT directory, `tinker://<run>/external_weights/<name>`, downloadable per file."""
-    model_id = str(body.get("model_id"))
-    name = str(body.get("path") or f"external-{uuid.uuid4().hex[:8]}")
-    if body.get("age_encryption_recipients"):
-        future = _Future()
-        future.settle(error=("age_encryption_recipients: encryption is not supported by this server", "user"))
-        return {"request_id": state.add(future, f"req-{uuid.uuid4().hex}"), "model_id": model_id}
-    return _save(state, service, owner, body, model_id, "external_weights", name, "weights")
+    """The adapter as Tinker exports it, `tinker://<run>/external_weights/<name>`, downloadable per file.
+
+    A PEFT-format directory whose output head is named `model.unembed_tokens`, as in Tinker's exports
+    (tinker-cookbook's `weights.build_hf_model` and `build_lora_adapter` expect that name). With
+    `age_encryption_recipients` every file is age-encrypted to them and stored as `<file>.age`.
+    """
+    name = body.path or f"external-{uuid.uuid4().hex[:8]}"
+    recipients = body.age_encryption_recipients
+    return _save(
+        state,
+        service,
+        owner,
+        body,
+        "external_weights",
+        name,
+        "weights",
+        module_names="tinker",
+        age_recipients=recipients,
+    )
 
 
 @_authed.post("/load_weights")
 def load_weights(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.LoadWeights, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     """`load_state*` into a model, or create a model from a checkpoint (no `model_id`: create-via-load)."""
-    path = str(body.get("path"))
-    optimizer = bool(body.get("optimizer", False))
-    if body.get("model_id"):
-        model_id = str(body["model_id"])
+    path, optimizer = body.path, body.optimizer
+    if body.model_id:
+        model_id = body.model_id
 
         def load() -> Job:
             source_run, name, _ = wire.parse_tinker_path(path)
+            chosen = wire.optimizer_from_config(body.optimizer_config)
+            if chosen is not None and chosen != service.run_optimizer(model_id):
+                raise InvalidInputError(
+                    "optimizer_config", f"cannot change the optimizer of existing model {model_id!r}"
+                )
             request = api.LoadRequest(name=name, source_run_id=source_run, with_optimizer=optimizer)
             return service.load(model_id, request, owner)
 
-        return _ordered(state, model_id, body.get("seq_id"), load)
+        return _ordered(state, owner, model_id, body.seq_id, load)
 
-    session_id, model_seq_id = str(body.get("session_id")), int(body.get("model_seq_id", 0))
+    if not body.session_id:
+        raise InvalidInputError("session_id", "is required to create a model from a checkpoint")
+    session_id, model_seq_id = body.session_id, body.model_seq_id
     model_id = wire.model_id(session_id, model_seq_id)
-    key = ("create", session_id, str(model_seq_id))
+    key = service.access.key(owner, "create", session_id, str(model_seq_id))
     with state.lock:
         if key in state.answers:
             return state.answers[key]
+    _check_session_of_new_object(state, session_id, owner)
 
     def create() -> Job:
         source_run, name, _ = wire.parse_tinker_path(path)
+        chosen = wire.optimizer_from_config(body.optimizer_config)
         base_model = service.get_run(source_run, owner).base_model
+        # `optimizer` true (…_with_optimizer): weights and optimizer state, whose optimizer the model keeps;
+        # false (create_training_client_from_state): the weights only, and a fresh optimizer (AdamW by default).
         request = api.CreateRunRequest(
             base_model=base_model,
             run_id=model_id,
-            from_checkpoint=api.CheckpointRef(run_id=source_run, name=name),
-        )
-        return service.submit(
-            "create_run", None, lambda: service.create_run(request, owner).model_dump(), owner
+            from_checkpoint=api.CheckpointRef(run_id=source_run, name=name, with_optimizer=optimizer),
+            optimizer=chosen if chosen is not None or optimizer else "adamw",
         )
 
-    _expect(state, model_id, 1)  # the load is the model's op 0
-    answer = _submit(state, create, model_id=model_id)
+        def work() -> dict[str, Any]:
+            created = service.create_run(request, owner).model_dump()
+            _keep_run_metadata(state, model_id, body.user_metadata, owner)
+            return created
+
+        return service.submit("create_run", None, work, owner)
+
+    _expect(state, owner, model_id, 1)  # the load is the model's op 0
+    answer = _submit(state, owner, create, model_id=model_id)
     with state.lock:
         return state.remember(key, answer)
 
@@ -593,20 +673,21 @@ class _SamplingSession:
 
 @_authed.post("/create_sampling_session")
 def create_sampling_session(
-    body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.CreateSamplingSession, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     """A sampling session on a base model, or on a checkpoint (`model_path`, loaded as a snapshot)."""
-    sampler_id = wire.sampling_session_id(
-        str(body.get("session_id")), int(body.get("sampling_session_seq_id", 0))
-    )
-    if state.durable.get(SAMPLERS, sampler_id) is None:
-        model_path = body.get("model_path")
-        if model_path:
-            run_id, name, _ = wire.parse_tinker_path(str(model_path))
+    sampler_id = wire.sampling_session_id(body.session_id, body.sampling_session_seq_id)
+    _check_session_of_new_object(state, body.session_id, owner)
+    existing = state.durable.get(SAMPLERS, sampler_id)
+    if existing is not None:
+        service.access.require(existing.owner, owner, f"no sampling session {sampler_id!r}")
+    else:
+        if body.model_path:
+            run_id, name, _ = wire.parse_tinker_path(body.model_path)
             base = service.sampler_from_checkpoint(run_id, name, sampler_id, owner)
-            value = {"base_model": base, "model_path": str(model_path)}
+            value = {"base_model": base, "model_path": body.model_path}
         else:
-            value = {"base_model": str(body.get("base_model") or service.default_base_model())}
+            value = {"base_model": body.base_model or service.default_base_model()}
         state.durable.put(SAMPLERS, sampler_id, value, owner=owner)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
@@ -616,7 +697,9 @@ def _sampling_session(
 ) -> _SamplingSession:
     """Which weights `sampler_id` samples; a checkpoint's snapshot is loaded again after a restart."""
     record = state.durable.get(SAMPLERS, sampler_id)
-    live_base = service.sampler_base_model(sampler_id)
+    if record is not None:
+        service.access.require(record.owner, owner, f"no sampling session {sampler_id!r}")
+    live_base = service.sampler_base_model(sampler_id, owner)
     if record is None:
         if live_base is None:
             raise NotFoundError(f"no sampling session {sampler_id!r}")
@@ -642,24 +725,22 @@ def get_sampler(sampler_id: str, service: ServiceDep, owner: OwnerDep, state: St
 
 
 @_authed.post("/asample")
-def asample(body: dict[str, Any], service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
+def asample(body: bodies.ASample, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
     """`sample` and `compute_logprobs`: a future with one sequence id per sample; a protobuf result."""
-    sampler_id = str(body.get("sampling_session_id"))
-    num_samples = int(body.get("num_samples", 1))
-    seq_id = body.get("seq_id", 0)
-    key = ("sample", sampler_id, str(seq_id))
+    sampler_id, num_samples, seq_id = body.sampling_session_id, body.num_samples, body.seq_id
+    key = service.access.key(owner, "sample", sampler_id, str(seq_id))
     with state.lock:
         if key in state.answers:
             return state.answers[key]
 
     def submit() -> Job:
         session = _sampling_session(state, service, sampler_id, owner)
-        request, echo = wire.sample_request(body, session.sampler_id)
+        request, echo = wire.sample_request(body.wire(), session.sampler_id)
         base_model = session.base_model if session.sampler_id is None else None
         return service.sample_request(request, owner, base_model=base_model, echo=echo)
 
     ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
-    answer = _submit(state, submit, sample_sequence_ids=ids)
+    answer = _submit(state, owner, submit, sample_sequence_ids=ids)
     with state.lock:
         return state.remember(key, answer)
 
@@ -695,9 +776,25 @@ def _rest_checkpoints(
 
 def _training_run(service: Service, state: TinkerState, run: api.Run, owner: str | None) -> dict[str, Any]:
     checkpoints = _rest_checkpoints(state, service.list_checkpoints(run.run_id, owner), run.run_id)
+    meta = state.durable.get(RUN_META, run.run_id)
     return wire.rest_training_run(
-        run.run_id, run.base_model, owner, run.lora_config.r, run.updated_at or run.created_at, checkpoints
+        run.run_id,
+        run.base_model,
+        owner,
+        run.lora_config.r,
+        run.updated_at or run.created_at,
+        checkpoints,
+        user_metadata=wire.user_metadata(meta.value.get("user_metadata")) if meta is not None else None,
     )
+
+
+def _keep_run_metadata(
+    state: TinkerState, run_id: str, user_metadata: dict[str, Any] | None, owner: str | None
+) -> None:
+    """Store a new run's `user_metadata` (returned by `get_training_run`; the cookbook keeps its
+    renderer name there to check it on resume)."""
+    if user_metadata is not None:
+        state.durable.put(RUN_META, run_id, {"user_metadata": user_metadata}, owner=owner)
 
 
 @_authed.get("/training_runs")
@@ -739,11 +836,14 @@ def list_user_checkpoints(
 
 
 @_authed.post("/weights_info")
-def weights_info(body: dict[str, Any], service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
-    run_id, name, _ = wire.parse_tinker_path(str(body.get("tinker_path")))
+def weights_info(
+    body: bodies.WeightsInfo, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    run_id, name, _ = wire.parse_tinker_path(body.tinker_path)
     run = service.get_run(run_id, owner)
     if name not in {c.name for c in service.list_checkpoints(run_id, owner)}:
-        raise NotFoundError(f"run {run_id!r} has no checkpoint {body.get('tinker_path')!r}")
+        raise NotFoundError(f"run {run_id!r} has no checkpoint {body.tinker_path!r}")
+    meta = state.durable.get(CHECKPOINT_META, f"{run_id}/{name}")
     targets = run.lora_config.target_modules
     every_layer = targets in (None, "all-linear") or (
         isinstance(targets, list) and all("." not in t for t in targets)
@@ -755,6 +855,8 @@ def weights_info(body: dict[str, Any], service: ServiceDep, owner: OwnerDep) -> 
         "train_unembed": _trains_head(run),
         "train_attn": True if every_layer else None,  # None: a custom target list, not classified here
         "train_mlp": True if every_layer else None,
+        "optimizer_config": optimizer_config(run.optimizer),  # a run's checkpoints all have its optimizer
+        "user_metadata": meta.value.get("user_metadata") if meta is not None else None,
     }
 
 
@@ -795,14 +897,14 @@ def unpublish_checkpoint(
 def set_checkpoint_ttl(
     run_id: str,
     checkpoint_id: str,
-    body: dict[str, Any],
+    body: bodies.CheckpointTtl,
     service: ServiceDep,
     owner: OwnerDep,
     state: StateDep,
 ) -> None:
     """Records when the checkpoint expires (reported as `expires_at`; nothing deletes it automatically)."""
     key = _checkpoint_key(run_id, checkpoint_id, service, owner)
-    ttl = body.get("ttl_seconds")
+    ttl = body.ttl_seconds
     _check_ttl(ttl)
     _set_meta(state, key, owner, expires_at=None if ttl is None else time.time() + ttl)
 
@@ -889,26 +991,30 @@ def _recover(state: TinkerState, service: Service, request_id: str, owner: str |
     job_id = mapped.value["job_id"] if mapped is not None else request_id
     job = service.scheduler.get(job_id)
     if job is not None:
-        future = _Future()
+        if not service.access.allows(job.owner, owner):
+            return None  # another key's: answered like an unknown request
+        future = _Future(job.owner)
         future.settle(job)
         return future
     try:
         record = service.get_job(job_id, owner)
     except NotFoundError:
         return None
-    future = _Future(record=record)
+    future = _Future(owner, record=record)
     future.submitted.set_result(None)
     return future
 
 
 @_authed.post("/retrieve_future")
 async def retrieve_future(
-    body: dict[str, Any], request: Request, service: ServiceDep, owner: OwnerDep, state: StateDep
+    body: bodies.RetrieveFuture, request: Request, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> Response:
     """Long-poll a future: its result, `try_again` after ~25 s, or a 200 `{"error", "category"}`."""
-    request_id = str(body.get("request_id"))
+    request_id = body.request_id
     with state.lock:
         future = state.futures.get(request_id)
+    if future is not None and not service.access.allows(future.owner, owner):
+        future = None  # another key's request: answered exactly like an unknown one
     if future is None:
         future = await run_in_threadpool(_recover, state, service, request_id, owner)
     if future is None:

@@ -7,6 +7,7 @@ Protobuf layouts follow reference/tinker-wire-protocol.md §3.4-3.5 and §3.8 (S
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -19,8 +20,9 @@ import torch
 import zstandard
 
 from eztinker.api import tinker_public_pb2 as pb
-from eztinker.engine import Datum, SamplingParams
+from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams
 from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.optimizers import OptimizerName, check_optimizer_name
 from eztinker.engine.sampler import SampleRequest
 
 PROTOBUF = "application/x-protobuf"
@@ -508,7 +510,8 @@ def iso_time(seconds: float) -> str:
 def rest_checkpoint(
     run_id: str, native_name: str, created_at: float, size_bytes: int, meta: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A `types.Checkpoint`; `meta` holds what REST set on it (`public`, `expires_at` in Unix seconds)."""
+    """A `types.Checkpoint`; `meta` holds what was set on it (`public`, `expires_at` in Unix seconds,
+    `user_metadata`)."""
     ckpt_id = checkpoint_id(native_name)
     meta = meta or {}
     expires_at = meta.get("expires_at")
@@ -520,6 +523,7 @@ def rest_checkpoint(
         "size_bytes": size_bytes,
         "public": bool(meta.get("public", False)),
         "expires_at": None if expires_at is None else iso_time(expires_at),
+        "user_metadata": meta.get("user_metadata"),
     }
 
 
@@ -530,6 +534,7 @@ def rest_training_run(
     lora_rank: int,
     last_request_time: float,
     checkpoints: Sequence[Mapping[str, Any]] = (),
+    user_metadata: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A `types.TrainingRun`; `checkpoints` are `rest_checkpoint`s of the run, oldest first."""
 
@@ -546,8 +551,83 @@ def rest_training_run(
         "last_request_time": iso_time(last_request_time),
         "last_checkpoint": last("training"),
         "last_sampler_checkpoint": last("sampler"),
+        "user_metadata": None if user_metadata is None else dict(user_metadata),
     }
+
+
+def user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """`user_metadata` as the SDK reads it back (`dict[str, str]`): a non-string value (create_model
+    and load_weights accept any JSON) is kept as its JSON text."""
+    if metadata is None:
+        return None
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
 def cursor(offset: int, limit: int, total: int) -> dict[str, int]:
     return {"offset": offset, "limit": limit, "total_count": total}
+
+
+# --- optimizers --------------------------------------------------------------------------------------------
+
+_ADAM_FIELDS = ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm")
+_DIMUON_FIELDS = ("learning_rate", "beta1", "grad_clip_norm", "damping", "rank_lr_correction_exponent")
+
+
+def optimizer_from_config(config: Any, field: str = "optimizer_config") -> OptimizerName | None:
+    """The optimizer an `OptimizerConfig` (`{"type": "adamw"}`, `{"type": "dimuon", "version": 1}`)
+    names; None if absent. An unknown type, version or field is refused (never trained as AdamW)."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise InvalidInputError(field, f'must be an object like {{"type": "adamw"}}, got {config!r}')
+    name = check_optimizer_name(config.get("type"), f"{field}.type")
+    allowed = {"type", "version"} if name == "dimuon" else {"type"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise InvalidInputError(f"{field}.{unknown[0]}", f"is not a setting of the {name} optimizer")
+    if name == "dimuon" and config.get("version", 1) != 1:
+        raise InvalidInputError(
+            f"{field}.version", f"Dimuon version {config['version']!r} is unknown; this server has 1"
+        )
+    return name
+
+
+def optim_params(body: Mapping[str, Any]) -> AdamParams | DimuonParams:
+    """The step params of an `optim_step` body: `adam_params` (AdamParams) or `optimizer_params`
+    (`{"type": "dimuon", ...}`: DimuonParams); `optim_params` is accepted as either, as the SDK's model
+    accepts it. Values are range-checked later, against the run's optimizer (`check_step_params`)."""
+    given = [key for key in ("adam_params", "optimizer_params", "optim_params") if body.get(key) is not None]
+    if len(given) > 1:
+        raise InvalidInputError(given[1], f"give one of {given[0]} and {given[1]}, not both")
+    if not given:
+        return AdamParams()  # SDKs always send one; an older client may send neither
+    key = given[0]
+    value = body[key]
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(key, f"must be an object, got {value!r}")
+    if key == "adam_params" or (key == "optim_params" and "type" not in value):
+        return AdamParams(**_step_numbers(value, key, _ADAM_FIELDS))
+    kind = value.get("type")
+    if kind != "dimuon":
+        raise InvalidInputError(
+            f"{key}.type",
+            f"unknown optimizer {kind!r}: AdamParams go in adam_params, DimuonParams are type dimuon",
+        )
+    settings = {k: v for k, v in value.items() if k != "type"}
+    if "learning_rate" not in settings:
+        raise InvalidInputError(f"{key}.learning_rate", "is required for a Dimuon step")
+    return DimuonParams(**_step_numbers(settings, key, _DIMUON_FIELDS))
+
+
+def _step_numbers(values: Mapping[str, Any], key: str, allowed: Sequence[str]) -> dict[str, float]:
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise InvalidInputError(
+            f"{key}.{unknown[0]}", f"is not a setting of this optimizer (it has {list(allowed)})"
+        )
+    out: dict[str, float] = {}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInputError(f"{key}.{name}", f"must be a number, got {value!r}")
+        out[name] = float(value)
+    return out

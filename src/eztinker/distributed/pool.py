@@ -462,6 +462,8 @@ class WorkerPool:
         *,
         run_id: str | None = None,
         adapter_path: str | Path | None = None,
+        optimizer: str | None = None,
+        with_optimizer: bool = True,
     ) -> RunInfo:
         worker = self._place(base_model)
         info: RunInfo = self._sync(
@@ -473,6 +475,8 @@ class WorkerPool:
             loss_config,
             run_id=run_id,
             adapter_path=adapter_path,
+            optimizer=optimizer,
+            with_optimizer=with_optimizer,
         )
         with self._lock:
             self._runs[info.run_id] = worker

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,6 +95,32 @@ def encode_error(exc: BaseException) -> RemoteError:
     return RemoteError("ComputeError", f"internal error on the worker: {type(exc).__name__}: {exc}")
 
 
+@dataclass(frozen=True)
+class _Op:
+    """One op of a co-batched pass: the engine's request, and how to hand its outcome to its caller."""
+
+    request: Any
+    settle: Callable[[Any], Any]
+
+
+def _settling(runner: Callable[[list[Any]], Sequence[Any]]) -> Callable[[list[_Op]], Sequence[Any]]:
+    """`runner` as the worker's scheduler runs it: on `_Op`s, each failed op's exception settled at once.
+
+    The scheduler fails such a job itself, keeping only the error's text and category; its caller on the
+    API server needs the exception (a NaN loss is a `NonFiniteError`, a user error), encoded like any other.
+    """
+
+    def run(ops: list[_Op]) -> Sequence[Any]:
+        outcomes = runner([op.request for op in ops])
+        if len(outcomes) == len(ops):  # (otherwise the scheduler runs each op alone)
+            for op, outcome in zip(ops, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    op.settle([outcome])
+        return outcomes
+
+    return run
+
+
 class ModelWorker:
     """An engine, a scheduler co-batching its ops, and its sampling engines, behind picklable calls."""
 
@@ -120,7 +146,10 @@ class ModelWorker:
         self.sampling = SamplingEngines(self.engine.base_model)
         self.scheduler = Scheduler(
             workers=1,
-            runners={"train": self.engine.forward_backward_many, "optim": self.engine.optim_step_many},
+            runners={
+                "train": _settling(self.engine.forward_backward_many),
+                "optim": _settling(self.engine.optim_step_many),
+            },
             background=self.sampling,
             **(scheduler_options or {}),
         )
@@ -154,6 +183,8 @@ class ModelWorker:
         outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def settle(value: Any) -> dict[str, Any]:
+            if outcome.done():
+                return {}
             if isinstance(value, BaseException):
                 outcome.set_exception(value)
             else:
@@ -171,7 +202,10 @@ class ModelWorker:
             (request,) = args[0]
             group = self.engine.run_info(run_id).base_model if run_id is not None else ""
             batch = Batchable(
-                kind=_BATCH_KINDS[method], group=group, request=request, finish=lambda r: settle([r])
+                kind=_BATCH_KINDS[method],
+                group=group,
+                request=_Op(request, settle),
+                finish=lambda r: settle([r]),
             )
         job = Job(op=method, run_id=run_id, fn=work, batch=batch)
         self.scheduler.submit(job)

@@ -1,8 +1,8 @@
 """The EZTinker engine: LoRA training and sampling on shared, frozen base models, in-process.
 
-It takes typed inputs (`Datum`, `AdamParams`, `SamplingParams`) and returns typed outputs; it knows
-nothing about HTTP, JSON, request ids or queues — the server's facades translate to and from these
-types, and its scheduler decides when each op runs. It imports without FastAPI or httpx.
+It takes typed inputs (`Datum`, `AdamParams` / `DimuonParams`, `SamplingParams`) and returns typed
+outputs; it knows nothing about HTTP, JSON, request ids or queues — the server's facades translate to
+and from these types, and its scheduler decides when each op runs. It imports without FastAPI or httpx.
 
 ```python
 from eztinker.engine import AdamParams, Datum, Engine
@@ -28,6 +28,7 @@ from eztinker.engine.losses import get_loss_function, list_losses, register_loss
 from eztinker.engine.types import (
     AdamParams,
     Datum,
+    DimuonParams,
     ForwardBackwardResult,
     OptimStepResult,
     SampledSequence,
@@ -41,6 +42,7 @@ __all__ = [
     "ComputeError",
     "ConflictError",
     "Datum",
+    "DimuonParams",
     "Engine",
     "EngineConfig",
     "EngineError",

@@ -5,9 +5,12 @@ A checkpoint is a directory that `peft.PeftModel.from_pretrained(base_model, pat
 ```
 adapter_config.json          peft.LoraConfig(...), serialised as PEFT serialises it
 adapter_model.safetensors    base_model.model.<module path>.lora_A.weight (r, in) / .lora_B.weight (out, r)
-eztinker.json                format version, kind, step, base model, lora and loss configs, creation time
+eztinker.json                format version, kind, step, base model, lora and loss configs, optimizer
+                             (`optimizer_config`; `optimizer`: whose state optimizer.safetensors holds),
+                             creation time
 optimizer.safetensors        kind "state" only: <module path>.lora_A.<stat> / .lora_B.<stat> for each
-                             AdamW statistic (step, exp_avg, exp_avg_sq), exactly as torch keeps them
+                             statistic of the run's optimizer (`optimizers.STATE_STATS`): AdamW's step,
+                             exp_avg, exp_avg_sq exactly as torch keeps them, or Dimuon's momentum_buffer
 ```
 
 Only safetensors and JSON are written and read (an old-style `adapter_model.bin` is read with
@@ -27,11 +30,27 @@ extra trainable modules, ...) are refused with a message that names the feature.
 
 `restore_into_run` is all-or-nothing: everything is checked, and every tensor converted to the run's
 device and dtype, before the first weight is overwritten.
+
+Module names. A checkpoint names every adapted layer by its module path in the Hugging Face model
+(`model.layers.0.self_attn.q_proj`, `lm_head`), which is what PEFT loads. Tinker's exports name the
+output head (unembedding) `model.unembed_tokens` whatever the model calls it, and tinker-cookbook's
+`weights.build_hf_model` / `build_lora_adapter` rely on that name: they map it to `lm_head`, or to the
+input embedding when the base ties the two (a tied base has no `lm_head.weight` on disk, so an adapter
+on `lm_head` cannot be merged by them). So the Tinker export (`module_names="tinker"`) writes Tinker's
+name for the head and the model's paths for everything else; reading accepts both namings, and
+`model_module_path` / `with_model_names` translate Tinker's name back once the model (hence its head's
+path) is known.
+
+Encryption. `write_checkpoint(..., age_recipients=[...])` encrypts every file to the age recipients
+(`age1...` X25519 keys or SSH public keys) and stores it as `<file>.age` (binary age format, what
+`age -d` and `pyrage.decrypt_file` read). Files are encrypted in memory: no plaintext byte of an
+encrypted checkpoint is ever written to disk. The server cannot read such a checkpoint back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -40,17 +59,22 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import pyrage as _pyrage
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
+from transformers.pytorch_utils import Conv1D
 
 from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.lora import output_head_path
+from eztinker.engine.optimizers import OPTIMIZERS, STATE_STATS, OptimizerName, optimizer_config
 from eztinker.models import LoRAConfig, LossFunctionConfig
 
 if TYPE_CHECKING:
@@ -67,6 +91,19 @@ METADATA_FILE = "eztinker.json"
 
 PEFT_PREFIX = "base_model.model."
 """PEFT's prefix of every saved key: the model's module path follows it."""
+
+TINKER_UNEMBED = "model.unembed_tokens"
+"""Tinker's module name for the output head (unembedding) in the adapters it exports."""
+
+AGE_SUFFIX = ".age"
+"""The suffix of an age-encrypted checkpoint file (`adapter_model.safetensors.age`), as Tinker's."""
+
+MAX_AGE_RECIPIENTS = 10  # as the Tinker API allows
+
+_age: Any = _pyrage  # pyrage's extension module ships no type information
+
+ModuleNames = Literal["peft", "tinker"]
+"""How a checkpoint names the output head: by its module path (PEFT) or as Tinker does."""
 
 OPTIMIZER_STATS = ("step", "exp_avg", "exp_avg_sq")
 """The AdamW statistics every saved parameter has (`max_exp_avg_sq` too under amsgrad)."""
@@ -102,9 +139,11 @@ class LoadedCheckpoint:
     loss_config: LossFunctionConfig | None
     # module path -> (A (r, in), B (out, r)), on the CPU as stored
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    # "<module path>.lora_A" -> {"step", "exp_avg", "exp_avg_sq"}; None for an adapter without optimizer state
+    # "<module path>.lora_A" -> {"step", "exp_avg", "exp_avg_sq"} (AdamW) or {"momentum_buffer"} (Dimuon);
+    # None for an adapter without optimizer state
     optimizer: dict[str, dict[str, torch.Tensor]] | None
     created_at: float | None = None  # from eztinker.json; None for a plain PEFT adapter
+    optimizer_name: OptimizerName = "adamw"  # the saving run's optimizer (whose state `optimizer` holds)
 
 
 # --- saving ------------------------------------------------------------------------------------------
@@ -147,13 +186,21 @@ def check_checkpoint_path(path: str | Path) -> Path:
     return target
 
 
-def prepare_checkpoint(run: TrainingRun, *, kind: Literal["state", "weights"]) -> PreparedCheckpoint:
+def prepare_checkpoint(
+    run: TrainingRun, *, kind: Literal["state", "weights"], module_names: ModuleNames = "peft"
+) -> PreparedCheckpoint:
     """Copy out everything a checkpoint of `run` holds (call it under the base model's lock).
 
+    `module_names="tinker"` names the output head as Tinker's exports do (see the module docstring);
+    the default names every layer by its module path, which PEFT loads.
     Everything that can fail on bad data happens here, before the first byte is written.
     """
     if kind not in ("state", "weights"):
         raise InvalidInputError("kind", f"must be 'state' or 'weights', got {kind!r}")
+    if module_names not in ("peft", "tinker"):
+        raise InvalidInputError("module_names", f"must be 'peft' or 'tinker', got {module_names!r}")
+    # Only a Tinker-named checkpoint renames anything (the head); None leaves every name as it is.
+    head = output_head_path(run.base.model) if module_names == "tinker" else None
     created_at = time.time()
     metadata = {
         "format": "eztinker-checkpoint",
@@ -165,23 +212,37 @@ def prepare_checkpoint(run: TrainingRun, *, kind: Literal["state", "weights"]) -
         "lora_config": run.lora_config.model_dump(mode="json"),
         "loss_config": run.loss_config.model_dump(mode="json"),
         "target_modules": list(run.target_modules),
-        "optimizer": "adamw" if kind == "state" else None,
+        "optimizer": run.optimizer_name if kind == "state" else None,
+        "optimizer_config": optimizer_config(run.optimizer_name),
+        "module_names": module_names,
         "created_at": created_at,
     }
+    optimizer = _optimizer_tensors(run) if kind == "state" else None
+    config = _peft_config_dict(run)
+    config["target_modules"] = _translate_targets(config["target_modules"], head, "tinker")
     return PreparedCheckpoint(
         kind=kind,
         step=run.step,
         base_model=run.base.name,
         created_at=created_at,
-        adapter=_adapter_tensors(run),
-        optimizer=_optimizer_tensors(run) if kind == "state" else None,
-        adapter_config_json=json.dumps(_peft_config_dict(run), indent=2, sort_keys=True),
+        adapter={translate_module_name(k, head, "tinker"): v for k, v in _adapter_tensors(run).items()},
+        optimizer=None
+        if optimizer is None
+        else {translate_module_name(k, head, "tinker"): v for k, v in optimizer.items()},
+        adapter_config_json=json.dumps(config, indent=2, sort_keys=True),
         metadata_json=json.dumps(metadata, indent=2, sort_keys=True),
     )
 
 
-def write_checkpoint(path: str | Path, prepared: PreparedCheckpoint) -> CheckpointInfo:
-    """Write a prepared checkpoint to the new directory `path`, atomically (see the module docstring)."""
+def write_checkpoint(
+    path: str | Path, prepared: PreparedCheckpoint, *, age_recipients: Sequence[str] | None = None
+) -> CheckpointInfo:
+    """Write a prepared checkpoint to the new directory `path`, atomically (see the module docstring).
+
+    With `age_recipients` every file is age-encrypted to them and named `<file>.age`; invalid recipients
+    are an `InvalidInputError` (field "age_recipients") before anything is written.
+    """
+    recipients = None if age_recipients is None else parse_age_recipients(age_recipients)
     target = check_checkpoint_path(path)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -189,11 +250,11 @@ def write_checkpoint(path: str | Path, prepared: PreparedCheckpoint) -> Checkpoi
     temp.mkdir()
     renamed = False
     try:
-        _write_text(temp / ADAPTER_CONFIG_FILE, prepared.adapter_config_json)
-        _write_safetensors(temp / ADAPTER_WEIGHTS_FILE, prepared.adapter)
+        _put(temp / ADAPTER_CONFIG_FILE, prepared.adapter_config_json, recipients)
+        _put(temp / ADAPTER_WEIGHTS_FILE, prepared.adapter, recipients)
         if prepared.optimizer is not None:
-            _write_safetensors(temp / OPTIMIZER_FILE, prepared.optimizer)
-        _write_text(temp / METADATA_FILE, prepared.metadata_json)
+            _put(temp / OPTIMIZER_FILE, prepared.optimizer, recipients)
+        _put(temp / METADATA_FILE, prepared.metadata_json, recipients)
         _fsync(temp)
         with _RENAME_LOCK:
             if os.path.lexists(target):
@@ -211,8 +272,67 @@ def write_checkpoint(path: str | Path, prepared: PreparedCheckpoint) -> Checkpoi
         base_model=prepared.base_model,
         created_at=prepared.created_at,
         size_bytes=_dir_size(target),
-        optimizer_path=target / OPTIMIZER_FILE if prepared.optimizer is not None else None,
+        optimizer_path=None
+        if prepared.optimizer is None
+        else target / (OPTIMIZER_FILE if recipients is None else OPTIMIZER_FILE + AGE_SUFFIX),
     )
+
+
+def _put(file: Path, content: str | dict[str, torch.Tensor], recipients: list[Any] | None) -> None:
+    """Write text or tensors (as safetensors) to `file`, durably; encrypted to `recipients` as `<file>.age`.
+
+    Encryption happens in memory, so no plaintext of an encrypted checkpoint ever reaches the disk.
+    """
+    if recipients is None:
+        if isinstance(content, str):
+            _write_text(file, content)
+        else:
+            _write_safetensors(file, content)
+        return
+    data = (
+        content.encode("utf-8")
+        if isinstance(content, str)
+        else safetensors_bytes(content, metadata=_SAFETENSORS_METADATA)
+    )
+    encrypted = _age.encrypt(data, recipients)  # binary age format (armored=False), as `age` writes
+    with open(file.with_name(file.name + AGE_SUFFIX), "wb") as handle:
+        handle.write(encrypted)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def parse_age_recipients(recipients: object, field: str = "age_recipients") -> list[Any]:
+    """The age recipients `recipients` names: a list of 1 to 10 `age1...` X25519 public keys or SSH public
+    keys (`ssh-ed25519 AAAA...`, `ssh-rsa AAAA...`), as age and the Tinker API accept them.
+
+    Anything else is an `InvalidInputError` naming `field` and the first bad entry.
+    """
+    if not isinstance(recipients, list | tuple) or not recipients:
+        raise InvalidInputError(
+            field, "must be a non-empty list of age recipients (`age1...` keys or SSH public keys)"
+        )
+    if len(recipients) > MAX_AGE_RECIPIENTS:
+        raise InvalidInputError(field, f"names {len(recipients)} recipients; at most {MAX_AGE_RECIPIENTS}")
+    parsed: list[Any] = []
+    for i, text in enumerate(recipients):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{field}[{i}]", f"must be a string, got {type(text).__name__}")
+        text = text.strip()
+        module = _age.ssh if text.startswith(("ssh-", "ecdsa-", "sk-")) else _age.x25519
+        try:
+            parsed.append(module.Recipient.from_str(text))
+        except (_age.RecipientError, ValueError) as exc:
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise InvalidInputError(
+                f"{field}[{i}]",
+                f"{shown!r} is not an age recipient (an `age1...` X25519 public key or an SSH public key): {exc}",
+            ) from None
+    return parsed
+
+
+def is_encrypted(path: str | Path) -> bool:
+    """Whether `path` is an age-encrypted checkpoint directory (its files end in `.age`)."""
+    return (Path(path) / (ADAPTER_CONFIG_FILE + AGE_SUFFIX)).is_file()
 
 
 def _adapter_tensors(run: TrainingRun) -> dict[str, torch.Tensor]:
@@ -298,6 +418,56 @@ def _peft_target_modules(run: TrainingRun) -> list[str]:
     return names if matched == paths else sorted(paths)
 
 
+# --- module names ------------------------------------------------------------------------------------
+
+
+def translate_module_name(key: str, head: str | None, to: ModuleNames) -> str:
+    """`key` with the output head named as `to` names it; the one place the two namings meet.
+
+    `key` is a module path or starts with one (`<path>.lora_A`, `<path>.lora_A.exp_avg`, or a PEFT key
+    `base_model.model.<path>.lora_A.weight`); `head` is the model's output-head path (`lm_head`; None if
+    it has none: nothing is renamed). To "tinker", the head becomes `model.unembed_tokens`; to "peft",
+    `model.unembed_tokens` becomes the head's path. Every other module keeps its path in both namings
+    (Tinker names dense attention and MLP layers by their Hugging Face paths too).
+    """
+    if head is None:
+        return key
+    prefix = PEFT_PREFIX if key.startswith(PEFT_PREFIX) else ""
+    rest = key[len(prefix) :]
+    old, new = (head, TINKER_UNEMBED) if to == "tinker" else (TINKER_UNEMBED, head)
+    if rest == old or rest.startswith(old + "."):
+        return prefix + new + rest[len(old) :]
+    return key
+
+
+def _translate_targets(targets: Any, head: str | None, to: ModuleNames) -> Any:
+    """adapter_config.json's target_modules (short names or paths) in the naming `to` (see above)."""
+    if head is None or not isinstance(targets, list | tuple | set):
+        return targets
+    short = {head.rsplit(".", 1)[-1]: TINKER_UNEMBED.rsplit(".", 1)[-1]}  # lm_head <-> unembed_tokens
+    if to == "peft":
+        short = {v: k for k, v in short.items()}
+    return sorted(short.get(t, translate_module_name(t, head, to)) for t in targets)
+
+
+def with_model_names(loaded: LoadedCheckpoint, head: str | None) -> LoadedCheckpoint:
+    """`loaded` with its layers named by the model's module paths: Tinker's `model.unembed_tokens` becomes
+    `head`, the model's output-head path (call it once the model is known). Idempotent."""
+    if head is None or not any(translate_module_name(p, head, "peft") != p for p in loaded.tensors):
+        return loaded
+    tensors = {translate_module_name(p, head, "peft"): ab for p, ab in loaded.tensors.items()}
+    optimizer = (
+        None
+        if loaded.optimizer is None
+        else {translate_module_name(k, head, "peft"): v for k, v in loaded.optimizer.items()}
+    )
+    targets = loaded.lora_config.target_modules
+    if isinstance(targets, list):
+        targets = _translate_targets(targets, head, "peft")
+    lora_config = loaded.lora_config.model_copy(update={"target_modules": targets})
+    return dataclasses.replace(loaded, tensors=tensors, optimizer=optimizer, lora_config=lora_config)
+
+
 # --- reading -----------------------------------------------------------------------------------------
 
 
@@ -306,12 +476,17 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
 
     `NotFoundError` if `path` does not exist; `InvalidInputError` (field "adapter_path") if it is not a
     LoRA adapter directory EZTinker can use, naming the problem.
+
+    Layers keep the names the files give them: a Tinker-named head stays `model.unembed_tokens` until
+    `with_model_names` (which `restore_into_run` applies) translates it for a model.
     """
     root = Path(path)
     if not root.exists():
         raise NotFoundError(f"no checkpoint at {str(root)!r}")
     if not root.is_dir():
         raise _invalid(root, "is not a directory")
+    if is_encrypted(root):
+        raise _invalid(root, "is age-encrypted (its files end in .age): decrypt it with `age -d` first")
     config = _read_json(root / ADAPTER_CONFIG_FILE, root, required=True)
     assert config is not None
     _check_peft_config(config, root)
@@ -374,11 +549,12 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     step = metadata.get("step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise _invalid(root, f"{METADATA_FILE} has step {step!r}; expected an integer >= 0")
+    optimizer_name = _recorded_optimizer(root, metadata, kind)
     optimizer = None
     if kind == "state":
         if not (root / OPTIMIZER_FILE).is_file():
             raise _invalid(root, f"is a 'state' checkpoint without {OPTIMIZER_FILE}")
-        optimizer = _read_optimizer(root, tensors)
+        optimizer = _read_optimizer(root, tensors, optimizer_name)
     created_at = metadata.get("created_at")
     return LoadedCheckpoint(
         path=root,
@@ -390,7 +566,23 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         tensors=tensors,
         optimizer=optimizer,
         created_at=float(created_at) if isinstance(created_at, int | float) else None,
+        optimizer_name=optimizer_name,
     )
+
+
+def _recorded_optimizer(root: Path, metadata: Mapping[str, Any], kind: str) -> OptimizerName:
+    """The saving run's optimizer, from eztinker.json (AdamW for checkpoints older than Dimuon)."""
+    config = metadata.get("optimizer_config")
+    recorded = config.get("type") if isinstance(config, dict) else None
+    state = metadata.get("optimizer") if kind == "state" else None
+    name = recorded or state or "adamw"
+    if name not in OPTIMIZERS:
+        raise _invalid(
+            root, f"{METADATA_FILE} records optimizer {name!r}; this EZTinker has {list(OPTIMIZERS)}"
+        )
+    if state is not None and state != name:
+        raise _invalid(root, f"{METADATA_FILE} records optimizer {name!r} but state of {state!r}")
+    return name
 
 
 def _invalid(root: Path, message: str) -> InvalidInputError:
@@ -532,7 +724,7 @@ def _validated_lora_config(root: Path, data: Mapping[str, Any]) -> LoRAConfig:
 
 
 def _read_optimizer(
-    root: Path, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    root: Path, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], family: OptimizerName = "adamw"
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`<module path>.lora_A` -> {stat: tensor}, checked against the adapter's layers and shapes."""
     try:
@@ -549,7 +741,7 @@ def _read_optimizer(
     for param_key, state in optimizer.items():
         module_path, _, which = param_key.rpartition(".")
         weight = tensors[module_path][0 if which == "lora_A" else 1]
-        missing = [s for s in OPTIMIZER_STATS if s not in state]
+        missing = [s for s in STATE_STATS[family] if s not in state]
         if missing:
             raise _invalid(root, f"has no optimizer {missing[0]} for {param_key}")
         for stat, value in state.items():
@@ -571,11 +763,20 @@ def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimiz
     The checkpoint must have exactly the run's layers, shapes and scaling, else `InvalidInputError`
     (field "path") naming the first mismatch, and the run is untouched. Accumulated gradients are
     dropped. The optimizer state is the checkpoint's if `with_optimizer` and it has one; else it is
-    cleared (AdamW starts afresh at the next step).
+    cleared (the optimizer starts afresh at the next step). State of another optimizer than the run's
+    is refused (a run's optimizer is fixed). Tinker's name for the head is accepted.
     """
+    loaded = with_model_names(loaded, output_head_path(run.base.model))
     _check_compatible(run, loaded)
     params = _named_params(run)
     use_optimizer = with_optimizer and loaded.optimizer is not None
+    if use_optimizer and loaded.optimizer_name != run.optimizer_name:
+        raise InvalidInputError(
+            "path",
+            f"checkpoint {str(loaded.path)!r} holds {loaded.optimizer_name} optimizer state, but run "
+            f"{run.run_id!r} uses {run.optimizer_name} (fixed when it was created): load its weights only, "
+            "or create a run from it",
+        )
     # Convert everything first (this is where an out-of-memory would strike), then commit.
     new_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     for module_path, (a, b) in loaded.tensors.items():
@@ -588,7 +789,13 @@ def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimiz
         groups = {id(p): group for group in run.optimizer.param_groups for p in group["params"]}
         for key, state in loaded.optimizer.items():
             param = params[key]
-            new_states[key] = _torch_adam_state(param, state, groups.get(id(param), {}))
+            if run.optimizer_name == "adamw":
+                new_states[key] = _torch_adam_state(param, state, groups.get(id(param), {}))
+            else:  # Dimuon's momentum: the parameter's device and dtype
+                new_states[key] = {
+                    k: v.detach().to(device=param.device, dtype=param.dtype, copy=True)
+                    for k, v in state.items()
+                }
 
     with torch.no_grad():
         for param, value in new_weights:
@@ -690,6 +897,16 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     root = Path(path)
     if not root.is_dir():
         raise NotFoundError(f"no checkpoint at {str(root)!r}")
+    if is_encrypted(root):  # nothing inside is readable: what the file system says
+        return CheckpointInfo(
+            path=root,
+            kind="weights",
+            step=0,
+            base_model=None,
+            created_at=(root / (ADAPTER_CONFIG_FILE + AGE_SUFFIX)).stat().st_mtime,
+            size_bytes=_dir_size(root),
+            optimizer_path=None,
+        )
     config = _read_json(root / ADAPTER_CONFIG_FILE, root, required=True)
     assert config is not None
     metadata = _read_json(root / METADATA_FILE, root, required=False) or {}
@@ -721,7 +938,7 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
         return []
     found: list[CheckpointInfo] = []
     for entry in sorted(base.iterdir()):
-        if is_temp_name(entry.name) or not entry.is_dir() or not (entry / ADAPTER_CONFIG_FILE).is_file():
+        if is_temp_name(entry.name) or not entry.is_dir() or not _has_adapter_config(entry):
             continue
         with contextlib.suppress(InvalidInputError, OSError):
             found.append(checkpoint_info(entry))
@@ -737,7 +954,7 @@ def delete_checkpoint(path: str | Path) -> None:
     target = Path(path)
     if not target.is_dir() or is_temp_name(target.name):
         raise NotFoundError(f"no checkpoint at {str(target)!r}")
-    if not (target / ADAPTER_CONFIG_FILE).is_file():
+    if not _has_adapter_config(target):
         raise InvalidInputError(
             "path", f"{str(target)!r} is not a checkpoint (it has no {ADAPTER_CONFIG_FILE})"
         )
@@ -751,6 +968,11 @@ def delete_checkpoint(path: str | Path) -> None:
         trash.unlink()
     else:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _has_adapter_config(root: Path) -> bool:
+    """Whether `root` looks like a checkpoint: it has adapter_config.json, plain or age-encrypted."""
+    return (root / ADAPTER_CONFIG_FILE).is_file() or is_encrypted(root)
 
 
 def remove_stale_temp_dirs(root: str | Path) -> list[Path]:
@@ -805,10 +1027,15 @@ def _dir_size(root: Path) -> int:
 def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Path) -> Path:
     """Write a full Hugging Face model directory: `base_model` with the adapter merged into its weights.
 
-    Uses PEFT's own `merge_and_unload`, so the result is exactly what `PeftModel` would compute; the
-    tokenizer is copied along. Written atomically like a checkpoint.
+    Every adapted weight W becomes W + (lora_alpha / r)·B·A (transposed for GPT-2's Conv1D), in fp32:
+    the merged model computes what the base with the adapter computes (and `PeftModel` with it). The
+    adapter may be any directory `read_checkpoint` accepts, in either naming of the head.
+
+    A base that ties its output head to its input embedding (`tie_word_embeddings`) is untied first when
+    the adapter changes the head: the head gets its own copy of the weight, and the delta; the input
+    embedding keeps the base's values, as in the adapted model. Merging into the shared weight would
+    move every input embedding too. The tokenizer is copied along. Written atomically like a checkpoint.
     """
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eztinker.engine.model import _source_kwargs
@@ -816,18 +1043,36 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise ConflictError(f"{target} already exists and is not empty")
+    loaded = read_checkpoint(adapter_dir)
     source, extra = _source_kwargs(base_model)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    if getattr(merged.config, "quantization_config", None) is not None:  # a dequantised GGUF saves as plain
-        del merged.config.quantization_config
+    head_path = output_head_path(model)
+    loaded = with_model_names(loaded, head_path)
+    if head_path is not None and head_path in loaded.tensors:
+        _untie_output_head(model)
+    scaling = loaded.lora_config.lora_alpha / loaded.lora_config.r
+    with torch.no_grad():
+        for module_path, (a, b) in sorted(loaded.tensors.items()):
+            weight = _mergeable_weight(model, module_path, loaded.path)
+            delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling  # (out, in)
+            if isinstance(model.get_submodule(module_path), Conv1D):  # stored (in, out)
+                delta = delta.T
+            if tuple(delta.shape) != tuple(weight.shape):
+                raise _invalid(
+                    loaded.path,
+                    f"layer {module_path} has a delta of shape {tuple(delta.shape)} but the base's weight "
+                    f"is {tuple(weight.shape)}: the adapter was not trained on {base_model!r}",
+                )
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+    if getattr(model.config, "quantization_config", None) is not None:  # a dequantised GGUF saves as plain
+        del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if tokenizer is None:
         raise NotFoundError(f"base model {base_model!r} has no tokenizer files")
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.parent / f".{target.name}{_TEMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
-        merged.save_pretrained(temp)
+        model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
         if target.exists():
             target.rmdir()  # empty, checked above
@@ -836,3 +1081,26 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return target
+
+
+def _mergeable_weight(model: torch.nn.Module, module_path: str, root: Path) -> torch.Tensor:
+    """The weight of the linear layer at `module_path`, which an adapter layer merges into."""
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise _invalid(root, f"adapts layer {module_path}, which the base model does not have") from None
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, torch.nn.Linear | Conv1D) or not isinstance(weight, torch.Tensor):
+        raise _invalid(root, f"adapts {module_path}, which is a {type(module).__name__}, not a linear layer")
+    return weight
+
+
+def _untie_output_head(model: Any) -> None:
+    """Give the output head its own weight if it shares the input embedding's, and say so in the config
+    (so `save_pretrained` writes it and `from_pretrained` does not tie it again)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False

@@ -1,7 +1,7 @@
 """`Engine`: the in-process heart of EZTinker. Typed inputs in, typed outputs out.
 
 It owns the loaded base models (each loaded once, frozen, on first use), the training runs on them (a
-LoRA adapter + AdamW state each), and the sampler snapshots (frozen copies of an adapter). It knows
+LoRA adapter + its optimizer's state each: AdamW or Dimuon), and the sampler snapshots (frozen copies of an adapter). It knows
 nothing about HTTP, JSON, request ids or scheduling: the server's scheduler calls these methods from a
 worker thread, and every method is safe to call from several threads (ops on one base model take turns).
 """
@@ -20,14 +20,20 @@ import torch
 from eztinker.engine import checkpoint, sampler
 from eztinker.engine.batch import check_data
 from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
-from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter, resolve_targets
+from eztinker.engine.lora import (
+    copy_adapter,
+    init_adapter,
+    output_head_path,
+    remove_adapter,
+    resolve_targets,
+)
 from eztinker.engine.losses import get_loss_spec
 from eztinker.engine.model import BaseModel, load_base_model
+from eztinker.engine.optimizers import OptimizerName, check_optimizer_name, make_optimizer
 from eztinker.engine.run import (
     TrainingRun,
     TrainRequest,
     forward_backward_many,
-    make_optimizer,
     optim_step_many,
     resolve_loss,
 )
@@ -36,6 +42,7 @@ from eztinker.engine.run import optim_step as _optim_step
 from eztinker.engine.types import (
     AdamParams,
     Datum,
+    DimuonParams,
     ForwardBackwardResult,
     OptimStepResult,
     SampleResult,
@@ -75,6 +82,7 @@ class RunInfo:
     num_parameters: int
     target_modules: list[str]
     created_at: float
+    optimizer: OptimizerName = "adamw"  # fixed for the run's life
 
 
 @dataclass(frozen=True)
@@ -123,14 +131,7 @@ class Engine:
 
     def output_head_name(self, name: str) -> str | None:
         """The module path of base model `name`'s output head (unembedding), None if it has none."""
-        model = self.base_model(name).model
-        head = model.get_output_embeddings()
-        if head is None:
-            return None
-        for path, module in model.named_modules():
-            if module is head or getattr(module, "base_layer", None) is head:
-                return path
-        return None
+        return output_head_path(self.base_model(name).model)
 
     def check_requests(self, name: str, requests: Sequence[sampler.SampleRequest]) -> None:
         """Raise `InvalidInputError` / `NotFoundError` now (no compute) if sampling `requests` would."""
@@ -138,7 +139,8 @@ class Engine:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per base model (its weights) and by the runs' adapters with their gradients and
-        AdamW moments (four copies of each trainable parameter): what placing a run elsewhere would free."""
+        optimizer moments (four copies of each trainable parameter with AdamW, three with Dimuon): what
+        placing a run elsewhere would free."""
         with self._registry_lock:
             held = {
                 name: sum(
@@ -146,7 +148,10 @@ class Engine:
                 )
                 for name, base in self._models.items()
             }
-            held["adapters"] = sum(4 * run.num_parameters * 4 for run in self._runs.values())
+            held["adapters"] = sum(
+                (4 if run.optimizer_name == "adamw" else 3) * run.num_parameters * 4
+                for run in self._runs.values()
+            )
         return held
 
     # --- runs ----------------------------------------------------------------------------------------
@@ -159,17 +164,38 @@ class Engine:
         *,
         run_id: str | None = None,
         adapter_path: str | Path | None = None,
+        optimizer: OptimizerName | None = None,
+        with_optimizer: bool = True,
     ) -> RunInfo:
         """Start a run: a fresh adapter, or one loaded from a PEFT adapter directory (`adapter_path`).
 
         With `adapter_path` the LoRA config is read from the directory, and if it is an EZTinker
-        training checkpoint its optimizer state, step and (unless `loss_config` is given) loss come too.
+        training checkpoint its step and (unless `loss_config` is given) loss come too, and its
+        optimizer state unless `with_optimizer=False` (then only the weights load: the optimizer
+        starts afresh, as Tinker's `create_training_client_from_state`).
+
+        `optimizer` ("adamw" or "dimuon") is fixed for the run's life. None: the family of the restored
+        optimizer state, else the one the checkpoint records, else AdamW. Restored state of another
+        family than `optimizer` is refused (`InvalidInputError`, field "optimizer").
         """
+        if optimizer is not None:
+            check_optimizer_name(optimizer, "optimizer")
         loaded = checkpoint.read_checkpoint(adapter_path) if adapter_path is not None else None
-        if loaded is not None:
+        if loaded is not None:  # its layers by this model's paths (a Tinker export names the head its way)
+            loaded = checkpoint.with_model_names(loaded, self.output_head_name(base_model))
             lora_config = loaded.lora_config
             if loss_config is None and loaded.loss_config is not None:
                 loss_config = loaded.loss_config
+            if with_optimizer and loaded.optimizer is not None:
+                if optimizer is not None and optimizer != loaded.optimizer_name:
+                    raise InvalidInputError(
+                        "optimizer",
+                        f"checkpoint {str(loaded.path)!r} holds {loaded.optimizer_name} optimizer state, so a "
+                        f"run restored with it is a {loaded.optimizer_name} run, not {optimizer}",
+                    )
+                optimizer = loaded.optimizer_name
+            elif optimizer is None:
+                optimizer = loaded.optimizer_name
         loss_config = LossFunctionConfig.model_validate(loss_config or {})
         get_loss_spec(loss_config.loss_type, "native")  # an unknown loss is refused here, not mid-training
         lora_config = LoRAConfig.model_validate(lora_config or {})
@@ -195,12 +221,12 @@ class Engine:
                 lora_config=lora_config,
                 loss_config=loss_config,
                 slots=slots,
-                optimizer=make_optimizer(params),
+                optimizer=make_optimizer(params, optimizer or "adamw", rank=lora_config.r),
                 target_modules=sorted({path.rsplit(".", 1)[-1] for path in slots}),
             )
             if loaded is not None:
                 try:
-                    checkpoint.restore_into_run(run, loaded, with_optimizer=True)
+                    checkpoint.restore_into_run(run, loaded, with_optimizer=with_optimizer)
                 except Exception:
                     remove_adapter(base.lora_layers, run_id)
                     raise
@@ -224,6 +250,7 @@ class Engine:
             num_parameters=run.num_parameters,
             target_modules=run.target_modules,
             created_at=run.created_at,
+            optimizer=run.optimizer_name,
         )
 
     def list_runs(self) -> list[RunInfo]:
@@ -321,20 +348,26 @@ class Engine:
         ]
         return self.forward_backward(run_id, weighted, TokenLoss("cross_entropy"))
 
-    def optim_step(self, run_id: str, adam_params: AdamParams | None = None) -> OptimStepResult:
-        """Apply the accumulated gradients (AdamW), zero them, and count the step."""
+    def optim_step(
+        self, run_id: str, adam_params: AdamParams | DimuonParams | None = None
+    ) -> OptimStepResult:
+        """Apply the accumulated gradients with the run's optimizer, zero them, and count the step.
+
+        The params must be of the run's optimizer (`AdamParams` for AdamW, the default; `DimuonParams`
+        for Dimuon), else `InvalidInputError` and the run is unchanged.
+        """
         return _optim_step(self._run(run_id), adam_params or AdamParams())
 
     def optim_step_many(
-        self, steps: Sequence[tuple[str, AdamParams | None]]
+        self, steps: Sequence[tuple[str, AdamParams | DimuonParams | None]]
     ) -> list[OptimStepResult | EngineError]:
-        """Several runs' `optim_step`, runs with equal hyperparameters in one multi-tensor AdamW update.
+        """Several runs' `optim_step`, AdamW runs with equal hyperparameters in one multi-tensor update.
 
         One outcome per step, in order; each equals stepping that run alone, and a failed one is returned
         (not raised) and leaves only its own run unchanged.
         """
         outcomes: list[OptimStepResult | EngineError | None] = [None] * len(steps)
-        found: list[tuple[int, TrainingRun, AdamParams]] = []
+        found: list[tuple[int, TrainingRun, AdamParams | DimuonParams]] = []
         for i, (run_id, adam) in enumerate(steps):
             run = self._runs.get(run_id)
             if run is None:
@@ -366,12 +399,25 @@ class Engine:
             prepared = checkpoint.prepare_checkpoint(run, kind="state")
         return checkpoint.write_checkpoint(path, prepared)
 
-    def save_weights(self, run_id: str, path: str | Path) -> checkpoint.CheckpointInfo:
-        """Save the adapter alone, as a PEFT directory, to `path` (atomically)."""
+    def save_weights(
+        self,
+        run_id: str,
+        path: str | Path,
+        *,
+        module_names: checkpoint.ModuleNames = "peft",
+        age_recipients: Sequence[str] | None = None,
+    ) -> checkpoint.CheckpointInfo:
+        """Save the adapter alone, as a PEFT directory, to `path` (atomically).
+
+        `module_names="tinker"` names the output head as Tinker's exports do; `age_recipients` encrypts
+        every file to them (see `eztinker.engine.checkpoint`).
+        """
         run = self._run(run_id)
+        if age_recipients is not None:
+            checkpoint.parse_age_recipients(age_recipients)  # refused before the run's lock is taken
         with run.base.lock:
-            prepared = checkpoint.prepare_checkpoint(run, kind="weights")
-        return checkpoint.write_checkpoint(path, prepared)
+            prepared = checkpoint.prepare_checkpoint(run, kind="weights", module_names=module_names)
+        return checkpoint.write_checkpoint(path, prepared, age_recipients=age_recipients)
 
     def load_state(self, run_id: str, path: str | Path, *, with_optimizer: bool = True) -> RunInfo:
         """Restore the run's adapter (and optimizer state and step, if saved and asked for) from `path`."""

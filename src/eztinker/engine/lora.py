@@ -306,3 +306,17 @@ def routed(routing: Routing, segments: Sequence[Segment], train: bool = False) -
         yield
     finally:
         routing.segments, routing.train = saved
+
+
+def output_head_path(model: nn.Module) -> str | None:
+    """The module path of `model`'s output head (unembedding; `lm_head` in most families), wrapped in a
+    `LoRALinear` or not; None if the model has none."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    for path, module in model.named_modules():
+        if module is head or getattr(module, "base_layer", None) is head:
+            return path
+    return None
+

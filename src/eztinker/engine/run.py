@@ -1,9 +1,10 @@
-"""A training run: one LoRA adapter on a shared base model, its AdamW state, and its three training ops.
+"""A training run: one LoRA adapter on a shared base model, its optimizer state, and its three training ops.
 
 Ops of several runs on one base model can execute together (`forward_backward_many`, `optim_step_many`):
 rows of every run go through one forward and backward pass, each row routed to its own run's adapter,
-and runs with equal AdamW hyperparameters are updated by one multi-tensor step. A lone op is the same
-code with one request, so "together" and "alone" cannot drift apart.
+and AdamW runs with equal hyperparameters are updated by one multi-tensor step (a Dimuon run steps on
+its own: `eztinker.engine.optimizers`). A lone op is the same code with one request, so "together" and
+"alone" cannot drift apart.
 
 Invariant: an op that fails leaves the run exactly as it was. `forward_backward` computes gradients
 into buffers of its own and adds them to the run's accumulated gradients only once every chunk has
@@ -18,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,20 @@ from eztinker.engine.errors import ComputeError, EngineError, InvalidInputError,
 from eztinker.engine.lora import LoRAWeights, Segment, routed
 from eztinker.engine.losses import LossSpec, get_loss_spec, shifted_target_logprobs
 from eztinker.engine.model import BaseModel
-from eztinker.engine.types import AdamParams, Datum, ForwardBackwardResult, OptimStepResult, TokenLoss
+from eztinker.engine.optimizers import (
+    Dimuon,
+    OptimizerName,
+    check_step_params,
+    optimizer_name,
+)
+from eztinker.engine.types import (
+    AdamParams,
+    Datum,
+    DimuonParams,
+    ForwardBackwardResult,
+    OptimStepResult,
+    TokenLoss,
+)
 from eztinker.models import LoRAConfig, LossFunctionConfig
 
 
@@ -41,7 +56,7 @@ class TrainingRun:
     lora_config: LoRAConfig
     loss_config: LossFunctionConfig
     slots: dict[str, LoRAWeights]  # module path -> this run's A and B in that layer
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # AdamW or Dimuon, fixed for the run's life (`optimizer_name`)
     target_modules: list[str]  # the layer names actually adapted (resolved from the config)
     step: int = 0
     created_at: float = field(default_factory=time.time)
@@ -56,10 +71,9 @@ class TrainingRun:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-
-def make_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW over the adapter; its hyperparameters are set afresh at every step."""
-    return torch.optim.AdamW(list(params), lr=0.0, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    @property
+    def optimizer_name(self) -> OptimizerName:
+        return optimizer_name(self.optimizer)
 
 
 # --- forward and backward ----------------------------------------------------------------------------
@@ -410,54 +424,58 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 # --- the optimizer step ------------------------------------------------------------------------------
 
 
-def check_adam_params(params: AdamParams) -> None:
-    checks = {
-        "learning_rate": params.learning_rate >= 0,
-        "beta1": 0 <= params.beta1 < 1,
-        "beta2": 0 <= params.beta2 < 1,
-        "eps": params.eps > 0,
-        "weight_decay": params.weight_decay >= 0,
-        "grad_clip_norm": params.grad_clip_norm >= 0,
-    }
-    for name, ok in checks.items():
-        value = getattr(params, name)
-        if not ok or value != value or value in (float("inf"), float("-inf")):
-            raise InvalidInputError(f"adam_params.{name}", f"{value} is out of range")
+StepParams = AdamParams | DimuonParams
 
 
-def optim_step(run: TrainingRun, adam: AdamParams) -> OptimStepResult:
-    """Apply the accumulated gradients with AdamW, zero them, and count the step.
+def optim_step(run: TrainingRun, params: StepParams) -> OptimStepResult:
+    """Apply the accumulated gradients with the run's optimizer, zero them, and count the step.
 
-    A step with no accumulated gradients treats them as zero (momentum and weight decay still apply).
+    `params` must be of the run's optimizer family (`AdamParams` for AdamW, `DimuonParams` for Dimuon),
+    else `InvalidInputError` and nothing changes. A step with no accumulated gradients treats them as
+    zero (momentum and weight decay still apply).
     """
-    (outcome,) = optim_step_many([(run, adam)])
+    (outcome,) = optim_step_many([(run, params)])
     if isinstance(outcome, EngineError):
         raise outcome
     return outcome
 
 
-def optim_step_many(steps: Sequence[tuple[TrainingRun, AdamParams]]) -> list[OptimStepResult | EngineError]:
-    """`optim_step` for several runs; runs with equal hyperparameters share one multi-tensor AdamW update.
+def optim_step_many(steps: Sequence[tuple[TrainingRun, StepParams]]) -> list[OptimStepResult | EngineError]:
+    """`optim_step` for several runs; AdamW runs with equal hyperparameters share one multi-tensor update.
 
-    AdamW is elementwise, so each run's outcome equals stepping it alone. A run whose step fails is
-    restored and fails alone; if a shared update raises, every run in it is restored and fails.
+    AdamW is elementwise, so each run's outcome equals stepping it alone; a Dimuon run steps alone. A
+    run whose step fails is restored and fails alone; if a shared update raises, every run in it is
+    restored and fails.
     """
     outcomes: list[OptimStepResult | EngineError | None] = [None] * len(steps)
-    groups: dict[tuple[float, ...], list[_Step]] = {}
-    for i, (run, adam) in enumerate(steps):
+    groups: dict[tuple[Any, ...], list[_Step]] = {}
+    for i, (run, params) in enumerate(steps):
         try:
-            step = _prepare_step(i, run, adam)
+            step = _prepare_step(i, run, params)
         except EngineError as exc:
             outcomes[i] = exc
             continue
-        key = (adam.learning_rate, adam.beta1, adam.beta2, adam.eps, adam.weight_decay)
+        if isinstance(params, AdamParams):
+            key: tuple[Any, ...] = (
+                "adamw",
+                params.learning_rate,
+                params.beta1,
+                params.beta2,
+                params.eps,
+                params.weight_decay,
+            )
+        else:
+            key = ("dimuon", i)
         groups.setdefault(key, []).append(step)
     for group in groups.values():
         with ExitStack() as locks:
             for base in {id(s.run.base): s.run.base for s in group}.values():
                 locks.enter_context(base.lock)
             try:
-                _adamw(group)
+                if isinstance(group[0].params_in, DimuonParams):
+                    _dimuon(group[0])
+                else:
+                    _adamw(group)
             except BaseException as exc:
                 for s in group:
                     _restore(s)
@@ -483,7 +501,7 @@ class _Step:
 
     index: int
     run: TrainingRun
-    adam: AdamParams
+    params_in: StepParams
     params: list[nn.Parameter]
     grad_norm: torch.Tensor
     weights: list[torch.Tensor]
@@ -491,9 +509,10 @@ class _Step:
     states: dict[int, dict[str, torch.Tensor]]
 
 
-def _prepare_step(index: int, run: TrainingRun, adam: AdamParams) -> _Step:
+def _prepare_step(index: int, run: TrainingRun, step_params: StepParams) -> _Step:
     """Check the step can go ahead, snapshot the run (cheap for an adapter), and install its gradients."""
-    check_adam_params(adam)
+    check_step_params(run.optimizer_name, step_params, run.run_id)
+    clips = step_params.grad_clip_norm > 0
     params = run.params
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -503,14 +522,12 @@ def _prepare_step(index: int, run: TrainingRun, adam: AdamParams) -> _Step:
     step = _Step(
         index=index,
         run=run,
-        adam=adam,
+        params_in=step_params,
         params=params,
         grad_norm=grad_norm,
         weights=_copies([p.detach() for p in params]),
-        # AdamW reads gradients without changing them; only clipping scales them in place.
-        grads=[
-            None if p.grad is None else p.grad.clone() if adam.grad_clip_norm > 0 else p.grad for p in params
-        ],
+        # The optimizers read gradients without changing them; only clipping scales them in place.
+        grads=[None if p.grad is None else p.grad.clone() if clips else p.grad for p in params],
         states=_state_copies(state, params),
     )
     for p, g in zip(params, grads, strict=True):
@@ -542,10 +559,13 @@ def _adamw(group: list[_Step]) -> None:
     The update runs in a throwaway optimizer whose per-parameter state is each run's own state dicts,
     so the moments land where the run (and its checkpoints) keep them.
     """
-    adam = group[0].adam
+    adam = group[0].params_in
+    assert isinstance(adam, AdamParams)
     for s in group:
-        if s.adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(s.params, s.adam.grad_clip_norm, s.grad_norm, foreach=True)
+        if s.params_in.grad_clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                s.params, s.params_in.grad_clip_norm, s.grad_norm, foreach=True
+            )
         for param_group in s.run.optimizer.param_groups:  # what a checkpoint records
             param_group.update(
                 lr=adam.learning_rate,
@@ -570,6 +590,16 @@ def _adamw(group: list[_Step]) -> None:
     optimizer.step()
 
 
+def _dimuon(s: _Step) -> None:
+    """Clip the run's gradients by their global norm, then one Dimuon update of its adapter."""
+    params = s.params_in
+    assert isinstance(params, DimuonParams) and isinstance(s.run.optimizer, Dimuon)
+    if params.grad_clip_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(s.params, params.grad_clip_norm, s.grad_norm, foreach=True)
+    s.run.optimizer.set_hyperparameters(params)
+    s.run.optimizer.step()
+
+
 def _finish_step(s: _Step) -> OptimStepResult | EngineError:
     if not bool(torch.isfinite(torch.stack(torch._foreach_norm([p.data for p in s.params]))).all()):
         _restore(s)
@@ -579,7 +609,9 @@ def _finish_step(s: _Step) -> OptimStepResult | EngineError:
         p.grad = None
     s.run.step += 1
     s.run.pending_grad_ops = 0
-    return OptimStepResult(step=s.run.step, grad_norm=float(s.grad_norm), learning_rate=s.adam.learning_rate)
+    return OptimStepResult(
+        step=s.run.step, grad_norm=float(s.grad_norm), learning_rate=s.params_in.learning_rate
+    )
 
 
 def _restore(s: _Step) -> None:

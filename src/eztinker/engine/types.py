@@ -70,6 +70,20 @@ class AdamParams:
 
 
 @dataclass(frozen=True)
+class DimuonParams:
+    """One Dimuon step (Tinker's `DimuonParams`; the maths is in `eztinker.engine.optimizers`).
+
+    Defaults are Tinker's; omitted settings take them at every step (nothing carries over).
+    """
+
+    learning_rate: float  # for a direction of Frobenius norm sqrt(rank)
+    beta1: float = 0.9  # the momentum's running-average coefficient
+    grad_clip_norm: float = 0.0  # <= 0 = no clipping
+    damping: float = 1e-4  # > 0: smooths the row and column preconditioner
+    rank_lr_correction_exponent: float = 0.175  # learning rate x (rank / 32) ** this; 0 = no correction
+
+
+@dataclass(frozen=True)
 class ForwardBackwardResult:
     """What `forward_backward` and `forward` return.
 

@@ -20,9 +20,9 @@ Op = str  # forward_backward, forward, optim_step, sample, save, load, ... (open
 def field_path(loc: tuple | list) -> str:
     """A pydantic error location as a field name: `("body", "data", 0, "input_ids")` -> `data[0].input_ids`."""
     out = ""
+    if loc and loc[0] in ("body", "query", "path", "header"):  # where it was, not a field: a body
+        loc = loc[1:]  # may itself have a field named "path"
     for part in loc:
-        if part in ("body", "query", "path"):
-            continue
         if isinstance(part, int):
             out += f"[{part}]"
         elif not (
@@ -51,11 +51,20 @@ class CreateRunRequest(_Strict):
     from_checkpoint: CheckpointRef | None = Field(
         None, description="Start from a saved checkpoint (its LoRA config, weights, and optimizer if saved)."
     )
+    optimizer: Literal["adamw", "dimuon"] | None = Field(
+        None,
+        description="The run's optimizer, fixed for its life (default: AdamW, or the one whose state "
+        "`from_checkpoint` restores). Each optim_step then takes that optimizer's hyperparameters.",
+    )
 
 
 class CheckpointRef(_Strict):
     run_id: str
     name: str
+    with_optimizer: bool = Field(
+        True,
+        description="Restore its optimizer state too (if saved); false: its weights only, a fresh optimizer.",
+    )
 
 
 class Run(BaseModel):
@@ -71,6 +80,7 @@ class Run(BaseModel):
     created_at: float
     updated_at: float | None = Field(default=None, description="When an op last changed the run.")
     last_loss: float | None = None
+    optimizer: Literal["adamw", "dimuon"] = "adamw"
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -115,12 +125,25 @@ class ForwardBackwardRequest(_Strict):
 
 
 class OptimStepRequest(_Strict):
+    """One step of the run's optimizer. AdamW takes the first six fields; Dimuon takes `learning_rate`,
+    `beta1`, `grad_clip_norm`, `damping` and `rank_lr_correction_exponent` (and refuses a `weight_decay`,
+    `beta2` or `eps` other than the default: it has none)."""
+
     learning_rate: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-12, gt=0)
     grad_clip_norm: float = Field(0.0, ge=0, description="0 = no clipping.")
+    optimizer: Literal["adamw", "dimuon"] | None = Field(
+        None, description="Whose step this is (None: the run's optimizer); another than the run's is refused."
+    )
+    damping: float | None = Field(
+        None, gt=0, description="Dimuon: smooths its row and column preconditioner (default 1e-4)."
+    )
+    rank_lr_correction_exponent: float | None = Field(
+        None, description="Dimuon: learning rate x (rank / 32) ** this (default 0.175; 0 = none)."
+    )
 
 
 class ForwardBackwardOutput(BaseModel):

@@ -641,6 +641,9 @@ async function connect() {
     let buffer = "";
     for (;;) {
       const { value, done } = await reader.read();
+      // A stream replaced meanwhile (another run or key) may still hand over a chunk read before its abort:
+      // its points would land on the new stream's, which sends them again.
+      if (controller.signal.aborted) return;
       if (done) break;
       buffer += value.replace(/\r\n/g, "\n");
       let end;
