@@ -39,7 +39,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, pick_device, pick_dtype, resolve_model, summary, sync, write_results
-from eztinker.engine import Datum
+from eztinker.engine import AdamParams, Datum
 from eztinker.models import api
 from eztinker.service import Service
 from eztinker.settings import Settings
@@ -69,10 +69,10 @@ def train_concurrently(
         start_line.wait()
         try:
             for _ in range(steps):
-                fb = service.forward_backward_data(run_id, data, None, None)
+                fb = service.forward_backward(run_id, data, None, None)
                 if not pipelined:
                     fb.wait_sync(300)
-                step = service.optim_step(run_id, api.OptimStepRequest(learning_rate=1e-4), None)
+                step = service.optim_step(run_id, AdamParams(learning_rate=1e-4), None)
                 fb.wait_sync(300)
                 step.wait_sync(300)
                 for job in (fb, step):
@@ -174,7 +174,7 @@ def scheduling_delay(service: Service, run_id: str, samples: int, vocab: int) ->
     for _ in range(samples):
         time.sleep(0.005)  # idle: nothing queued or running
         called = time.time()
-        job = service.forward_backward_data(run_id, data, None, None, backward=False)
+        job = service.forward_backward(run_id, data, None, None, backward=False)
         job.wait_sync(60)
         assert job.started_at is not None
         delays.append((job.started_at - called) * 1000)
@@ -250,7 +250,7 @@ def main() -> None:
         )
         service = Service(settings)
         service.start()
-        vocab = service.engine.base_model(str(model_dir)).vocab_size
+        vocab = service.backend.engine.base_model(str(model_dir)).vocab_size
         sweep_points = [] if args.no_sweep else [(n, s) for s in (1, 4) for n in (1, 2, 4, 8, 16)]
         max_runs = max([args.runs, *(n for n, _ in sweep_points)])
         run_ids = [

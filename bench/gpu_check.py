@@ -20,6 +20,10 @@ Sections (each guarded: a failure records an error string and the rest still run
 * **sampling**: 64 concurrent requests × 128 new tokens through the continuous batcher
   (`Engine.sample_many`) vs Hugging Face `generate` on one static batch of the same prompts.
 * **bf16 vs fp32 log-probabilities**: `Engine.forward` on the same tokens and adapter, bf16 vs fp32 base.
+* **CUDA paths** (`cuda_paths`): each way of the co-batched LoRA delta (`lora.DENSE_PATH`) timed at a
+  training and two decode shapes, with the way `lora` picks; the SDPA kernel each attention call gets
+  in a co-batched training pass and in padded / unpadded sampling; syncing calls (CUDA sync debug mode)
+  inside LoRA layers and in whole ops. Informative: no target.
 * peak memory and the environment.
 
 MFU (model FLOPs utilisation) counts the FLOPs the model needs, not what the kernels do (no recompute):
@@ -968,6 +972,172 @@ def agreement_section(check: Check, engine: Any, name_bf16: str, name_fp32: str,
     return f"max |Δ logprob| {out['max_abs_diff']:.4f}, mean {out['mean_abs_diff']:.5f} over {diffs.numel()} tokens"
 
 
+# --- the CUDA paths: LoRA delta ways, SDPA kernels, host syncs ------------------------------------------
+
+
+def cuda_paths_section(check: Check, engine: Any, name: str, shape: Shape) -> str:
+    """What `engine.lora` and the sampler chose for this device, measured: each way of the co-batched
+    dense delta (`lora.DENSE_PATH`) timed at a training and two decode shapes against the per-adapter loop
+    (and its max relative difference); the SDPA kernel each attention call of a co-batched training pass
+    and of padded / unpadded sampling gets (`torch._fused_sdp_choice`); and, on CUDA, how many syncing
+    calls `torch.cuda.set_sync_debug_mode` reports inside LoRA layers and in whole ops."""
+    from eztinker.engine import Datum, TrainOp, lora
+    from eztinker.engine.sampler import SampleRequest
+    from eztinker.engine.types import SamplingParams
+
+    plan, device = check.plan, check.device
+    hidden, ranks = shape.hidden_size, [plan.lora_rank // 4, plan.lora_rank // 2, plan.lora_rank] * 3
+    g = torch.Generator().manual_seed(11)
+    layer = lora.LoRALinear(
+        torch.nn.Linear(hidden, hidden).to(device, torch.bfloat16), lora.Routing(), "probe"
+    )
+    layer.requires_grad_(False)
+    for i, r in enumerate(ranks[:8]):  # 8 adapters of mixed ranks
+        a = (torch.randn(r, hidden, generator=g) / hidden**0.5).to(device)
+        b = (torch.randn(hidden, r, generator=g) / r**0.5).to(device)
+        layer.adapters[str(i)] = lora.LoRAWeights(torch.nn.Parameter(a), torch.nn.Parameter(b), 2.0, 0.0)
+    shapes = {"train_8x256": (8, 256, True), "decode_64": (64, 1, False), "decode_256": (256, 1, False)}
+    if check.args.dry_run:
+        shapes = {"train_8x32": (8, 32, True), "decode_16": (16, 1, False), "decode_64": (64, 1, False)}
+    iters = 3 if check.args.dry_run else 20
+    saved_path = lora.DENSE_PATH
+    paths: dict[str, Any] = {}
+    try:
+        for label, (rows, tokens, train) in shapes.items():
+            segments = [lora.Segment(str(i % 8), i * rows // 8, (i + 1) * rows // 8) for i in range(8)]
+            x = torch.randn(rows, tokens, hidden, generator=g).to(device, torch.bfloat16)
+            slots = [layer.adapters[seg.adapter or ""] for seg in segments]
+            planned = lora._row_plan(layer.routing, segments, slots, x.device)
+            assert planned is not None
+            out: dict[str, Any] = {"auto": lora._dense_path(planned[0], tokens, device.type)}
+            reference = None
+            for way in ("loop", "concat", "rows", "groups"):
+                lora.DENSE_PATH = way
+
+                def step(rows=rows, x=x, train=train, segments=segments) -> torch.Tensor:
+                    with lora.routed(layer.routing, segments, train=train), torch.set_grad_enabled(train):
+                        y = layer(x.requires_grad_(train) if train else x)
+                        if train:
+                            y.float().sum().backward()
+                    return y.detach()
+
+                y = step()  # warm-up (and the layout's index tensors)
+                times = [timed(step, device)[0] for _ in range(iters)]
+                reference = y if reference is None else reference
+                diff = float(((y.float() - reference.float()).norm() / reference.float().norm()).cpu())
+                out[way] = {"ms": statistics.median(times) * 1e3, "rel_diff_vs_loop": diff}
+            paths[label] = out
+    finally:
+        lora.DENSE_PATH = saved_path
+
+    # What reaches SDPA, and the kernel it picks, in a co-batched training pass and in sampling.
+    calls: list[dict[str, Any]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, **kwargs)
+        calls.append(
+            {
+                "mask": None if attn_mask is None else str(attn_mask.dtype),
+                "is_causal": bool(is_causal),
+                "dtype": str(q.dtype),
+                "decode": k.shape[-2] > q.shape[-2],  # (a decode step's GQA query packs its heads as rows)
+                "kernel": str(torch.nn.attention.SDPBackend(choice)).split(".")[-1],
+            }
+        )
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    runs = [
+        engine.create_run(name, {"r": r, "lora_alpha": 2 * r, "seed": 40 + r}).run_id
+        for r in (plan.lora_rank // 2, plan.lora_rank)
+    ]
+    ops = [
+        TrainOp(runs[0], [Datum.from_labels(random_rows(1, 48, shape.vocab_size, seed=41)[0].tolist())]),
+        TrainOp(runs[1], [Datum.from_labels(random_rows(1, 32, shape.vocab_size, seed=42)[0].tolist())]),
+    ]
+
+    def sample(lengths: tuple[int, int]) -> Any:
+        requests = [
+            SampleRequest(
+                prompt=random_rows(1, n, shape.vocab_size, seed=43 + n)[0].tolist(),
+                params=SamplingParams(max_tokens=4, temperature=1.0, seed=1, stop=[]),
+                adapter=run,
+            )
+            for n, run in zip(lengths, runs, strict=True)
+        ]
+        return engine.sample_many(name, requests)
+
+    def kernels(fn: Callable[[], Any]) -> dict[str, int]:
+        calls.clear()
+        torch.nn.functional.scaled_dot_product_attention = recording
+        try:
+            fn()
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+        summary_: dict[str, int] = {}
+        for c in calls:
+            phase = "decode" if c["decode"] else "prefill/train"
+            key = f"{phase} mask={c['mask']} causal={c['is_causal']} {c['dtype']} -> {c['kernel']}"
+            summary_[key] = summary_.get(key, 0) + 1
+        return summary_
+
+    attention = {
+        "cobatched_training_pass": kernels(lambda: engine.forward_backward_many(ops)),
+        "sampling_equal_prompts": kernels(lambda: sample((12, 12))),
+        "sampling_left_padded": kernels(lambda: sample((12, 20))),
+    }
+
+    # Host syncs (CUDA only): syncing calls inside LoRA layers (expected 0) and in whole ops (the loss and
+    # finiteness checks of an op, the sampler's one read-back per step and transformers' mask check).
+    syncs: dict[str, Any] = {"note": "CUDA only (torch.cuda.set_sync_debug_mode)"}
+    if device.type == "cuda":
+        forward = lora.LoRALinear.forward
+        inside = [0]
+
+        def counting_forward(self, x):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y = forward(self, x)
+            inside[0] += sum("synchroniz" in str(w.message) for w in caught)
+            return y
+
+        def count(fn: Callable[[], Any]) -> dict[str, int]:
+            inside[0] = 0
+            lora.LoRALinear.forward = counting_forward  # type: ignore[method-assign]
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                lora.LoRALinear.forward = forward  # type: ignore[method-assign]
+            return {
+                "in_lora_layers": inside[0],
+                "elsewhere_in_op": sum("synchroniz" in str(w.message) for w in caught),
+            }
+
+        engine.forward_backward_many(ops)  # layouts planned
+        syncs["cobatched_forward_backward"] = count(lambda: engine.forward_backward_many(ops))
+        syncs["sampling_4_tokens_left_padded"] = count(lambda: sample((12, 20)))
+    for run in runs:
+        engine.delete_run(run)
+
+    check.result["cuda_paths"] = {
+        "dense_lora_paths": paths,
+        "attention_kernels": attention,
+        "host_syncs": syncs,
+        "note": "times in ms per call (forward, plus backward for train_*); auto = the way lora picks here",
+    }
+    train_label = next(iter(shapes))
+    auto = paths[train_label]["auto"]
+    return (
+        f"{train_label}: auto={auto} {paths[train_label][auto]['ms']:.3f} ms vs loop "
+        f"{paths[train_label]['loop']['ms']:.3f} ms; "
+        f"attention: {', '.join(sorted(attention['cobatched_training_pass']))}"
+    )
+
+
 # --- the big shape: how many layers fit ---------------------------------------------------------------
 
 
@@ -1136,6 +1306,11 @@ def main(argv: list[str] | None = None) -> int:
     check.section(
         "small.logprob_agreement",
         lambda: agreement_section(check, engine, "small", "small-fp32", plan.small),
+        min_s=10, needs=("small.build",),
+    )  # fmt: skip
+    check.section(
+        "small.cuda_paths",
+        lambda: cuda_paths_section(check, engine, "small", plan.small),
         min_s=10, needs=("small.build",),
     )  # fmt: skip
     # Free the small models before the big one.

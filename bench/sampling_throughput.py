@@ -37,7 +37,7 @@ from common import machine_info, resolve_model, summary, write_results
 from eztinker.engine import SamplingParams
 from eztinker.engine.sampler import SampleRequest
 from eztinker.models import api
-from eztinker.service import ModelTarget, Service
+from eztinker.service import ModelTarget, SampleSpec, Service
 from eztinker.settings import Settings
 
 console = Console()
@@ -75,7 +75,9 @@ def eztinker_round(
         start_line.wait()
         try:
             submitted[i] = time.perf_counter()
-            jobs[i] = service.generate(ModelTarget(base, run_id, run_id), [request], None)
+            jobs[i] = service.sampling.sample(
+                SampleSpec(ModelTarget(base, run_id, run_id), [request], check_now=True), None
+            )
             jobs[i].wait_sync(600)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -92,7 +94,7 @@ def eztinker_round(
         raise errors[0]
     for job in jobs:
         assert job.status == "completed", job.error
-        assert all(len(s["tokens"]) == new_tokens for r in job.result["results"] for s in r["sequences"])
+        assert all(len(s.tokens) == new_tokens for r in job.result.results for s in r.sequences)
     return seconds, [f for f in first if f is not None]
 
 
@@ -141,7 +143,7 @@ def main() -> None:
         for i in range(args.adapters)
     ]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = make_prompts(args.requests, service.engine.base_model(base).vocab_size)
+    prompts = make_prompts(args.requests, service.backend.engine.base_model(base).vocab_size)
     tokens = args.requests * args.new_tokens
 
     console.print(f"warm-up on {tag} ({args.requests} requests x {args.new_tokens} tokens)...")

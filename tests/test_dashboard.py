@@ -271,7 +271,7 @@ def test_a_step_recorded_between_the_run_list_and_the_history_read_is_sent_once(
 
     record(1)
     stream = _Stream(service, None, "race", after=0)
-    read_history = service.metrics
+    read_history = service.views.metrics
 
     def history_one_step_later(run_id: str, owner: str | None) -> Any:
         record(2)  # an optimizer step lands after the tick read the run list (step 1), before this read
@@ -280,7 +280,7 @@ def test_a_step_recorded_between_the_run_list_and_the_history_read_is_sent_once(
     def metrics_events() -> list[dict[str, Any]]:
         return [json.loads(data) for event, data in stream.tick() if event == "metrics"]
 
-    monkeypatch.setattr(service, "metrics", history_one_step_later)
+    monkeypatch.setattr(service.views, "metrics", history_one_step_later)
     first = metrics_events()
     monkeypatch.undo()
     assert [[m["step"] for m in e["history"]] for e in first] == [[1, 2]]

@@ -206,7 +206,7 @@ def test_create_run_hung_up_while_the_server_builds_it_is_whole_or_absent(
     live: tuple[str, LoopService], model: str, reset: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, service = live
-    entered, release = gate(monkeypatch, service.engine, "create_run")
+    entered, release = gate(monkeypatch, service.backend.engine, "create_run")
     run_id = f"hung-up-create-{'rst' if reset else 'fin'}"
     before = service.tasks()
     body = {"base_model": model, "lora_config": {"r": 2}, "run_id": run_id}
@@ -219,9 +219,9 @@ def test_create_run_hung_up_while_the_server_builds_it_is_whole_or_absent(
     eventually(lambda: service.ended(handler), "the create_run request ends")
     monkeypatch.undo()
 
-    in_store = run_id in {r.run_id for r in service.list_runs(None)}
-    assert isinstance(service.engine, Engine)  # the in-process engine, whose adapters we can list
-    in_engine = run_id in {r.run_id for r in service.engine.list_runs()}
+    in_store = run_id in {r.run_id for r in service.views.list_runs(None)}
+    assert isinstance(service.backend.engine, Engine)  # the in-process engine, whose adapters we can list
+    in_engine = run_id in {r.run_id for r in service.backend.engine.list_runs()}
     assert in_store == in_engine, "a run record without its adapter, or an adapter without its record"
     if in_store:  # whole: listed once, and it trains
         with EZTinkerClient(base_url=url) as client:
@@ -297,7 +297,7 @@ def test_a_stream_abandoned_after_two_chunks_frees_its_rows(
     live: tuple[str, LoopService], model: str, route: str, body: dict[str, Any]
 ) -> None:
     url, service = live
-    sampling = service.sampling
+    sampling = service.backend.sampling
     assert sampling is not None
     jobs_before = {j.job_id for j in service.store.list_jobs(limit=1000)}
     before = service.tasks()
@@ -336,7 +336,7 @@ def test_a_completion_whose_client_hangs_up_still_runs_and_is_recorded(
     live: tuple[str, LoopService], model: str
 ) -> None:
     url, service = live
-    sampling = service.sampling
+    sampling = service.backend.sampling
     assert sampling is not None
     release = hold(service)
     try:
@@ -417,4 +417,4 @@ def test_abandoned_retrieve_future_polls_end_and_the_futures_keep_their_results(
     assert [a["metrics"]["step:max"] for a in answers] in ([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
     steps = [j for j in settled_jobs(service, model_id) if j.op == "optim_step"]
     assert [j.status for j in steps] == ["completed"] * 3
-    assert service.get_run(model_id, None).step == 3
+    assert service.views.get_run(model_id, None).step == 3

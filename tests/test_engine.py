@@ -512,7 +512,7 @@ def test_out_of_memory_mid_batch_rolls_back(tiny_model_dir, monkeypatch) -> None
     run_id = engine.create_run(str(tiny_model_dir), {"r": 4}).run_id
     engine.forward_backward(run_id, ce_data([6]), "cross_entropy")
     before = run_state(engine, run_id)
-    model = engine._run(run_id).base.model
+    model = engine._run(run_id).base.model.base_model  # the decoder stack: every training path runs it
     calls = {"n": 0}
     original = model.forward
 

@@ -54,7 +54,7 @@ EXAMPLES = int(os.environ.get("EZTINKER_FUZZ_EXAMPLES", "12"))
 def running_service():
     """The service, started once, with a live run so requests can reach `/v1/runs/{run_id}/...` ops."""
     _service.start()
-    _service.engine.create_run(str(_model), {"r": 2}, run_id="fuzz-run")
+    _service.backend.engine.create_run(str(_model), {"r": 2}, run_id="fuzz-run")
     yield
     _service.stop()
 

@@ -83,8 +83,13 @@ def test_headline_fields_are_sane(dry_run: dict) -> None:
         assert _finite_positive(dry_run.get(key)), (key, dry_run.get(key))
     diff = dry_run["bf16_vs_fp32_max_logprob_diff"]
     assert isinstance(diff, float) and math.isfinite(diff) and 0 <= diff < 0.5
-    for key in ("mfu_8b", "mfu_0_5b"):
-        assert dry_run[key] < 1.5  # a fraction of the peak (the CPU's peak is measured, so roughly ≤ 1)
+    # MFU is the step's model flops over its median time over the peak. On a CPU the peak is itself measured
+    # (a bf16 matmul), so the ratio moves with the machine's load; check how it is made, not its size.
+    peak = dry_run["peak_bf16_tflops"] * 1e12
+    for key, suffix in (("big", "8b"), ("small", "0_5b")):
+        fb = dry_run["forward_backward"][key]
+        expected = fb["flops_per_step"] / fb["engine"]["forward_backward_s"]["median"] / peak
+        assert dry_run[f"mfu_{suffix}"] == pytest.approx(expected, rel=1e-9)
     assert (
         set(dry_run["targets"])
         == set(dry_run["meets_targets"])

@@ -176,7 +176,22 @@ NO_OBJECT = {
 }
 
 
+OPENAI = ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions")
+
+
 def _cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] | None]]]:
+    """`METHOD route` -> Bob's requests aimed at Alice's objects; the OpenAI routes under both prefixes."""
+    cases = _native_tinker_openai_cases(w)
+    for route in OPENAI:
+        method, path = route.split(" ")
+        hosted = path.replace("/v1/", "/oai/api/v1/", 1)
+        cases[f"{method} {hosted}"] = [
+            (m, p.replace("/v1/", "/oai/api/v1/", 1), b) for m, p, b in cases[route]
+        ]
+    return cases
+
+
+def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] | None]]]:
     """`METHOD route` -> Bob's requests (method, concrete path, JSON body) aimed at Alice's objects."""
     run, sid, smp = w["model_id"], w["session_id"], w["sampler_id"]
     state_ckpt = _checkpoint_id(w["state"])
@@ -285,6 +300,8 @@ def _cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] |
         "POST /v1/completions": [
             ("POST", "/v1/completions", {"model": run, "prompt": "hi", "max_tokens": 2}),
             ("POST", "/v1/completions", {"model": smp, "prompt": "hi", "max_tokens": 2}),
+            ("POST", "/v1/completions", {"model": w["sampler_ckpt"], "prompt": "hi", "max_tokens": 2}),
+            ("POST", "/v1/completions", {"model": w["state"], "prompt": "hi", "max_tokens": 2}),
         ],
         "POST /v1/chat/completions": [
             (
@@ -316,6 +333,7 @@ LISTINGS = {
     "GET /api/v1/training_runs",
     "GET /api/v1/checkpoints",
     "GET /v1/models",
+    "GET /oai/api/v1/models",
     "GET /dashboard/api/runs",
     "GET /dashboard/api/samplers",
 }

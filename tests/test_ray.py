@@ -107,7 +107,7 @@ def test_runs_on_two_base_models_are_placed_on_different_workers(
     with EZTinkerClient(base_url=url) as client:
         run_a = client.create_run(str(tiny_model_dir), {"r": 4, "seed": 1})
         run_b = client.create_run(str(second_model_dir), {"r": 4, "seed": 1})
-        assert service.pool.worker_of(run_a) != service.pool.worker_of(run_b)
+        assert service.backend.worker_of(run_a) != service.backend.worker_of(run_b)
         for step in (1, 2):
             futures = [
                 client.forward_backward(r, input_ids=ids(24), target_ids=ids(24)) for r in (run_a, run_b)
@@ -116,13 +116,13 @@ def test_runs_on_two_base_models_are_placed_on_different_workers(
             assert all(f.result()["loss"] > 0 for f in futures)
             assert [s.result()["step"] for s in steps] == [step, step]
         assert client.get_run(run_a).step == 2 and client.get_run(run_b).step == 2
-        holders = {s.name: set(s.models) for s in service.pool.workers()}
-        assert holders[service.pool.worker_of(run_a)] == {str(tiny_model_dir)}
-        assert holders[service.pool.worker_of(run_b)] == {str(second_model_dir)}
+        holders = {s.name: set(s.models) for s in service.backend.workers()}
+        assert holders[service.backend.worker_of(run_a)] == {str(tiny_model_dir)}
+        assert holders[service.backend.worker_of(run_b)] == {str(second_model_dir)}
         stats = httpx.get(f"{url}/dashboard/api/stats").json()  # the dashboard's server page
         assert {(w["name"], tuple(w["models"]), w["runs"]) for w in stats["workers"]} == {
-            (service.pool.worker_of(run_a), (str(tiny_model_dir),), 1),
-            (service.pool.worker_of(run_b), (str(second_model_dir),), 1),
+            (service.backend.worker_of(run_a), (str(tiny_model_dir),), 1),
+            (service.backend.worker_of(run_b), (str(second_model_dir),), 1),
         }
         text = client.sample("hello", max_new_tokens=4, run_id=run_b, seed=3)
         assert isinstance(text, str)
@@ -155,7 +155,7 @@ def test_an_op_failing_in_a_co_batched_pass_keeps_its_error_class(pool_service, 
         runs: dict[str, list[str]] = {}
         while not any(len(on) == 3 for on in runs.values()):  # three runs on one worker (of two)
             run_id = client.create_run(str(tiny_model_dir), {"r": 4})
-            runs.setdefault(service.pool.worker_of(run_id), []).append(run_id)
+            runs.setdefault(service.backend.worker_of(run_id), []).append(run_id)
         busy, bad, good = next(on for on in runs.values() if len(on) == 3)
         # One run's slow op holds the worker; the other two runs' ops arrive during it and share its next pass.
         holding = client.forward_backward(busy, input_ids=ids(16), loss_config=slow)
@@ -238,12 +238,12 @@ def test_runs_outlive_a_restart_of_the_api_server(pool_service, data_dir, tiny_m
     # A new API server on the same database joins the cluster: it finds the workers and their runs.
     restarted = Service(pool_settings(data_dir))
     with eztinker.serve(service=restarted) as url2, EZTinkerClient(base_url=url2) as client:
-        assert {s.name for s in restarted.pool.workers()} == {s.name for s in first.pool.workers()}
+        assert {s.name for s in restarted.backend.workers()} == {s.name for s in first.backend.workers()}
         assert client.get_run(run_id).status == "active"  # not `lost`: its adapter lives on
         client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16))
         assert client.optim_step(run_id, learning_rate=1e-2).result()["step"] == 2
         assert [m.step for m in client.get_metrics(run_id).history] == [1, 2]
-    assert len(first.pool.workers()) == 2  # stopping an API server leaves the detached workers running
+    assert len(first.backend.workers()) == 2  # stopping an API server leaves the detached workers running
 
 
 def test_a_run_whose_worker_dies_resumes_elsewhere_from_its_last_checkpoint(
@@ -264,11 +264,11 @@ def test_a_run_whose_worker_dies_resumes_elsewhere_from_its_last_checkpoint(
         before = client.get_metrics(run_id).history
         assert [m.step for m in before] == [1, 2, 3, 4, 5]
 
-        dead = service.pool.worker_of(run_id)
+        dead = service.backend.worker_of(run_id)
         in_flight = client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16), loss_config=slow)
         queued = client.optim_step(run_id, learning_rate=1e-2)
         wait_until(lambda: client.get_job(in_flight.job_id).status == "running")
-        service.pool.kill_worker(dead)
+        service.backend.kill_worker(dead)
 
         for future in (in_flight, queued):
             with pytest.raises(Exception, match=f"model worker {dead} died"):
@@ -276,7 +276,7 @@ def test_a_run_whose_worker_dies_resumes_elsewhere_from_its_last_checkpoint(
         # The next op waits for the run to be restored, then runs on the other worker.
         resumed = client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16)).result()
         assert resumed["loss"] > 0
-        assert service.pool.worker_of(run_id) not in (None, dead)
+        assert service.backend.worker_of(run_id) not in (None, dead)
         run = client.get_run(run_id)
         assert run.status == "active" and run.step == 3  # back at its checkpoint
         assert client.optim_step(run_id, learning_rate=1e-2).result()["step"] == 4
@@ -291,11 +291,11 @@ def test_a_run_without_a_checkpoint_is_lost_with_its_worker_and_says_how_to_resu
     pool_service, tiny_model_dir
 ) -> None:
     service, url = pool_service
-    wait_until(lambda: len(service.pool.workers()) >= 2)  # the replacement for the killed worker is up
+    wait_until(lambda: len(service.backend.workers()) >= 2)  # the replacement for the killed worker is up
     with EZTinkerClient(base_url=url) as client:
         run_id = client.create_run(str(tiny_model_dir), {"r": 4})
         client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16)).result()
-        service.pool.kill_worker(service.pool.worker_of(run_id))
+        service.backend.kill_worker(service.backend.worker_of(run_id))
         wait_until(lambda: client.get_run(run_id).status == "lost")
         with pytest.raises(ClientConflictError, match="load"):
             client.forward_backward(run_id, input_ids=ids(16), target_ids=ids(16))

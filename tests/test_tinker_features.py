@@ -197,6 +197,16 @@ def test_train_unembed_adapts_the_head_and_loads_in_peft(
     assert rest.get_weights_info_by_tinker_path(path).result().train_unembed is False
 
 
+def test_lora_flags_select_layers_and_round_trip_through_weights_info(service_client, tiny_model_dir) -> None:
+    """The flags choose layers by the engine's family knowledge; weights_info reports what was adapted."""
+    rest = service_client.create_rest_client()
+    mlp_only = service_client.create_lora_training_client(
+        base_model=str(tiny_model_dir), rank=4, train_attn=False, train_unembed=False
+    )
+    info = rest.get_weights_info_by_tinker_path(mlp_only.save_state("mlp-only").result().path).result()
+    assert (info.train_attn, info.train_mlp, info.train_unembed) == (False, True, False)
+
+
 # --- ordering and retries (raw HTTP) ------------------------------------------------------------------------
 
 

@@ -13,13 +13,16 @@ A user's mistake (a missing file, a malformed line, an unknown run, no server at
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -27,6 +30,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 from typer.core import TyperGroup
+
+from eztinker.settings import Settings
 
 if TYPE_CHECKING:
     from eztinker.client import EZTinkerClient
@@ -107,91 +112,84 @@ def _client(url: str, api_key: str | None) -> EZTinkerClient:
 # --- server ----------------------------------------------------------------------------------------------
 
 
-@app.command()
-def server(
-    host: Annotated[str, typer.Option(envvar="EZTINKER_HOST", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="EZTINKER_PORT")] = 8000,
-    reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
-    data_dir: Annotated[
-        Path, typer.Option(envvar="EZTINKER_DATA_DIR", help="Database and checkpoints.")
-    ] = Path(".eztinker"),
-    database_url: Annotated[
-        str | None,
-        typer.Option(envvar="EZTINKER_DATABASE_URL", help="SQLAlchemy URL (default SQLite in data dir)."),
-    ] = None,
-    model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--model",
-            help="Base model to load at start (repeatable; or EZTINKER_MODELS=a,b); the first is the default "
-            "for sampling.",
-        ),
-    ] = None,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option("--api-key", help="Require this API key (repeatable; or EZTINKER_API_KEYS=k1,k2)."),
-    ] = None,
-    plugin: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--plugin",
-            help="Module to import at start, e.g. one registering losses (repeatable; or EZTINKER_PLUGINS).",
-        ),
-    ] = None,
-    device: Annotated[str | None, typer.Option(envvar="EZTINKER_DEVICE", help="cuda, cuda:1 or cpu.")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(envvar="EZTINKER_DTYPE", help="float32, bfloat16 or float16.")
-    ] = None,
-    workers: Annotated[
-        str,
-        typer.Option(
-            envvar="EZTINKER_WORKERS",
-            help="Worker threads in this process (a number), or `ray`: model workers as Ray actors.",
-        ),
-    ] = "1",
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            envvar="EZTINKER_RAY_ADDRESS",
-            help="With --workers ray: the cluster to join (default: a local one).",
-        ),
-    ] = None,
-    ray_workers: Annotated[
-        int | None,
-        typer.Option(envvar="EZTINKER_RAY_WORKERS", help="With --workers ray: how many (default 2)."),
-    ] = None,
-    ray_gpus_per_worker: Annotated[
-        float | None,
-        typer.Option(envvar="EZTINKER_RAY_GPUS_PER_WORKER", help="Default: 1 if the cluster has GPUs."),
-    ] = None,
-    ray_cpus_per_worker: Annotated[float | None, typer.Option(envvar="EZTINKER_RAY_CPUS_PER_WORKER")] = None,
-) -> None:
+# The server's flags are `Settings`' fields (defaults, types and help come from there, and Settings reads
+# the EZTINKER_* environment): `--max-queue`, `--token-budget`, ... A few read better under another name.
+_FLAG_NAMES = {"models": "--model", "api_keys": "--api-key", "plugins": "--plugin"}
+_NOT_FLAGS = ("worker_pool",)  # set by `--workers ray`
+_METAVARS: dict[Any, str] = {int: "INTEGER", float: "FLOAT", Path: "PATH"}
+_WORKERS_HELP = "Worker threads in this process (a number), or `ray`: model workers as Ray actors."
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type Typer parses a `Settings` field's flag as (Settings validates the value itself)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _cli_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _cli_type(args[0]) if len(args) == 1 else str
+    if origin is Literal:
+        return str
+    if origin is list:
+        return list[str]
+    return annotation
+
+
+def _server_flags() -> list[inspect.Parameter]:
+    params = []
+    for name, field in Settings.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown: str | bool = False if default in (None, []) else str(default)
+        if name == "workers":
+            option = typer.Option(
+                None, "--workers", envvar="EZTINKER_WORKERS", help=_WORKERS_HELP, show_default=shown
+            )
+            params.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=str | None)
+            )
+            continue
+        kind = _cli_type(field.annotation)
+        repeat = " Repeatable." if kind == list[str] else ""
+        option = typer.Option(
+            None,
+            _FLAG_NAMES.get(name, "--" + name.replace("_", "-")),
+            help=f"{field.description}{repeat} Or EZTINKER_{name.upper()}.",
+            show_default=shown,
+            metavar=_METAVARS.get(kind, "TEXT"),
+        )
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
+        )
+    reload = typer.Option(False, "--reload", help="Restart on code changes (development).")
+    params.append(
+        inspect.Parameter("reload", inspect.Parameter.KEYWORD_ONLY, default=reload, annotation=bool)
+    )
+    return params
+
+
+def server(**flags: Any) -> None:
     """Start the EZTinker server (SQLite and an in-process worker by default; models load on first use)."""
     from eztinker.server import run_server
-    from eztinker.settings import Settings
 
-    flags: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "data_dir": data_dir,
-        "database_url": database_url,
-        "device": device,
-        "dtype": dtype,
-        "workers": None if workers == "ray" else _worker_threads(workers),
-        "worker_pool": "ray" if workers == "ray" else None,
-        "ray_address": ray_address,
-        "ray_workers": ray_workers,
-        "ray_gpus_per_worker": ray_gpus_per_worker,
-        "ray_cpus_per_worker": ray_cpus_per_worker,
-        "models": model,
-        "api_keys": api_key,
-        "plugins": plugin,
-    }
+    reload = flags.pop("reload")
+    workers = flags.pop("workers")
+    if workers == "ray":
+        flags["worker_pool"] = "ray"
+    elif workers is not None:
+        flags["workers"] = _worker_threads(workers)
     # Flags given win; Settings reads the rest (EZTINKER_MODELS="a,b", EZTINKER_API_KEYS, ...) from the env.
     settings = Settings(**{name: value for name, value in flags.items() if value is not None and value != []})
     _check_plugins(settings.plugins)
     console.print(f"EZTinker on http://{settings.host}:{settings.port}  (docs: /docs, health: /health)")
     run_server(settings, reload=reload)
+
+
+_signature = inspect.Signature(_server_flags())
+server.__signature__ = _signature  # ty: ignore[missing-attribute]  (Typer reads the flags from it)
+server.__annotations__ = {p.name: p.annotation for p in _signature.parameters.values()}
+app.command()(server)
 
 
 def _worker_threads(value: str) -> int:

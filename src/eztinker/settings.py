@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EZTINKER_", extra="ignore")
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")
     data_dir: Path = Field(Path(".eztinker"), description="Database and checkpoints live here.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under data_dir.")
     models: CommaList = Field(
@@ -54,6 +54,27 @@ class Settings(BaseSettings):
         ge=0,
         description="GPUs each model worker reserves (default: 1 if the cluster has GPUs, else 0).",
     )
+    sampler: Literal["engine", "vllm"] = Field(
+        "engine",
+        description="Who samples base models and sampler snapshots: the engine, or vLLM (README, vLLM).",
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="With --sampler vllm: the python of a vLLM environment; EZTinker starts a server per base model.",
+    )
+    vllm_url: str | None = Field(
+        None,
+        description="With --sampler vllm: a running vLLM server (runtime LoRA loading on) to use instead.",
+    )
+    vllm_max_loras: int = Field(4, ge=1, description="Snapshots loaded in vLLM at once (LRU beyond).")
+    vllm_max_lora_rank: int = Field(
+        64, ge=1, le=512, description="Highest adapter rank vLLM serves; higher ones sample on the engine."
+    )
+    vllm_kv_cache_gib: int = Field(2, ge=1, description="vLLM's KV cache in GiB (CPU builds).")
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM's share of the GPU (CUDA builds; default vLLM's 0.9)."
+    )
+    vllm_args: str | None = Field(None, description="More `vllm serve` flags, as one string.")
     max_queue: int = Field(10_000, ge=1, description="Queued jobs beyond this are refused with 429.")
     max_queue_per_run: int = Field(
         1_000,
@@ -92,6 +113,9 @@ class Settings(BaseSettings):
     )
     max_runs_per_key: int = Field(
         1_000, ge=1, description="Live runs (adapters in memory) one API key may hold; beyond: 429."
+    )
+    checkpoint_sweep_seconds: float = Field(
+        60.0, gt=0, description="How often checkpoints past their TTL (expires_at) are deleted."
     )
     max_jobs_per_key: int = Field(
         5_000, ge=1, description="Jobs one API key may have queued or running at once; beyond: 429."

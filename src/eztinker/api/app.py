@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
-from eztinker.api import dashboard, native, openai, tinker
+from eztinker.api import dashboard, native, openai, tinker, tinker_rest
 from eztinker.api.deps import ServiceDep, get_owner
 from eztinker.api.errors import install_error_handlers
 from eztinker.api.limits import BodySizeLimit
@@ -37,18 +37,20 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         lifespan=lifespan,
     )
     app.state.service = service
+    tinker_rest.forget_deleted_checkpoints(service)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_body_bytes)
     app.include_router(native.router, dependencies=[Depends(get_owner)])
     app.include_router(tinker.router)
-    app.include_router(openai.router)
+    for prefix in openai.PREFIXES:  # one implementation, at EZTinker's path and hosted Tinker's
+        app.include_router(openai.router, prefix=prefix)
     app.include_router(dashboard.router)
     app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="dashboard-static")
 
     @app.get("/health", tags=["server"])
     def health(service: ServiceDep) -> Health:
         """Liveness and what is loaded; needs no API key."""
-        return service.health()
+        return service.views.health()
 
     @app.get("/metrics", tags=["server"], dependencies=[Depends(get_owner)])
     def metrics(service: ServiceDep) -> Response:

@@ -20,6 +20,7 @@ out of access logs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator
@@ -31,9 +32,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
 
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.native import archive_response
 from eztinker.engine.errors import NotFoundError
 from eztinker.models import api
 from eztinker.service import Service
@@ -122,12 +123,12 @@ class ServerStats(BaseModel):
 def _runs(service: Service, owner: str | None) -> list[DashboardRun]:
     return [
         DashboardRun(**run.model_dump(), owner=run_owner[:8] if run_owner else None, mine=run_owner == owner)
-        for run, run_owner in service.runs_with_owners(owner)
+        for run, run_owner in service.views.runs_with_owners(owner)
     ]
 
 
 def _stats(service: Service) -> ServerStats:
-    return ServerStats(health=service.health(), **service.server_stats())
+    return ServerStats(health=service.views.health(), **service.views.server_stats())
 
 
 @_api.get("/runs")
@@ -139,13 +140,13 @@ def runs(service: ServiceDep, owner: OwnerDep) -> list[DashboardRun]:
 @_api.get("/samplers")
 def samplers(service: ServiceDep, owner: OwnerDep) -> list[SamplerView]:
     """Sampler snapshots in memory that the caller may sample."""
-    return [SamplerView(**s) for s in service.visible_samplers(owner)]
+    return [SamplerView(**dataclasses.asdict(s)) for s in service.views.visible_samplers(owner)]
 
 
 @_api.post("/tokens", dependencies=[Depends(get_owner)])
 def token_texts(body: TokensRequest, service: ServiceDep) -> TokensView:
     """Each token's text in a loaded base model's tokenizer."""
-    return TokensView(texts=service.token_texts(body.base_model, body.tokens))
+    return TokensView(texts=service.views.token_texts(body.base_model, body.tokens))
 
 
 @_api.get("/stats", dependencies=[Depends(get_owner)])
@@ -157,13 +158,8 @@ def stats(service: ServiceDep) -> ServerStats:
 @_api.get("/runs/{run_id}/checkpoints/{name}/merged", response_class=FileResponse)
 def merged_checkpoint(run_id: str, name: str, service: ServiceDep, owner: OwnerDep) -> FileResponse:
     """The checkpoint merged into its base model, as a .tar.gz of a Hugging Face model directory (slow)."""
-    archive = service.merged_checkpoint_archive(run_id, name, owner)
-    return FileResponse(
-        archive,
-        media_type="application/gzip",
-        filename=f"{run_id}-{name}-merged.tar.gz",
-        background=BackgroundTask(archive.unlink, missing_ok=True),
-    )
+    archive = service.views.merged_checkpoint_archive(run_id, name, owner)
+    return archive_response(archive, f"{run_id}-{name}-merged.tar.gz")
 
 
 # --- live updates ------------------------------------------------------------------------------------
@@ -198,9 +194,9 @@ class _Stream:
         runs = _runs(self.service, self.owner)
         parts: dict[str, Any] = {
             "runs": [r.model_dump(mode="json") for r in runs],
-            "queue": self.service.queue(self.owner).model_dump(mode="json"),
+            "queue": self.service.views.queue(self.owner).model_dump(mode="json"),
             "checkpoints": [
-                c.model_dump(mode="json") for c in self.service.list_checkpoints(None, self.owner)
+                c.model_dump(mode="json") for c in self.service.views.list_checkpoints(None, self.owner)
             ],
             "stats": _stats(self.service).model_dump(mode="json"),
         }
@@ -229,7 +225,7 @@ class _Stream:
         if changed == self.read_at:
             return None
         try:
-            history = self.service.metrics(self.run_id, self.owner).history
+            history = self.service.views.metrics(self.run_id, self.owner).history
         except NotFoundError:  # deleted since the run list was read: reported on the next tick
             return None
         self.read_at = changed  # (the history may be newer than the run list: it is the next tick's to see)

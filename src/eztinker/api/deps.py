@@ -26,7 +26,7 @@ async def get_owner(
     key = x_api_key
     if key is None and authorization is not None and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
-    return service.owner_for_key(key)
+    return service.access.owner_for_key(key)
 
 
 OwnerDep = Annotated[str | None, Depends(get_owner)]

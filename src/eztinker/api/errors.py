@@ -1,8 +1,27 @@
-"""One handler per error class, so no route spells out a status code for a failure."""
+"""One table maps every error class to its answer, and every facade answers from it.
+
+| class                            | status | category | OpenAI type / code                    | Anthropic type        |
+| -------------------------------- | ------ | -------- | ------------------------------------- | --------------------- |
+| `InvalidInputError`, validation  | 422 ¹  | user     | invalid_request_error                 | invalid_request_error |
+| `NotFoundError`                  | 404    | user     | invalid_request_error / model_not_found | not_found_error     |
+| `ConflictError` (`RunLostError`) | 409    | user     | invalid_request_error / conflict      | invalid_request_error |
+| `ComputeError`                   | 500    | server   | server_error                          | api_error             |
+| other `EngineError`              | 400    | user     | invalid_request_error                 | invalid_request_error |
+| `AuthenticationError`            | 401    | user     | authentication_error / invalid_api_key | authentication_error |
+| `QuotaExceededError`             | 429    | user     | rate_limit_error / rate_limit_exceeded | rate_limit_error     |
+| `QueueFullError`                 | 429 ²  | server   | rate_limit_error / rate_limit_exceeded | overloaded_error     |
+
+¹ 400 on the OpenAI routes, as OpenAI answers. ² With `Retry-After`.
+
+The native API answers with an `ErrorBody`; the OpenAI routes with OpenAI's error object; the Tinker
+wire with a failed future `{"error", "category"}` (HTTP 200). No route spells out a status code.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -14,78 +33,118 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.models.api import ErrorBody, field_path
 from eztinker.scheduler import QueueFullError
-from eztinker.service import QuotaExceededError
+from eztinker.service.errors import AuthenticationError, QuotaExceededError
+
+Category = Literal["user", "server"]
 
 
-def _error(
-    status: int,
-    error: str,
-    *,
-    field: str | None = None,
-    category: Literal["user", "server"] = "user",
-    **extra: Any,
-) -> JSONResponse:
-    body = ErrorBody(error=error, field=field, category=category, **extra)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    category: Category
+    openai_type: str
+    anthropic_type: str
+    openai_code: str | None = None
+    openai_status: int | None = None  # where OpenAI's status differs from the native one
+
+    @property
+    def status_for_openai(self) -> int:
+        return self.openai_status or self.status
 
 
-def _invalid_fields(errors: list[Any]) -> JSONResponse:
-    """A 422 naming the first invalid field, with every error in `detail`."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    field = field_path(tuple(first.get("loc", ())))
-    detail = [{"field": field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
-    return _error(422, f"{field}: {first.get('msg')}", field=field, detail=detail)
+_INVALID = ErrorKind(422, "user", "invalid_request_error", "invalid_request_error", openai_status=400)
+
+# Most specific first: an error takes the first row whose class it is an instance of.
+ERROR_TABLE: tuple[tuple[type[Exception], ErrorKind], ...] = (
+    (InvalidInputError, _INVALID),
+    (RequestValidationError, _INVALID),
+    (ValidationError, _INVALID),  # a model a route builds from what the caller sent: the caller's mistake
+    (NotFoundError, ErrorKind(404, "user", "invalid_request_error", "not_found_error", "model_not_found")),
+    (ConflictError, ErrorKind(409, "user", "invalid_request_error", "invalid_request_error", "conflict")),
+    (ComputeError, ErrorKind(500, "server", "server_error", "api_error")),
+    (EngineError, ErrorKind(400, "user", "invalid_request_error", "invalid_request_error")),
+    (
+        AuthenticationError,
+        ErrorKind(401, "user", "authentication_error", "authentication_error", "invalid_api_key"),
+    ),
+    (
+        QuotaExceededError,
+        ErrorKind(429, "user", "rate_limit_error", "rate_limit_error", "rate_limit_exceeded"),
+    ),
+    (QueueFullError, ErrorKind(429, "server", "rate_limit_error", "overloaded_error", "rate_limit_exceeded")),
+)
+_INTERNAL = ErrorKind(500, "server", "server_error", "api_error")
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """The table's row for `exc`; an error the table does not name is the server's (500)."""
+    if isinstance(exc, StarletteHTTPException):  # a framework answer (404 no such route, 405 ...)
+        category: Category = "server" if exc.status_code >= 500 else "user"
+        return ErrorKind(exc.status_code, category, "invalid_request_error", "invalid_request_error")
+    for cls, kind in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return kind
+    return _INTERNAL
+
+
+def error_message(exc: BaseException) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+    """(message, the field it names, every problem) of an error, as each facade reports it."""
+    if isinstance(exc, RequestValidationError | ValidationError):
+        errors = list(exc.errors())
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = field_path(tuple(first.get("loc", ())))
+        detail = [{"field": field_path(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors]
+        return f"{field}: {first.get('msg')}", field, detail
+    if isinstance(exc, InvalidInputError):
+        return str(exc), exc.field, None
+    if isinstance(exc, StarletteHTTPException):
+        return str(exc.detail), None, None
+    if error_kind(exc) is _INTERNAL:
+        return f"internal error: {type(exc).__name__}: {exc}", None, None
+    return str(exc), None, None
+
+
+def retry_after(exc: BaseException) -> dict[str, str]:
+    """The `Retry-After` header a full queue answers with (whole seconds, at least 1)."""
+    if isinstance(exc, QueueFullError):
+        return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    return {}
+
+
+def failure(exc: BaseException) -> tuple[str, Category]:
+    """(message, category) of an op refused or failed: how a Tinker future reports it."""
+    message, _, _ = error_message(exc)
+    return message, error_kind(exc).category
+
+
+def native_response(exc: BaseException) -> JSONResponse:
+    """An `ErrorBody` with the table's status (and the framework's or the queue's headers)."""
+    kind = error_kind(exc)
+    message, field, detail = error_message(exc)
+    body = ErrorBody(error=message, field=field, category=kind.category, detail=detail)
+    response = JSONResponse(body.model_dump(exclude_none=True), status_code=kind.status)
+    response.headers.update(retry_after(exc))
+    if isinstance(exc, StarletteHTTPException):
+        response.headers.update(exc.headers or {})
+    return response
+
+
+def openai_response(exc: BaseException) -> JSONResponse:
+    """OpenAI's error object with the table's OpenAI type and status; `param` names the field."""
+    kind = error_kind(exc)
+    message, field, _ = error_message(exc)
+    error = {"message": message, "type": kind.openai_type, "param": field, "code": kind.openai_code}
+    return JSONResponse({"error": error}, status_code=kind.status_for_openai, headers=retry_after(exc))
+
+
+_HANDLED: Sequence[type[Exception]] = (StarletteHTTPException, *(cls for cls, _ in ERROR_TABLE))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """Framework errors (404 no such route, 405 wrong method) in the same shape as every other error."""
-        category: Literal["user", "server"] = "server" if exc.status_code >= 500 else "user"
-        response = _error(exc.status_code, str(exc.detail), category=category)
-        response.headers.update(exc.headers or {})
-        return response
+    """Every class of the table answered with `native_response` (the OpenAI routes answer for themselves)."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _invalid_fields(list(exc.errors()))
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return native_response(exc)
 
-    @app.exception_handler(ValidationError)
-    async def _model_validation(request: Request, exc: ValidationError) -> JSONResponse:
-        """A model a route builds from what the caller sent (e.g. a wire field turned into a native
-        request) is the caller's mistake too: a 422 naming the field, never a 500."""
-        return _invalid_fields(list(exc.errors()))
-
-    @app.exception_handler(InvalidInputError)
-    async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
-        return _error(422, str(exc), field=exc.field)
-
-    @app.exception_handler(NotFoundError)
-    async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, str(exc))
-
-    @app.exception_handler(ConflictError)
-    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
-        return _error(409, str(exc))
-
-    @app.exception_handler(ComputeError)
-    async def _compute(request: Request, exc: ComputeError) -> JSONResponse:
-        return _error(500, str(exc), category="server")
-
-    @app.exception_handler(EngineError)
-    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
-        return _error(400, str(exc))
-
-    @app.exception_handler(PermissionError)
-    async def _auth(request: Request, exc: PermissionError) -> JSONResponse:
-        return _error(401, str(exc))
-
-    @app.exception_handler(QuotaExceededError)
-    async def _quota(request: Request, exc: QuotaExceededError) -> JSONResponse:
-        return _error(429, str(exc))
-
-    @app.exception_handler(QueueFullError)
-    async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
-        response = _error(429, str(exc), category="server")
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return response
+    for cls in _HANDLED:
+        app.add_exception_handler(cls, handle)

@@ -1,21 +1,31 @@
-"""The native REST API (`/v1/...`) for `EZTinkerClient`: validate, call the service, return.
+"""The native REST API (`/v1/...`) for `EZTinkerClient`: validate, translate, call the service, return.
 
-Ops answer 202 with a `JobRef` at once; `GET /v1/jobs/{id}?wait=s` long-polls for the result.
+Ops answer 202 with a `JobRef` at once; `GET /v1/jobs/{id}?wait=s` long-polls for the result, encoded
+here from the job's typed result (`result_json`). Native bodies become engine types at this boundary:
+`input_ids` / `target_ids` / `weights` datums, an optim_step body read as a step of the run's optimizer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from eztinker.api.deps import OwnerDep, ServiceDep
-from eztinker.models import api
+from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams, TokenLoss
+from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.optimizers import OptimizerName
+from eztinker.engine.sampler import SampleRequest
+from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Job
+from eztinker.service import JobView, SampleSpec, Service
+from eztinker.service import results as r
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -52,6 +62,128 @@ def _ref(job: Job) -> api.JobRef:
     return api.JobRef(job_id=job.job_id, status=job.status, run_id=job.run_id, op=job.op)
 
 
+# --- native bodies -> engine types ---------------------------------------------------------------
+
+
+def _engine_data(
+    body: api.ForwardBackwardRequest,
+) -> tuple[list[Datum], LossFunctionConfig | TokenLoss | None]:
+    """Wire data as engine `Datum`s, and the loss to use (None: the run's own loss)."""
+    if body.loss_fn is not None:
+        data = [Datum(d.tokens, d.loss_inputs) for d in body.data if isinstance(d, api.TokenDatum)]
+        return data, TokenLoss(body.loss_fn, body.loss_fn_config or {})
+    data = [
+        Datum.from_labels(d.input_ids, d.target_ids, d.weights)
+        for d in body.data
+        if isinstance(d, api.NativeDatum)
+    ]
+    return data, body.loss_config
+
+
+def _native_field(field: str) -> str:
+    """The engine's name for a native datum's field -> the name the caller sent (`target_ids`, ...)."""
+    for engine_name, wire_name in (
+        (".loss_inputs.labels", ".target_ids"),
+        (".loss_inputs.weights", ".weights"),
+        (".tokens", ".input_ids"),
+    ):
+        if field.endswith(engine_name):
+            return field[: -len(engine_name)] + wire_name
+    return field
+
+
+def _forward_backward(
+    service: Service, run_id: str, body: api.ForwardBackwardRequest, owner: str | None, backward: bool
+) -> Job:
+    data, loss = _engine_data(body)
+    try:
+        return service.forward_backward(run_id, data, loss, owner, backward=backward)
+    except InvalidInputError as exc:
+        if body.loss_fn is not None:
+            raise
+        raise InvalidInputError(_native_field(exc.field), exc.message) from None
+
+
+_ADAM_ONLY = ("weight_decay", "beta2", "eps")
+_ADAM_SETTINGS = {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}
+_DIMUON_ONLY = ("damping", "rank_lr_correction_exponent")
+
+
+def step_params(body: api.OptimStepRequest, optimizer: OptimizerName) -> AdamParams | DimuonParams:
+    """A native optim_step body as a step of `optimizer`; a setting the optimizer lacks is refused."""
+    if optimizer == "dimuon":
+        defaults = api.OptimStepRequest()
+        for name in _ADAM_ONLY:
+            if getattr(body, name) != getattr(defaults, name):
+                raise InvalidInputError(name, f"the run's optimizer, Dimuon, has no {name}: leave it out")
+        extra = {name: getattr(body, name) for name in _DIMUON_ONLY if getattr(body, name) is not None}
+        return DimuonParams(
+            learning_rate=body.learning_rate, beta1=body.beta1, grad_clip_norm=body.grad_clip_norm, **extra
+        )
+    for name in _DIMUON_ONLY:
+        if getattr(body, name) is not None:
+            raise InvalidInputError(name, "is a Dimuon setting; the run's optimizer is AdamW")
+    return AdamParams(**body.model_dump(include=_ADAM_SETTINGS))
+
+
+def _sample_spec(
+    service: Service, run_id: str | None, body: api.SampleRequest, owner: str | None
+) -> SampleSpec:
+    """A run's live adapter, a sampler snapshot, or a base model; a text prompt is tokenized when the job starts."""
+    if run_id is not None:
+        target = service.sampling.target(owner, run_id=run_id)
+    elif body.sampler_id is not None:
+        target = service.sampling.target(owner, sampler_id=body.sampler_id)
+    else:
+        target = service.sampling.target(owner, base_model=body.base_model)
+    same = body.model_dump(include={"temperature", "top_p", "top_k", "stop", "seed"})
+    params = SamplingParams(max_tokens=body.max_new_tokens, **same)
+    request = SampleRequest(
+        prompt=list(body.prompt_tokens or []),
+        params=params,
+        num_samples=body.n,
+        prompt_logprobs=body.prompt_logprobs,
+    )
+    text = body.prompt if body.prompt_tokens is None else None
+    return SampleSpec(target, [request], text_prompt=text, decode=True)
+
+
+# --- job results -> native JSON ----------------------------------------------------------------------
+
+
+def result_json(result: r.Result | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's result as the native API shows it (see `eztinker.models.api`)."""
+    if isinstance(result, r.SampleOutput) and result.texts is not None:
+        (sampled,), (texts,) = result.results, result.texts
+        samples = [
+            api.Sample(text=text, tokens=s.tokens, logprobs=s.logprobs, stop_reason=s.stop_reason)
+            for s, text in zip(sampled.sequences, texts, strict=True)
+        ]
+        output = api.SampleOutput(
+            samples=samples, prompt_tokens=result.prompts[0], prompt_logprobs=sampled.prompt_logprobs
+        )
+        return output.model_dump()
+    if isinstance(result, r.SaveOutput):
+        return api.SaveOutput(
+            name=result.name,
+            step=result.step,
+            adapter_path=result.adapter_path,
+            optimizer_path=result.optimizer_path,
+        ).model_dump()
+    if isinstance(result, r.RunOutput):
+        return result.run.model_dump()
+    return r.to_json(result)
+
+
+def job_model(job: JobView) -> api.Job:
+    fields: dict[str, Any] = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+    fields["result"] = result_json(job.result)
+    return api.Job(**fields)
+
+
+# --- routes ------------------------------------------------------------------------------------------
+
+
 @router.post("/runs", status_code=status.HTTP_201_CREATED)
 def create_run(body: api.CreateRunRequest, service: ServiceDep, owner: OwnerDep) -> api.Run:
     """Create a LoRA run on a base model (loaded on first use, so the first call may take a while)."""
@@ -60,12 +192,12 @@ def create_run(body: api.CreateRunRequest, service: ServiceDep, owner: OwnerDep)
 
 @router.get("/runs")
 def list_runs(service: ServiceDep, owner: OwnerDep) -> list[api.Run]:
-    return service.list_runs(owner)
+    return service.views.list_runs(owner)
 
 
 @router.get("/runs/{run_id}")
 def get_run(run_id: str, service: ServiceDep, owner: OwnerDep) -> api.Run:
-    return service.get_run(run_id, owner)
+    return service.views.get_run(run_id, owner)
 
 
 @router.delete("/runs/{run_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -79,7 +211,7 @@ def forward_backward(
     run_id: str, body: api.ForwardBackwardRequest, service: ServiceDep, owner: OwnerDep
 ) -> api.JobRef:
     """Compute the loss and accumulate its gradients (applied by the next optim_step)."""
-    return _ref(service.forward_backward(run_id, body, owner))
+    return _ref(_forward_backward(service, run_id, body, owner, backward=True))
 
 
 @router.post("/runs/{run_id}/forward", status_code=status.HTTP_202_ACCEPTED)
@@ -87,25 +219,32 @@ def forward(
     run_id: str, body: api.ForwardBackwardRequest, service: ServiceDep, owner: OwnerDep
 ) -> api.JobRef:
     """Compute the loss and per-token logprobs without touching the run."""
-    return _ref(service.forward_backward(run_id, body, owner, backward=False))
+    return _ref(_forward_backward(service, run_id, body, owner, backward=False))
 
 
 @router.post("/runs/{run_id}/optim_step", status_code=status.HTTP_202_ACCEPTED)
 def optim_step(run_id: str, body: api.OptimStepRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
-    """Apply the accumulated gradients with AdamW and zero them."""
-    return _ref(service.optim_step(run_id, body, owner))
+    """Apply the accumulated gradients with the run's optimizer and zero them; the body is read as a
+    step of that optimizer (see `api.OptimStepRequest`)."""
+    optimizer = service.optimizer_of(run_id, owner)
+    if body.optimizer is not None and body.optimizer != optimizer:
+        raise InvalidInputError(
+            "optimizer",
+            f"is {body.optimizer!r}, but run {run_id!r} uses {optimizer} (fixed when it was created)",
+        )
+    return _ref(service.optim_step(run_id, step_params(body, optimizer), owner))
 
 
 @router.post("/runs/{run_id}/sample", status_code=status.HTTP_202_ACCEPTED)
 def sample_run(run_id: str, body: api.SampleRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
     """Sample from the run's current adapter."""
-    return _ref(service.sample(run_id, body, owner))
+    return _ref(service.sampling.sample(_sample_spec(service, run_id, body, owner), owner))
 
 
 @router.post("/sample", status_code=status.HTTP_202_ACCEPTED)
 def sample_base(body: api.SampleRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
     """Sample from a base model (default: the server's first model) or a sampler snapshot."""
-    return _ref(service.sample(None, body, owner))
+    return _ref(service.sampling.sample(_sample_spec(service, None, body, owner), owner))
 
 
 @router.post("/runs/{run_id}/save", status_code=status.HTTP_202_ACCEPTED)
@@ -122,19 +261,23 @@ def load(run_id: str, body: api.LoadRequest, service: ServiceDep, owner: OwnerDe
 
 @router.get("/runs/{run_id}/checkpoints")
 def list_checkpoints(run_id: str, service: ServiceDep, owner: OwnerDep) -> list[api.Checkpoint]:
-    return service.list_checkpoints(run_id, owner)
+    return service.views.list_checkpoints(run_id, owner)
+
+
+def archive_response(archive: Path, filename: str) -> FileResponse:
+    """A temporary .tar.gz as a download, deleted once sent."""
+    return FileResponse(
+        archive,
+        media_type="application/gzip",
+        filename=filename,
+        background=BackgroundTask(archive.unlink, missing_ok=True),
+    )
 
 
 @router.get("/runs/{run_id}/checkpoints/{name}/archive", response_class=FileResponse)
 def download_checkpoint(run_id: str, name: str, service: ServiceDep, owner: OwnerDep) -> FileResponse:
     """The checkpoint directory as a .tar.gz (a PEFT adapter directory, plus optimizer state if saved)."""
-    archive = service.checkpoint_archive(run_id, name, owner)
-    return FileResponse(
-        archive,
-        media_type="application/gzip",
-        filename=f"{run_id}-{name}.tar.gz",
-        background=BackgroundTask(archive.unlink, missing_ok=True),
-    )
+    return archive_response(service.views.checkpoint_archive(run_id, name, owner), f"{run_id}-{name}.tar.gz")
 
 
 @router.delete("/runs/{run_id}/checkpoints/{name}", status_code=status.HTTP_204_NO_CONTENT)
@@ -146,13 +289,13 @@ def delete_checkpoint(run_id: str, name: str, service: ServiceDep, owner: OwnerD
 @router.get("/runs/{run_id}/metrics")
 def run_metrics(run_id: str, service: ServiceDep, owner: OwnerDep) -> api.RunMetrics:
     """Loss, learning rate and gradient norm at every optimizer step."""
-    return service.metrics(run_id, owner)
+    return service.views.metrics(run_id, owner)
 
 
 @router.get("/queue")
 def queue(service: ServiceDep, owner: OwnerDep) -> api.QueueView:
     """What runs and what waits, in start order, with each job's position and estimated start."""
-    return service.queue(owner)
+    return service.views.queue(owner)
 
 
 @router.get("/jobs/{job_id}")
@@ -169,4 +312,4 @@ async def get_job(
     job = service.scheduler.get(job_id)
     if job is not None and wait > 0:
         await while_connected(request, job.wait(wait))
-    return service.get_job(job_id, owner)
+    return job_model(service.views.get_job(job_id, owner))

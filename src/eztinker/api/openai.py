@@ -1,10 +1,13 @@
-"""The OpenAI-compatible facade: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+"""The OpenAI-compatible facade: `/v1/models`, `/v1/completions`, `/v1/chat/completions` — also under
+hosted Tinker's prefix, `/oai/api/v1/...` (one router, mounted at each of `PREFIXES`).
 
 `model` names what to sample from, in this order:
+- a **checkpoint path** `tinker://<run>/sampler_weights/<name>` or `tinker://<run>/weights/<name>`: the
+  caller's checkpoint, loaded as a sampler snapshot on first use and reused after;
 - a **base model** the server has configured or loaded (its name as given to `--model` / `create_run`);
 - a **run id** (`run-...`): the run's live adapter, as trained so far (ordered with the run's other ops);
 - a **sampler snapshot id** (Tinker's sampling sessions, `save_sampler`): a frozen adapter.
-`GET /v1/models` lists all three (with auth on: the caller's runs and snapshots only).
+`GET /v1/models` lists the last three (with auth on: the caller's runs and snapshots only).
 
 Routes translate only: tokenize (chat template from the tokenizer), build engine `SampleRequest`s, submit
 them through the service, and turn results into OpenAI's JSON. `stream: true` answers with server-sent
@@ -25,68 +28,22 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException
 
+from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.errors import openai_response
 from eztinker.api.native import while_connected
-from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
+from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SamplingParams, TopLogprobs
-from eztinker.models.api import field_path
-from eztinker.scheduler import Job, QueueFullError
-from eztinker.service import ModelTarget, Service
+from eztinker.scheduler import Job
+from eztinker.service import ModelTarget, SampleSpec, Service
+from eztinker.service.results import SampleOutput
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-
-
-# --- errors in OpenAI's shape ------------------------------------------------------------------------
-
-
-def openai_error(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status
-    )
-
-
-def _error_response(exc: Exception) -> JSONResponse:
-    """One place that maps every failure on these routes to OpenAI's error JSON and status."""
-    if isinstance(exc, RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = tuple(x for x in first.get("loc", ()) if x != "body")
-        param = field_path(loc) or None
-        return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param=param)
-    if isinstance(exc, InvalidInputError):
-        return openai_error(400, str(exc), param=exc.field)
-    if isinstance(exc, NotFoundError):
-        return openai_error(404, str(exc), code="model_not_found")
-    if isinstance(exc, PermissionError):
-        return openai_error(401, str(exc), type="authentication_error", code="invalid_api_key")
-    if isinstance(exc, QueueFullError):
-        response = openai_error(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        return response
-    if isinstance(exc, ConflictError):
-        return openai_error(409, str(exc), code="conflict")
-    if isinstance(exc, ComputeError):
-        return openai_error(500, str(exc), type="server_error")
-    if isinstance(exc, EngineError):
-        return openai_error(400, str(exc))
-    if isinstance(exc, HTTPException):
-        return openai_error(exc.status_code, str(exc.detail))
-    return openai_error(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+# --- errors in OpenAI's shape (see `eztinker.api.errors`) --------------------------------------------
 
 
 class OpenAIRoute(APIRoute):
@@ -99,69 +56,29 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                return _error_response(exc)
+                return openai_response(exc)
 
         return handle
 
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(get_owner)])
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(get_owner)])
+PREFIXES = ("/v1", "/oai/api/v1")  # where `router` is mounted: EZTinker's own, and hosted Tinker's
 
 
-# --- request bodies ------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """Fields both routes share. Unknown fields OpenAI defines (`user`, penalties at 0...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    n: int = Field(1, ge=1)  # (at most the server's `max_samples`)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise InvalidInputError("stop", f"at most {MAX_STOP_STRINGS} stop sequences")
-        if any(not s for s in stops):
-            raise InvalidInputError("stop", "contains an empty string")
-        return stops
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text is supported
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
-        return self.content or ""
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+def _resolve(service: Service, model: str, owner: str | None) -> ModelTarget:
+    """What `model` names (see the module docstring). Blocking: a checkpoint may be loaded."""
+    if model.startswith("tinker://"):
+        try:
+            run_id, name, kind = wire.parse_tinker_path(model)
+        except InvalidInputError:
+            run_id = name = kind = ""
+        if kind not in ("weights", "sampler_weights"):
+            raise InvalidInputError(
+                "model",
+                f"{model!r} is not tinker://<run>/sampler_weights/<name> or tinker://<run>/weights/<name>",
+            )
+        return service.sampling.checkpoint_target(run_id, name, owner)
+    return service.sampling.resolve_model(model, owner)
 
 
 # --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
@@ -299,19 +216,17 @@ class _Generation:
             "total_tokens": self.prompt_tokens + completion,
         }
 
-    def fill(self, result: dict[str, Any]) -> list[str]:
+    def fill(self, result: SampleOutput) -> list[str]:
         """Put a finished job's sequences into the choices; return each choice's finish reason."""
         reasons = []
-        for i, request_result in enumerate(result["results"]):
-            for j, sequence in enumerate(request_result["sequences"]):
+        for i, request_result in enumerate(result.results):
+            for j, sequence in enumerate(request_result.sequences):
                 choice = self.choices[i * self.n + j]
                 if not choice.tokens:
-                    topk = sequence.get("topk_logprobs") or [None] * len(sequence["tokens"])
-                    for token, logprob, top in zip(
-                        sequence["tokens"], sequence["logprobs"], topk, strict=True
-                    ):
+                    topk = sequence.topk_logprobs or [None] * len(sequence.tokens)
+                    for token, logprob, top in zip(sequence.tokens, sequence.logprobs, topk, strict=True):
                         choice.add(token, logprob, top)
-                reasons.append("stop" if sequence["stop_reason"] == "stop" else "length")
+                reasons.append("stop" if sequence.stop_reason == "stop" else "length")
         return reasons
 
 
@@ -324,7 +239,7 @@ def _shifted(
     return call
 
 
-def _params(body: _Sampling, max_tokens: int | None, stops: list[str]) -> SamplingParams:
+def _params(body: Sampling, max_tokens: int | None, stops: list[str]) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -337,7 +252,7 @@ def _params(body: _Sampling, max_tokens: int | None, stops: list[str]) -> Sampli
 def _completion_prompts(
     service: Service, target: ModelTarget, body: CompletionRequest
 ) -> tuple[Any, list[list[int]]]:
-    tokenizer = service.tokenizer(target.base_model)
+    tokenizer = service.backend.tokenizer(target.base_model)
     prompt: Any = body.prompt
     ids: list[list[int]]
     if isinstance(prompt, str):
@@ -354,7 +269,7 @@ def _completion_prompts(
 
 
 def _chat_prompt(service: Service, target: ModelTarget, body: ChatCompletionRequest) -> tuple[Any, list[int]]:
-    tokenizer = service.tokenizer(target.base_model)
+    tokenizer = service.backend.tokenizer(target.base_model)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError(
             "messages", f"the tokenizer of {target.base_model!r} has no chat template: use /v1/completions"
@@ -372,7 +287,7 @@ def _chat_prompt(service: Service, target: ModelTarget, body: ChatCompletionRequ
 @router.get("/models")
 async def list_models(service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
     """Base models, the caller's live runs and sampler snapshots: each usable as `model`."""
-    models = await run_in_threadpool(service.list_models, owner)
+    models = await run_in_threadpool(service.views.list_models, owner)
     return {
         "object": "list",
         "data": [
@@ -391,7 +306,7 @@ async def completions(
         raise InvalidInputError("echo", "is not supported")
 
     def prepare() -> _Generation:
-        target = service.resolve_model(body.model, owner)
+        target = _resolve(service, body.model, owner)
         tokenizer, prompts = _completion_prompts(service, target, body)
         stops = body.stops()
         return _Generation(
@@ -417,7 +332,7 @@ async def chat_completions(
         raise InvalidInputError("top_logprobs", "needs logprobs: true")
 
     def prepare() -> _Generation:
-        target = service.resolve_model(body.model, owner)
+        target = _resolve(service, body.model, owner)
         tokenizer, prompt = _chat_prompt(service, target, body)
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -435,17 +350,20 @@ async def _respond(
     request: Request,
     service: Service,
     owner: str | None,
-    body: _Sampling,
+    body: Sampling,
     generation: _Generation,
     kind: Kind,
 ) -> dict[str, Any] | Response:
     response_id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
     created = int(time.time())
     prompt_field = "prompt" if kind == "text_completion" else "messages"
+
+    def submit(requests: list[SampleRequest]) -> Job:
+        spec = SampleSpec(generation.target, requests, check_now=True, prompt_field=prompt_field)
+        return service.sampling.sample(spec, owner)
+
     if not body.stream:
-        job = await run_in_threadpool(
-            service.generate, generation.target, generation.requests(None), owner, prompt_field=prompt_field
-        )
+        job = await run_in_threadpool(submit, generation.requests(None))
         if not await while_connected(request, job.wait(None)):  # the client hung up; the job runs on
             return Response(status_code=499)
         result = _job_result(job)
@@ -466,10 +384,7 @@ async def _respond(
         loop.call_soon_threadsafe(queue.put_nowait, (sample, token, logprob, topk, done))
 
     hung_up = threading.Event()  # set if the client leaves before the end: generation stops there
-    requests = generation.requests(on_token, cancelled=hung_up.is_set)
-    job = await run_in_threadpool(
-        service.generate, generation.target, requests, owner, prompt_field=prompt_field
-    )
+    job = await run_in_threadpool(submit, generation.requests(on_token, cancelled=hung_up.is_set))
     # Set after the last token's callback on the same thread, so it reaches the queue after every token.
     job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
     return StreamingResponse(
@@ -490,18 +405,18 @@ async def _until_hung_up(events: AsyncIterator[str], hung_up: threading.Event) -
             hung_up.set()
 
 
-def _job_result(job: Job) -> dict[str, Any]:
+def _job_result(job: Job) -> SampleOutput:
     if job.status == "failed":
         if job.error_category == "server":
             raise ComputeError(job.error or "sampling failed")
         raise InvalidInputError("request", job.error or "sampling failed")
-    assert job.result is not None
+    assert isinstance(job.result, SampleOutput)
     return job.result
 
 
 async def _events(
     generation: _Generation,
-    body: _Sampling,
+    body: Sampling,
     job: Job,
     queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None],
     response_id: str,
@@ -546,8 +461,7 @@ async def _events(
         yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
         return
-    assert job.result is not None
-    reasons = generation.fill(job.result)
+    reasons = generation.fill(_job_result(job))
     for index, reason in enumerate(reasons):
         text, indices = generation.choices[index].take(final=True)
         yield chunk([_chunk_choice(generation, index, text, indices, reason, kind, body)])
@@ -557,24 +471,13 @@ async def _events(
 
 
 def _final_choice(
-    generation: _Generation, index: int, reason: str, kind: Kind, body: _Sampling
+    generation: _Generation, index: int, reason: str, kind: Kind, body: Sampling
 ) -> dict[str, Any]:
     choice = generation.choices[index]
     text, _ = choice.take(final=True)
-    indices = list(range(choice.released_tokens))
-    if kind == "text_completion":
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": _completion_logprobs(generation, choice, indices, body),
-            "finish_reason": reason,
-        }
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": _chat_logprobs(generation, choice, indices, body),
-        "finish_reason": reason,
-    }
+    return _chunk_choice(
+        generation, index, text, list(range(choice.released_tokens)), reason, kind, body, final=True
+    )
 
 
 def _chunk_choice(
@@ -584,27 +487,25 @@ def _chunk_choice(
     indices: list[int],
     reason: str | None,
     kind: Kind,
-    body: _Sampling,
+    body: Sampling,
+    *,
+    final: bool = False,
 ) -> dict[str, Any]:
+    """One choice of a response (`final`: the whole text, as a `message`) or of a stream chunk (a `delta`)."""
     choice = generation.choices[index]
     if kind == "text_completion":
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": _completion_logprobs(generation, choice, indices, body),
-            "finish_reason": reason,
-        }
-    delta = {"content": text} if text or reason is None else {}
-    return {
-        "index": index,
-        "delta": delta,
-        "logprobs": _chat_logprobs(generation, choice, indices, body),
-        "finish_reason": reason,
-    }
+        logprobs = _completion_logprobs(generation, choice, indices, body)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    if final:
+        content: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+    else:
+        content = {"delta": {"content": text} if text or reason is None else {}}
+    logprobs = _chat_logprobs(generation, choice, indices, body)
+    return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _completion_logprobs(
-    generation: _Generation, choice: _Choice, indices: list[int], body: _Sampling
+    generation: _Generation, choice: _Choice, indices: list[int], body: Sampling
 ) -> dict[str, Any] | None:
     if not isinstance(body, CompletionRequest) or body.logprobs is None:
         return None
@@ -626,7 +527,7 @@ def _completion_logprobs(
 
 
 def _chat_logprobs(
-    generation: _Generation, choice: _Choice, indices: list[int], body: _Sampling
+    generation: _Generation, choice: _Choice, indices: list[int], body: Sampling
 ) -> dict[str, Any] | None:
     if not isinstance(body, ChatCompletionRequest) or not body.logprobs:
         return None

@@ -9,11 +9,42 @@ older SDK's JSON), decoded by `tinker_wire`; these models cover the JSON routes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
+from fastapi import Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 JsonObject = dict[str, Any]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page:
+    """A listing route's `limit` and `offset` query parameters."""
+
+    limit: int
+    offset: int
+
+    def of(self, items: Sequence[T]) -> list[T]:
+        return list(items[self.offset : self.offset + self.limit])
+
+    def cursor(self, total: int) -> dict[str, int]:
+        return {"offset": self.offset, "limit": self.limit, "total_count": total}
+
+
+def _paging(default_limit: int) -> Callable[..., Page]:
+    def page(
+        limit: Annotated[int, Query(ge=0)] = default_limit, offset: Annotated[int, Query(ge=0)] = 0
+    ) -> Page:
+        return Page(limit, offset)
+
+    return page
+
+
+Page20 = Annotated[Page, Depends(_paging(20))]
+Page100 = Annotated[Page, Depends(_paging(100))]
 
 
 class _Body(BaseModel):

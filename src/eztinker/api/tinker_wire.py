@@ -7,12 +7,10 @@ Protobuf layouts follow reference/tinker-wire-protocol.md §3.4-3.5 and §3.8 (S
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.optimizers import OptimizerName, check_optimizer_name
 from eztinker.engine.sampler import SampleRequest
+from eztinker.engine.types import SampleResult
 
 PROTOBUF = "application/x-protobuf"
 
@@ -31,11 +30,6 @@ _NP_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_I
 _CHECKPOINT_KINDS = ("weights", "sampler_weights", "external_weights")
 _TINKER_PATH = re.compile(r"^tinker://([^/]+)/([^/]+)/([^/]+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-# Which LoRA target paths count as attention or MLP, by a component of their module path.
-_ATTENTION_PARTS = ("attn", "attention")
-_MLP_PARTS = ("mlp", "feed_forward", "ffn")
-
 
 # --- forward_backward requests -------------------------------------------------------------------------
 
@@ -223,38 +217,37 @@ def encode_forward_backward_output(logprobs: Sequence[Any], metrics: Mapping[str
     return output.SerializeToString()
 
 
-def encode_sample_response(result: Mapping[str, Any]) -> bytes:
-    """A `SampleResponse` from the service's sample result: sequences (with top-k), and the prompt extras.
+def encode_sample_response(result: SampleResult, echo: Mapping[str, Any]) -> bytes:
+    """A `SampleResponse` from the engine's result: sequences (with top-k), and the prompt extras.
 
-    `result["target_layout"]`, when present, is the CSR layout (`crow`, `col`) the request's
+    `echo["target_layout"]`, when present, is the CSR layout (`crow`, `col`) the request's
     `target_prompt_logprobs` came in: the answer uses the same layout, as the SDK documents.
     """
     response = pb.SampleResponse()
-    for seq in result["sequences"]:
+    for seq in result.sequences:
         sequence = pb.SampledSequence(
-            stop_reason=pb.STOP_REASON_LENGTH if seq["stop_reason"] == "length" else pb.STOP_REASON_STOP,
-            tokens=np.asarray(seq["tokens"], dtype="<i4").tobytes(),
-            logprobs=np.asarray(seq["logprobs"], dtype="<f4").tobytes(),
+            stop_reason=pb.STOP_REASON_LENGTH if seq.stop_reason == "length" else pb.STOP_REASON_STOP,
+            tokens=np.asarray(seq.tokens, dtype="<i4").tobytes(),
+            logprobs=np.asarray(seq.logprobs, dtype="<f4").tobytes(),
         )
-        if seq.get("topk_logprobs") is not None:
-            sequence.topk_sampled_logprobs.CopyFrom(_topk(seq["topk_logprobs"]))
+        if seq.topk_logprobs is not None:
+            sequence.topk_sampled_logprobs.CopyFrom(_topk(seq.topk_logprobs))
         response.sequences.append(sequence)
-    prompt_logprobs = result.get("prompt_logprobs")
-    if prompt_logprobs is not None:
-        values = [math.nan if v is None else v for v in prompt_logprobs]
+    if result.prompt_logprobs is not None:
+        values = [math.nan if v is None else v for v in result.prompt_logprobs]
         response.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
-    if result.get("topk_prompt_logprobs") is not None:
-        response.topk_prompt_logprobs.CopyFrom(_topk(result["topk_prompt_logprobs"]))
-    targets = result.get("target_prompt_logprobs")
-    if targets is not None:
-        response.target_prompt_logprobs.CopyFrom(_target_tensor(targets, result.get("target_layout")))
-    alt = result.get("prompt_alt_tokens")
+    if result.topk_prompt_logprobs is not None:
+        response.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_logprobs))
+    if result.target_prompt_logprobs is not None:
+        targets = _target_tensor(result.target_prompt_logprobs, echo.get("target_layout"))
+        response.target_prompt_logprobs.CopyFrom(targets)
+    alt = result.prompt_alt_tokens
     if alt is not None:
-        k = len(alt["tokens"][0]) if alt["tokens"] else int(result.get("prompt_alt_tokens_k", 0))
-        shape = [len(alt["tokens"]), k]
-        response.prompt_alt_tokens.tokens.CopyFrom(_dense(alt["tokens"], np.int64, pb.DTYPE_INT64, shape))
+        k = len(alt.tokens[0]) if alt.tokens else int(echo.get("prompt_alt_tokens_k", 0))
+        shape = [len(alt.tokens), k]
+        response.prompt_alt_tokens.tokens.CopyFrom(_dense(alt.tokens, np.int64, pb.DTYPE_INT64, shape))
         response.prompt_alt_tokens.logprobs.CopyFrom(
-            _dense(alt["logprobs"], np.float32, pb.DTYPE_FLOAT32, shape)
+            _dense(alt.logprobs, np.float32, pb.DTYPE_FLOAT32, shape)
         )
     return response.SerializeToString()
 
@@ -274,16 +267,16 @@ def forward_backward_output_json(logprobs: Sequence[Any], metrics: Mapping[str, 
     }
 
 
-def sample_response_json(result: Mapping[str, Any]) -> dict[str, Any]:
+def sample_response_json(result: SampleResult) -> dict[str, Any]:
     """The JSON `SampleResponse` of SDKs that do not ask for protobuf (sequences and prompt log-probs)."""
     return {
         "type": "sample",
         "sequences": [
-            {"tokens": s["tokens"], "logprobs": s["logprobs"], "stop_reason": s["stop_reason"]}
-            for s in result["sequences"]
+            {"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+            for s in result.sequences
         ],
-        "prompt_logprobs": result.get("prompt_logprobs"),
-        "topk_prompt_logprobs": result.get("topk_prompt_logprobs"),
+        "prompt_logprobs": result.prompt_logprobs,
+        "topk_prompt_logprobs": result.topk_prompt_logprobs,
     }
 
 
@@ -335,8 +328,9 @@ def prompt_tokens(prompt: Mapping[str, Any], *, field: str = "prompt") -> list[i
     return tokens
 
 
-def sample_request(body: Mapping[str, Any], adapter: str | None) -> tuple[SampleRequest, dict[str, Any]]:
-    """An `asample` body as the engine's request, and what encoding its answer needs (`target_layout`)."""
+def sample_request(body: Mapping[str, Any]) -> tuple[SampleRequest, dict[str, Any]]:
+    """An `asample` body as the engine's request (its adapter is set by the service, from the sampling
+    session), and what encoding its answer needs (`target_layout`, `prompt_alt_tokens_k`)."""
     echo: dict[str, Any] = {}
     targets = None
     if body.get("target_prompt_logprobs") is not None:
@@ -346,7 +340,6 @@ def sample_request(body: Mapping[str, Any], adapter: str | None) -> tuple[Sample
         prompt=prompt_tokens(body.get("prompt") or {}),
         params=sampling_params(body.get("sampling_params") or {}),
         num_samples=int(body.get("num_samples", 1)),
-        adapter=adapter,
         prompt_logprobs=bool(body.get("prompt_logprobs") or False),
         topk_sample_logprobs=int(body.get("topk_sample_logprobs") or 0),
         topk_prompt_logprobs=int(body.get("topk_prompt_logprobs") or 0),
@@ -405,7 +398,7 @@ def target_prompt_tokens(tensor: Mapping[str, Any]) -> tuple[torch.Tensor, dict[
     return torch.from_numpy(dense), {"crow": crow_a.tolist(), "col": col_a.tolist(), "shape": list(shape)}
 
 
-# --- ids, LoRA configs and checkpoint paths -----------------------------------------------------------
+# --- ids and checkpoint paths -----------------------------------------------------------------
 
 
 def model_id(session_id: str, model_seq_id: int) -> str:
@@ -415,44 +408,6 @@ def model_id(session_id: str, model_seq_id: int) -> str:
 
 def sampling_session_id(session_id: str, seq_id: int) -> str:
     return f"{session_id}:sample:{seq_id}"
-
-
-def lora_target_modules(
-    default_targets: Sequence[str], *, attn: bool, mlp: bool, head: str | None = None
-) -> list[str] | None:
-    """target_modules for Tinker's train_attn / train_mlp / train_unembed flags.
-
-    `default_targets` are the module paths the model adapts by default; `head` is the output head's path
-    when train_unembed asks for it. None (the family default) when attention and MLP are both on and the
-    head is not; otherwise the `<parent>.<layer>` suffixes of the chosen layers, plus the head.
-    """
-    if not (attn or mlp or head):
-        raise InvalidInputError(
-            "lora_config", "train_attn, train_mlp and train_unembed are all false: nothing to train"
-        )
-    if attn and mlp:
-        if head is None:
-            return None
-        return [*sorted({path.rsplit(".", 1)[-1] for path in default_targets}), head]
-    suffixes: list[str] = []
-    if attn or mlp:
-        wanted = _ATTENTION_PARTS if attn else _MLP_PARTS
-        suffixes = sorted(
-            {
-                ".".join(path.split(".")[-2:])
-                for path in default_targets
-                if any(part in wanted for part in path.split(".")[-2].lower().split("_"))
-                or path.split(".")[-2].lower() in wanted
-            }
-        )
-        if not suffixes:
-            which = "attention" if attn else "MLP"
-            raise InvalidInputError("lora_config", f"this model has no {which} layers LoRA can target")
-    return suffixes + ([head] if head else [])
-
-
-def tinker_path(run_id: str, kind: str, name: str) -> str:
-    return f"tinker://{run_id}/{kind}/{name}"
 
 
 def check_name(name: str) -> str:
@@ -477,17 +432,9 @@ def parse_tinker_path(path: str) -> tuple[str, str, str]:
     return run_id, native_checkpoint_name(kind, name), kind
 
 
-# --- REST (RestClient): checkpoints and training runs as the SDK's models ---------------------------------
+# --- checkpoint ids -----------------------------------------------------------------------------------
 
-_CHECKPOINT_TYPES = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _KIND_PREFIXES = ("sampler_weights.", "external_weights.")
-
-
-def parse_checkpoint_id(run_id: str, checkpoint_id: str) -> tuple[str, str]:
-    """(native checkpoint name, tinker path) of a REST `checkpoint_id` such as `weights/ckpt-1`."""
-    path = f"tinker://{run_id}/{checkpoint_id}"
-    _, name, _ = parse_tinker_path(path)
-    return name, path
 
 
 def checkpoint_id(native_name: str) -> str:
@@ -501,70 +448,6 @@ def checkpoint_id(native_name: str) -> str:
 def tinker_path_of(run_id: str, native_name: str) -> str:
     """`tinker://<run>/<kind>/<name>` of a native checkpoint."""
     return f"tinker://{run_id}/{checkpoint_id(native_name)}"
-
-
-def iso_time(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
-
-
-def rest_checkpoint(
-    run_id: str, native_name: str, created_at: float, size_bytes: int, meta: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """A `types.Checkpoint`; `meta` holds what was set on it (`public`, `expires_at` in Unix seconds,
-    `user_metadata`)."""
-    ckpt_id = checkpoint_id(native_name)
-    meta = meta or {}
-    expires_at = meta.get("expires_at")
-    return {
-        "checkpoint_id": ckpt_id,
-        "checkpoint_type": _CHECKPOINT_TYPES[ckpt_id.split("/", 1)[0]],
-        "time": iso_time(created_at),
-        "tinker_path": f"tinker://{run_id}/{ckpt_id}",
-        "size_bytes": size_bytes,
-        "public": bool(meta.get("public", False)),
-        "expires_at": None if expires_at is None else iso_time(expires_at),
-        "user_metadata": meta.get("user_metadata"),
-    }
-
-
-def rest_training_run(
-    run_id: str,
-    base_model: str,
-    owner: str | None,
-    lora_rank: int,
-    last_request_time: float,
-    checkpoints: Sequence[Mapping[str, Any]] = (),
-    user_metadata: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """A `types.TrainingRun`; `checkpoints` are `rest_checkpoint`s of the run, oldest first."""
-
-    def last(kind: str) -> Mapping[str, Any] | None:
-        return next((c for c in reversed(checkpoints) if c["checkpoint_type"] == kind), None)
-
-    return {
-        "training_run_id": run_id,
-        "base_model": base_model,
-        "model_owner": owner or "local",
-        "is_lora": True,
-        "corrupted": False,
-        "lora_rank": lora_rank,
-        "last_request_time": iso_time(last_request_time),
-        "last_checkpoint": last("training"),
-        "last_sampler_checkpoint": last("sampler"),
-        "user_metadata": None if user_metadata is None else dict(user_metadata),
-    }
-
-
-def user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """`user_metadata` as the SDK reads it back (`dict[str, str]`): a non-string value (create_model
-    and load_weights accept any JSON) is kept as its JSON text."""
-    if metadata is None:
-        return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-
-
-def cursor(offset: int, limit: int, total: int) -> dict[str, int]:
-    return {"offset": offset, "limit": limit, "total_count": total}
 
 
 # --- optimizers --------------------------------------------------------------------------------------------

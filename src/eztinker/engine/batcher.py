@@ -26,23 +26,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from eztinker.engine import sampler
+from eztinker.engine import caches, sampler
 from eztinker.engine.errors import ComputeError, EngineError
 from eztinker.engine.model import BaseModel
 from eztinker.engine.sampler import (
     _UNIFORM_BLOCK,
     SampleRequest,
     SamplerLimits,
+    _attended_columns,
     _Batch,
     _choose_tokens,
     _collect,
     _decode_step,
+    _device_tensor,
     _kv_bytes_per_token,
     _kv_cache_bytes,
     _make_rows,
@@ -50,8 +50,10 @@ from eztinker.engine.sampler import (
     _record,
     _Row,
     _temperature,
+    _to_host,
     _token_logprobs,
-    _top_logprobs,
+    _top_logprobs_device,
+    _top_pairs,
 )
 from eztinker.engine.types import SampleResult
 
@@ -92,6 +94,7 @@ class ContinuousBatcher:
         self._logits_BV: torch.Tensor | None = None  # next-token logits of the running rows
         self._admitting: list[_Row] = []
         self._kv_tokens = _kv_cache_bytes(base, self.limits) // _kv_bytes_per_token(base)
+        self._state_tokens = sampler._state_tokens_per_row(base)  # linear-attention states, per row
 
     # --- submitting ----------------------------------------------------------------------------------
 
@@ -170,20 +173,23 @@ class ContinuousBatcher:
                 row.uniforms = (
                     1.0 - torch.rand(_UNIFORM_BLOCK, generator=row.generator, dtype=torch.float64)
                 ).tolist()
-        u_B = torch.tensor([r.uniforms[len(r.tokens) % _UNIFORM_BLOCK] for r in rows], dtype=torch.float64)
-        tokens_B = _choose_tokens(logits_BV, batch, u_B.to(logits_BV.device))
+        u = [r.uniforms[len(r.tokens) % _UNIFORM_BLOCK] for r in rows]
+        tokens_B = _choose_tokens(logits_BV, batch, _device_tensor(u, torch.float64, logits_BV.device))
         logprobs_B = _token_logprobs(logits_BV, tokens_B)
         k = max(r.topk for r in rows)
-        topk = _top_logprobs(logits_BV, k) if k else None
+        top = _top_logprobs_device(logits_BV, k) if k else ()
+        # The step's one read back to the host: tokens, their log-probabilities and any top-k, together.
+        tokens, logprobs, *top_host = _to_host(tokens_B, logprobs_B, *top)
+        topk = _top_pairs(top_host[0], top_host[1], len(rows)) if top_host else None
         self._first_tokens(rows)
-        done = _record(self.base, rows, tokens_B.tolist(), logprobs_B.tolist(), topk)
+        done = _record(self.base, rows, [int(t) for t in tokens], logprobs, topk)
         if self.on_tokens is not None:
             self.on_tokens(len(rows))
         finished = [r for r, d in zip(rows, done, strict=True) if d]
         if finished:
             keep = [b for b, d in enumerate(done) if not d]
             if keep:
-                keep_B = torch.tensor(keep, device=self.base.device)
+                keep_B = _device_tensor(keep, torch.long, self.base.device)
                 batch.keep(keep_B, [rows[b] for b in keep])
                 tokens_B = tokens_B[keep_B]
                 if _mergeable(batch.cache):
@@ -215,7 +221,7 @@ class ContinuousBatcher:
                 wants = wants_prompt or row.prompt_request is not None
                 fits = (
                     n <= limits.max_rows
-                    and n * total <= self._kv_tokens
+                    and n * (total + self._state_tokens) <= self._kv_tokens
                     and (len(admitted) + 1) * prompt <= limits.prefill_tokens
                     and (
                         not wants
@@ -239,7 +245,7 @@ class ContinuousBatcher:
         firsts: list[_Row] = []
         index: list[int] = []
         for row in rows:
-            key: object = (row.adapter, tuple(row.prompt))
+            key: object = (row.adapter, tuple(row.prompt), row.images)
             if key in reps and row.prompt_request is not None:
                 if firsts[reps[key]].prompt_request is None:
                     firsts[reps[key]] = row  # it prefills for the group, extras included
@@ -252,14 +258,15 @@ class ContinuousBatcher:
         batch, logits_RV = _prefill(self.base, firsts)
         if len(firsts) == len(rows):
             return batch, logits_RV
-        index_B = torch.tensor(index, device=self.base.device)
-        batch.cache.batch_select_indices(index_B)
+        device = self.base.device
+        index_B = _device_tensor(index, torch.long, device)
+        caches.select_rows(batch.cache, index_B)
         batch.rows = rows
         batch.attention_mask = batch.attention_mask[index_B]
         batch.next_position = batch.next_position[index_B]
-        batch.temperature = torch.tensor([_temperature(r.params) for r in rows], device=self.base.device)
-        batch.top_k = torch.tensor([r.params.top_k for r in rows], device=self.base.device)
-        batch.top_p = torch.tensor([float(r.params.top_p) for r in rows], device=self.base.device)
+        batch.temperature = _device_tensor([_temperature(r.params) for r in rows], torch.float32, device)
+        batch.top_k = _device_tensor([r.params.top_k for r in rows], torch.long, device)
+        batch.top_p = _device_tensor([float(r.params.top_p) for r in rows], torch.float32, device)
         return batch, logits_RV[index_B]
 
     # --- finishing --------------------------------------------------------------------------------------
@@ -297,7 +304,7 @@ class ContinuousBatcher:
                 if not keep:
                     self._batch = self._logits_BV = None
                 elif len(keep) < len(self._batch.rows):
-                    keep_B = torch.tensor(keep, device=self.base.device)
+                    keep_B = _device_tensor(keep, torch.long, self.base.device)
                     self._batch.keep(keep_B, [self._batch.rows[b] for b in keep])
                     assert self._logits_BV is not None
                     self._logits_BV = self._logits_BV[keep_B]
@@ -324,21 +331,15 @@ def run_to_completion(
 
 
 def _mergeable(cache: DynamicCache) -> bool:
-    """Whether every layer is a plain growing KV layer (not sliding-window or linear attention), whose
-    sequence dimension can be padded and cut; other caches run one admission at a time."""
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _kv_layers(cache: DynamicCache) -> list[Any]:
-    return list(cache.layers)
+    """Whether new rows can join a batch with this cache (attention, sliding-window and linear-attention
+    layers: `eztinker.engine.caches`); other caches run one admission at a time."""
+    return caches.mergeable(cache)
 
 
 def _merge(into: _Batch, new: _Batch) -> None:
     """Append `new`'s rows to `into`: caches and masks left-padded to one length, concatenated on rows."""
     L = max(into.attention_mask.shape[1], new.attention_mask.shape[1])
-    for layer_a, layer_b in zip(_kv_layers(into.cache), _kv_layers(new.cache), strict=True):
-        layer_a.keys = torch.cat([_left_pad(layer_a.keys, L, 2), _left_pad(layer_b.keys, L, 2)])
-        layer_a.values = torch.cat([_left_pad(layer_a.values, L, 2), _left_pad(layer_b.values, L, 2)])
+    caches.merge_rows(into.cache, new.cache, L)
     into.attention_mask = torch.cat(
         [_left_pad(into.attention_mask, L, 1), _left_pad(new.attention_mask, L, 1)]
     )
@@ -355,7 +356,7 @@ def _group_by_adapter(batch: _Batch, logits_BV: torch.Tensor) -> torch.Tensor:
     order = sorted(range(len(batch.rows)), key=lambda b: (first_seen[batch.rows[b].adapter], b))
     if order == list(range(len(order))):
         return logits_BV
-    order_B = torch.tensor(order, device=logits_BV.device)
+    order_B = _device_tensor(order, torch.long, logits_BV.device)
     batch.keep(order_B, [batch.rows[b] for b in order])
     return logits_BV[order_B]
 
@@ -370,14 +371,14 @@ def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 def _trim(batch: _Batch) -> None:
-    """Drop leading cache columns that no remaining row attends to (left by rows that finished)."""
-    used_L = batch.attention_mask.any(dim=0)
-    start = int(used_L.int().argmax())  # the first column some row attends to
-    if start == 0:
+    """Drop leading cache columns that no remaining row attends to (left by rows that finished).
+
+    How many columns each row attends to is known on the host (`sampler._attended_columns`), so this
+    reads nothing back from the device. Called between a step's tokens and its decode forward."""
+    start = batch.attention_mask.shape[1] - max(_attended_columns(r, pending=0) for r in batch.rows)
+    if start <= 0:
         return
-    for layer in _kv_layers(batch.cache):
-        layer.keys = layer.keys[:, :, start:]
-        layer.values = layer.values[:, :, start:]
+    caches.drop_leading_columns(batch.cache, start)
     batch.attention_mask = batch.attention_mask[:, start:]
 
 

@@ -73,7 +73,8 @@ from safetensors.torch import save as safetensors_bytes
 from transformers.pytorch_utils import Conv1D
 
 from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
-from eztinker.engine.lora import output_head_path
+from eztinker.engine.families import short_targets
+from eztinker.engine.lora import ExpertWeight, output_head_path, peft_module_names
 from eztinker.engine.optimizers import OPTIMIZERS, STATE_STATS, OptimizerName, optimizer_config
 from eztinker.models import LoRAConfig, LossFunctionConfig
 
@@ -338,24 +339,49 @@ def is_encrypted(path: str | Path) -> bool:
 def _adapter_tensors(run: TrainingRun) -> dict[str, torch.Tensor]:
     """PEFT's state dict of the run's adapter: CPU copies, contiguous, nothing shared with the run."""
     tensors: dict[str, torch.Tensor] = {}
+    names = _peft_names(run)
     for module_path in sorted(run.slots):
         slot = run.slots[module_path]
-        tensors[f"{PEFT_PREFIX}{module_path}.lora_A.weight"] = _cpu_copy(slot.lora_A)
-        tensors[f"{PEFT_PREFIX}{module_path}.lora_B.weight"] = _cpu_copy(slot.lora_B)
+        tensors[f"{PEFT_PREFIX}{names[module_path]}.lora_A.weight"] = _cpu_copy(slot.lora_A)
+        tensors[f"{PEFT_PREFIX}{names[module_path]}.lora_B.weight"] = _cpu_copy(slot.lora_B)
     return tensors
+
+
+def _peft_names(run: TrainingRun) -> dict[str, str]:
+    """The run's layer paths -> the module names PEFT saves their LoRA under (a fused expert weight's
+    `ParamWrapper`: `mlp.experts` / `mlp.experts.base_layer`; a linear layer: its own path)."""
+    return peft_module_names(sorted(run.slots), run.base.lora_layers)
+
+
+def with_layer_paths(loaded: LoadedCheckpoint, run: TrainingRun) -> LoadedCheckpoint:
+    """`loaded` with PEFT's module names of `run`'s fused expert weights turned back into their parameter
+    paths (the run's layer paths). Names that are not the run's stay as they are."""
+    back = {peft: path for path, peft in _peft_names(run).items() if peft != path}
+    if not back:
+        return loaded
+
+    def rename(key: str) -> str:
+        module, dot, rest = key.rpartition(".")  # "<name>.lora_A" -> ("<name>", "lora_A")
+        return back.get(module, module) + dot + rest
+
+    tensors = {back.get(p, p): ab for p, ab in loaded.tensors.items()}
+    optimizer = None if loaded.optimizer is None else {rename(k): v for k, v in loaded.optimizer.items()}
+    return dataclasses.replace(loaded, tensors=tensors, optimizer=optimizer)
 
 
 def _optimizer_tensors(run: TrainingRun) -> dict[str, torch.Tensor]:
     """`<module path>.lora_A.<stat>` -> tensor, for every parameter the optimizer has state for."""
     tensors: dict[str, torch.Tensor] = {}
+    names = _peft_names(run)
     for key, param in _named_params(run).items():
         state = run.optimizer.state.get(param)
         if not state:
             continue
+        module_path, _, which = key.rpartition(".")
         for stat, value in state.items():
             if not isinstance(value, torch.Tensor):  # torch keeps only tensors for AdamW; be safe
                 value = torch.tensor(float(value), dtype=torch.float32)
-            tensors[f"{key}.{stat}"] = _cpu_copy(value)
+            tensors[f"{names[module_path]}.{which}.{stat}"] = _cpu_copy(value)
     return tensors
 
 
@@ -379,15 +405,28 @@ def _peft_config_dict(run: TrainingRun) -> dict[str, Any]:
 
     config = run.lora_config
     layers = [run.base.lora_layers[p] for p in run.slots if p in run.base.lora_layers]
+    experts = sorted(p for p in run.slots if isinstance(run.base.lora_layers.get(p), ExpertWeight))
+    linear = [layer for layer in layers if not isinstance(layer, ExpertWeight)]
     # PEFT annotates lora_alpha as int but computes with any number: an integral alpha is written as an
     # int (what PEFT writes), a fractional one as is.
     alpha: Any = int(config.lora_alpha) if float(config.lora_alpha).is_integer() else config.lora_alpha
+    target_modules = _peft_target_modules(run)
+    # Fused expert weights as PEFT's target_parameters (a ParamWrapper per weight, per-expert factors).
+    target_parameters = short_targets(experts, _all_expert_paths(run)) if experts else []
+    reread = _v4_renamed_targets(run, target_modules)
+    if reread:  # linear layers PEFT would take for pre-v5 expert names: name their weights instead
+        paths = [p for p in run.slots if p not in experts and p.rsplit(".", 1)[-1] in reread]
+        universe = [f"{p}.weight" for p, expert in _adaptable(run).items() if not expert]
+        target_parameters += short_targets([f"{p}.weight" for p in paths], universe)
+        kept = [p for p in run.slots if p not in experts and p not in paths]
+        target_modules = short_targets(kept, [p for p, e in _adaptable(run).items() if not e]) if kept else []
     peft_config = LoraConfig(
         r=config.r,
         lora_alpha=alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=_peft_target_modules(run),
-        fan_in_fan_out=bool(layers) and all(layer.fan_in_fan_out for layer in layers),
+        target_modules=target_modules or None,
+        target_parameters=target_parameters or None,
+        fan_in_fan_out=bool(linear) and all(layer.fan_in_fan_out for layer in linear),
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=run.base.name,
@@ -406,8 +445,10 @@ def _peft_target_modules(run: TrainingRun) -> list[str]:
     Short names (`q_proj`) keep the config readable and match what users write; but a run made from
     full module paths, or a subset of layers, must not grow adapters on other layers once loaded by PEFT.
     """
-    names = sorted(run.target_modules)
-    paths = set(run.slots)
+    paths = {p for p in run.slots if not isinstance(run.base.lora_layers.get(p), ExpertWeight)}
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if not paths:
+        return []
     matched = {
         path
         for path, _ in run.base.model.named_modules()
@@ -416,6 +457,33 @@ def _peft_target_modules(run: TrainingRun) -> list[str]:
         and ".base_layer" not in path  # inside our LoRA wrappers: PEFT never sees these
     }
     return names if matched == paths else sorted(paths)
+
+
+def _adaptable(run: TrainingRun) -> dict[str, bool]:
+    from eztinker.engine.lora import adaptable_layers
+
+    return adaptable_layers(run.base.model, include_head=True)
+
+
+def _all_expert_paths(run: TrainingRun) -> list[str]:
+    return [p for p, expert in _adaptable(run).items() if expert]
+
+
+def _v4_renamed_targets(run: TrainingRun, target_modules: list[str]) -> set[str]:
+    """The layer names in `target_modules` that PEFT, loading the adapter, would read as transformers-v4 MoE
+    expert names and retarget onto fused expert weights (`gate_proj` / `up_proj` / `down_proj` of DeepSeek-V3,
+    Qwen3-MoE and the other "qwen2_moe"-style families): PEFT's own conversion, run on a copy of the config."""
+    if not target_modules:
+        return set()
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without the conversion renames nothing
+        return set()
+    probe = LoraConfig(r=run.lora_config.r, target_modules=list(target_modules))
+    convert_peft_config_for_transformers(probe, model=run.base.model, conversions=None)
+    kept = set(probe.target_modules or ())
+    return {t.rsplit(".", 1)[-1] for t in target_modules if t not in kept}
 
 
 # --- module names ------------------------------------------------------------------------------------
@@ -493,7 +561,9 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     tensors = _read_adapter_tensors(root)
     r = int(config["r"])
     for module_path, (a, b) in tensors.items():
-        if a.shape[0] != r or b.shape[1] != r:
+        # A fused expert weight's factors hold every expert's r ranks (PEFT's target_parameters).
+        per_expert = a.shape[0] != r and a.shape[0] % r == 0 and bool(config.get("target_parameters"))
+        if (a.shape[0] != r and not per_expert) or b.shape[1] != a.shape[0]:
             raise _invalid(
                 root,
                 f"layer {module_path} has rank {a.shape[0]} (A {tuple(a.shape)}, B {tuple(b.shape)}) "
@@ -621,7 +691,6 @@ def _check_peft_config(config: Mapping[str, Any], root: Path) -> None:
         "modules_to_save": "fully trained extra modules (modules_to_save)",
         "lora_bias": "a bias on lora_B (lora_bias)",
         "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
-        "target_parameters": "LoRA on raw parameters (target_parameters)",
         "layer_replication": "layer replication (layer_replication)",
         "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
         "use_qalora": "QA-LoRA (use_qalora)",
@@ -703,6 +772,12 @@ def _target_modules_from(config: Mapping[str, Any], tensors: Mapping[str, Any]) 
     of the saved layers; anything else (a regex, "all-linear", layers_to_transform, exclude_modules, full
     paths) gives the saved module paths themselves, which select exactly those layers.
     """
+    r = config.get("r")
+    parameters = config.get("target_parameters") or []
+    if parameters:  # fused expert weights: their factors hold E·r ranks; their names come from the config
+        tensors = {p: ab for p, ab in tensors.items() if ab[0].shape[0] == r}
+        # A linear layer's weight named as a parameter (`mlp.gate_proj.weight`) is that layer.
+        parameters = sorted({t.removesuffix(".weight") for t in parameters})
     paths = sorted(tensors)
     targets = config.get("target_modules")
     plain_names = (
@@ -712,8 +787,8 @@ def _target_modules_from(config: Mapping[str, Any], tensors: Mapping[str, Any]) 
         and not config.get("exclude_modules")
     )
     if plain_names:
-        return sorted({p.rsplit(".", 1)[-1] for p in paths})
-    return paths
+        return sorted({p.rsplit(".", 1)[-1] for p in paths}) + parameters
+    return paths + parameters
 
 
 def _validated_lora_config(root: Path, data: Mapping[str, Any]) -> LoRAConfig:
@@ -766,7 +841,7 @@ def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimiz
     cleared (the optimizer starts afresh at the next step). State of another optimizer than the run's
     is refused (a run's optimizer is fixed). Tinker's name for the head is accepted.
     """
-    loaded = with_model_names(loaded, output_head_path(run.base.model))
+    loaded = with_layer_paths(with_model_names(loaded, output_head_path(run.base.model)), run)
     _check_compatible(run, loaded)
     params = _named_params(run)
     use_optimizer = with_optimizer and loaded.optimizer is not None
@@ -1036,23 +1111,27 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
     embedding keeps the base's values, as in the adapted model. Merging into the shared weight would
     move every input embedding too. The tokenizer is copied along. Written atomically like a checkpoint.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from eztinker.engine.model import _source_kwargs
+    from eztinker.engine.model import _from_pretrained, _source_kwargs
 
     target = Path(out_dir)
     if target.exists() and any(target.iterdir()):
         raise ConflictError(f"{target} already exists and is not empty")
     loaded = read_checkpoint(adapter_dir)
     source, extra = _source_kwargs(base_model)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    model = _from_pretrained(source, torch.float32, extra)
     head_path = output_head_path(model)
     loaded = with_model_names(loaded, head_path)
+    experts = _expert_weights_of(model, loaded)  # PEFT's module name -> fused expert weight path
     if head_path is not None and head_path in loaded.tensors:
         _untie_output_head(model)
     scaling = loaded.lora_config.lora_alpha / loaded.lora_config.r
     with torch.no_grad():
         for module_path, (a, b) in sorted(loaded.tensors.items()):
+            if module_path in experts:
+                _merge_experts(model, experts[module_path], a, b, scaling, loaded.path)
+                continue
             weight = _mergeable_weight(model, module_path, loaded.path)
             delta = (b.to(torch.float32) @ a.to(torch.float32)) * scaling  # (out, in)
             if isinstance(model.get_submodule(module_path), Conv1D):  # stored (in, out)
@@ -1081,6 +1160,46 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return target
+
+
+def _expert_weights_of(model: torch.nn.Module, loaded: LoadedCheckpoint) -> dict[str, str]:
+    """PEFT's module names of the checkpoint's fused expert weights -> their parameter paths in `model`."""
+    from eztinker.engine.lora import adaptable_layers, expert_peft_names, resolve_targets
+
+    targets = loaded.lora_config.target_modules
+    all_experts = {p for p, expert in adaptable_layers(model).items() if expert}
+    if not all_experts:
+        return {}
+    try:  # None: the family default, which adapts every expert weight
+        chosen = (
+            sorted(all_experts)
+            if targets is None
+            else [p for p in resolve_targets(model, targets) if p in all_experts]
+        )
+    except InvalidInputError:  # a target of another model: reported when its layer is merged
+        return {}
+    return {peft: path for path, peft in expert_peft_names(model, chosen).items()}
+
+
+def _merge_experts(
+    model: torch.nn.Module, path: str, a: torch.Tensor, b: torch.Tensor, scaling: float, root: Path
+) -> None:
+    """W_e += scaling · B_e · A_e for every expert e of the fused weight at `path` (PEFT's factor layout)."""
+    owner_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    weight = getattr(owner, name)
+    num_experts = weight.shape[0]
+    rank = a.shape[0] // num_experts
+    a_e = a.to(torch.float32).reshape(num_experts, rank, a.shape[1])  # (E, r, in)
+    b_e = b.to(torch.float32).reshape(b.shape[0], rank, num_experts).permute(2, 0, 1)  # (E, out, r)
+    delta = (b_e @ a_e) * scaling  # (E, out, in)
+    if getattr(owner, "is_transposed", False):  # stored (E, in, out)
+        delta = delta.transpose(1, 2)
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise _invalid(
+            root, f"expert weight {path} has a delta of shape {tuple(delta.shape)}, not {tuple(weight.shape)}"
+        )
+    weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
 
 def _mergeable_weight(model: torch.nn.Module, module_path: str, root: Path) -> torch.Tensor:

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from eztinker.engine import checkpoint, sampler
-from eztinker.engine.batch import check_data
+from eztinker.engine import checkpoint, families, sampler, vision
 from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.lora import (
     copy_adapter,
@@ -31,11 +30,12 @@ from eztinker.engine.losses import get_loss_spec
 from eztinker.engine.model import BaseModel, load_base_model
 from eztinker.engine.optimizers import OptimizerName, check_optimizer_name, make_optimizer
 from eztinker.engine.run import (
+    PassOptions,
     TrainingRun,
     TrainRequest,
+    check_request,
     forward_backward_many,
     optim_step_many,
-    resolve_loss,
 )
 from eztinker.engine.run import forward_backward as _forward_backward
 from eztinker.engine.run import optim_step as _optim_step
@@ -44,6 +44,7 @@ from eztinker.engine.types import (
     Datum,
     DimuonParams,
     ForwardBackwardResult,
+    ImageChunk,
     OptimStepResult,
     SampleResult,
     SamplingParams,
@@ -59,7 +60,24 @@ class EngineConfig:
     device: str | None = None  # None: CUDA if available, else CPU
     dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 on CPU
     token_budget: int = 8192  # padded tokens per forward chunk
-    logits_budget: int = 2**28  # logits elements per chunk (1 GiB in fp32): caps B·T for big vocabularies
+    # Logits elements per chunk (1 GiB in fp32) for losses that take full (B, T, V) logits (a registered
+    # native loss without `token_terms`); the built-ins and Tinker's losses never make them.
+    logits_budget: int = 2**28
+    # Long context (`eztinker.engine.memory`): gradient checkpointing of the decoder layers for backward
+    # passes of more padded tokens than this (0: always); shorter passes keep their full speed.
+    checkpoint_tokens: int = 1024
+    logits_chunk: int = 2**25  # logits elements per head chunk of the chunked losses (128 MiB in fp32)
+    # Bytes one pass may use; a longer sequence is refused up front. None: 90 % of the free memory.
+    memory_limit: int | None = None
+
+    def pass_options(self) -> PassOptions:
+        return PassOptions(
+            token_budget=self.token_budget,
+            logits_budget=self.logits_budget,
+            checkpoint_tokens=self.checkpoint_tokens,
+            logits_chunk=self.logits_chunk,
+            memory_limit=self.memory_limit,
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,46 @@ class Engine:
         """The module paths a run on base model `name` adapts when its LoRA config names none."""
         base = self.base_model(name)
         return resolve_targets(base.model, base.default_targets())
+
+    def lora_target_modules(
+        self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
+    ) -> list[str] | None:
+        """`target_modules` for Tinker's LoRA flags on base model `name` (None: the family default).
+
+        `train_attn` adapts attention and linear attention, `train_mlp` the MLP and MoE experts,
+        `train_unembed` the output head (`eztinker.engine.families`). `InvalidInputError` (field
+        "lora_config") if every flag is off, or a flag asks for layers the model does not have.
+        """
+        if not (train_attn or train_mlp or train_unembed):
+            raise InvalidInputError(
+                "lora_config", "train_attn, train_mlp and train_unembed are all false: nothing to train"
+            )
+        base = self.base_model(name)
+        kinds = base.layer_kinds()
+        for flag, on in (
+            ("train_attn", train_attn),
+            ("train_mlp", train_mlp),
+            ("train_unembed", train_unembed),
+        ):
+            if on and not any(kind in families.TINKER_KINDS[flag] for kind in kinds.values()):
+                what = {"train_attn": "attention", "train_mlp": "MLP", "train_unembed": "output head"}[flag]
+                raise InvalidInputError("lora_config", f"this model has no {what} layers LoRA can target")
+        wanted = families.kinds_for_tinker_flags(
+            train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
+        )
+        chosen = base.targets_of_kinds(wanted)
+        if chosen == base.default_targets():
+            return None
+        return families.short_targets(chosen, kinds)
+
+    def tinker_lora_flags(self, run_id: str) -> dict[str, bool]:
+        """Tinker's `train_attn` / `train_mlp` / `train_unembed` for what run `run_id` adapts."""
+        run = self._run(run_id)
+        return families.tinker_flags(run.base.layer_kinds(sorted(run.slots)).values())
+
+    def layer_kinds(self, name: str) -> dict[str, families.LayerKind]:
+        """Every adaptable layer of base model `name` (module or expert-weight path) and its kind."""
+        return self.base_model(name).layer_kinds()
 
     def output_head_name(self, name: str) -> str | None:
         """The module path of base model `name`'s output head (unembedding), None if it has none."""
@@ -277,13 +335,7 @@ class Engine:
         `loss`: None for the run's own loss; a `LossFunctionConfig` for a native loss; a token-loss
         name (`"ppo"`) or `TokenLoss` for Tinker's token-level losses.
         """
-        return _forward_backward(
-            self._run(run_id),
-            data,
-            loss,
-            token_budget=self.config.token_budget,
-            logits_budget=self.config.logits_budget,
-        )
+        return _forward_backward(self._run(run_id), data, loss, options=self.config.pass_options())
 
     def forward(
         self,
@@ -293,12 +345,7 @@ class Engine:
     ) -> ForwardBackwardResult:
         """Like `forward_backward`, without gradients: the run is untouched."""
         return _forward_backward(
-            self._run(run_id),
-            data,
-            loss,
-            token_budget=self.config.token_budget,
-            logits_budget=self.config.logits_budget,
-            backward=False,
+            self._run(run_id), data, loss, options=self.config.pass_options(), backward=False
         )
 
     def forward_backward_many(self, ops: Sequence[TrainOp]) -> list[ForwardBackwardResult | EngineError]:
@@ -318,11 +365,7 @@ class Engine:
             request = TrainRequest(run, op.data, op.loss, op.backward)
             by_base.setdefault(run.base.name, []).append((i, request))
         for items in by_base.values():
-            results = forward_backward_many(
-                [request for _, request in items],
-                token_budget=self.config.token_budget,
-                logits_budget=self.config.logits_budget,
-            )
+            results = forward_backward_many([request for _, request in items], self.config.pass_options())
             for (i, _), result in zip(items, results, strict=True):
                 outcomes[i] = result
         return [o for o in outcomes if o is not None]
@@ -380,15 +423,19 @@ class Engine:
         return [o for o in outcomes if o is not None]
 
     def check_data(
-        self, run_id: str, data: Sequence[Datum], loss: LossFunctionConfig | TokenLoss | str | None = None
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss: LossFunctionConfig | TokenLoss | str | None = None,
+        *,
+        backward: bool = True,
     ) -> None:
-        """Raise `InvalidInputError` now (no compute) if `forward_backward(run_id, data, loss)` would refuse it.
+        """Raise `InvalidInputError` now (no compute) if `forward_backward(run_id, data, loss)` would refuse it
+        (with `backward=False`: if `forward` would) — bad data, or a sequence longer than memory allows.
 
         Lets a server answer a bad request at once instead of as a failed job later.
         """
-        run = self._run(run_id)
-        spec, _ = resolve_loss(run, loss)
-        check_data(data, spec, vocab_size=run.base.vocab_size, max_length=run.base.max_length)
+        check_request(self._run(run_id), data, loss, options=self.config.pass_options(), backward=backward)
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -482,8 +529,12 @@ class Engine:
         sampler_id: str | None = None,
         base_model: str | None = None,
         prompt_logprobs: bool = False,
+        images: Sequence[ImageChunk] = (),
     ) -> SampleResult:
-        """Sample `num_samples` continuations of `prompt` from a run's live adapter, a snapshot, or a base."""
+        """Sample `num_samples` continuations of `prompt` from a run's live adapter, a snapshot, or a base.
+
+        `images`: the prompt's images (vision-language models; `prompt` holds their placeholder runs, as
+        `expand_chunks` makes them)."""
         base, adapter = self._sample_target(run_id, sampler_id, base_model)
         request = sampler.SampleRequest(
             prompt=list(prompt),
@@ -491,8 +542,19 @@ class Engine:
             num_samples=num_samples,
             adapter=adapter,
             prompt_logprobs=prompt_logprobs,
+            images=tuple(images),
         )
         return sampler.sample_batch(base, [request])[0]
+
+    def expand_chunks(
+        self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], field: str = "model_input.chunks"
+    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """(tokens, images) of a model input given as chunks (token lists and `ImageChunk`s) for base model
+        `name`: each image becomes a run of the model's image placeholder token, as long as its token count.
+        Images are checked before anything else (`InvalidInputError` naming `field[i]`): see
+        `eztinker.engine.vision`. A facade turns Tinker's `ModelInput` chunks and OpenAI `image_url` parts
+        into these, then into `Datum(tokens, ..., images=images)` or a `SampleRequest(..., images=images)`."""
+        return vision.expand_chunks(self.base_model(name), chunks, field)
 
     def sample_many(self, base_model: str, requests: Sequence[sampler.SampleRequest]) -> list[SampleResult]:
         """Several requests on one base model (any mix of adapters) in one batched generation."""

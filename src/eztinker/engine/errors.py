@@ -10,7 +10,9 @@ EngineError                      every error the engine raises on purpose
 └── ComputeError                 the op failed inside compute (OOM, a custom loss raised); rolled back
 ```
 
-A facade maps each class to its own status code once; nothing below the facade knows about HTTP.
+A facade maps each class to its own status code once (`eztinker.api.errors`); nothing below the facade
+knows about HTTP. Every class pickles with its fields, so an error raised on a Ray worker is raised again
+as itself on the API server.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class InvalidInputError(EngineError, ValueError):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self) -> tuple[type[InvalidInputError], tuple[str, str]]:
+        return type(self), (self.field, self.message)  # pickles whole: it crosses to Ray workers and back
 
 
 class UnknownLossError(InvalidInputError):

@@ -17,6 +17,14 @@ Two families
   one-pass value for every built-in (tested).
 * Built-ins: `cross_entropy`, `weighted_cross_entropy`, `focal_loss`, `smooth_l1`, `contrastive_loss`.
   Add more with `register_loss_function(name, fn, normalizer=...)` in the server process.
+* **Token-separable form** (`TokenTerms`, long context). Every built-in is a (weighted) mean of a per-token
+  term that reads one position's logits and target only. Its spec carries that term, and the engine uses
+  it instead of `fn`: it computes the term from hidden states in chunks of positions (hidden → output head
+  → term, recomputed in backward), so a pass never holds (B, T, V) logits, and reduces the terms exactly
+  as `fn` does (`reduce_token_terms`; equal to `fn(logits, ...)` within float rounding, tested). A
+  registered loss gets `fn` with full logits — the contract — unless it is registered with
+  ``token_terms=TokenTerms(...)``; a loss that needs the whole sequence (or all of the vocabulary at
+  once across positions) must keep full logits, at a memory cost of B·T·V floats.
 
 **token** — Tinker's token-level losses (`forward_backward(data, loss_fn=...)` through the Tinker facade)::
 
@@ -75,10 +83,12 @@ __all__ = [
     "IGNORE_INDEX",
     "LossFamily",
     "LossSpec",
+    "TokenTerms",
     "default_normalizer",
     "get_loss_function",
     "get_loss_spec",
     "list_losses",
+    "reduce_token_terms",
     "register_loss_function",
     "shifted_target_logprobs",
     "unregister_loss_function",
@@ -92,6 +102,24 @@ _FAMILY_FIELD = {"native": "loss_type", "token": "loss_fn"}
 
 
 @dataclass(frozen=True)
+class TokenTerms:
+    """A native loss in token-separable form: ``loss = reduce(term(z_t, y_t) for each target t)``.
+
+    * ``term(z, y, lp, **kwargs) -> (n,)``: the per-token term of `n` positions from their logits `z`
+      (n, V) (upcast as `fn` does: fp16/bf16 to fp32), their targets `y` (n,) (never the ignore index),
+      and ``lp = log p(y | z)`` (n,), which the engine computes anyway (its reported log-probs). `kwargs`
+      are the loss config's, as `fn` receives them.
+    * `weighted_mean` False: ``Σ_t w_t · term_t / #targets`` (the count normalizer); True:
+      ``Σ_t w_t · term_t / Σ_t w_t`` (0 when ``Σ w = 0``). Weights default to 1; ignored targets count 0.
+
+    The engine then never needs (B, T, V) logits for this loss (see the module docstring).
+    """
+
+    term: Callable[..., Tensor]
+    weighted_mean: bool = False
+
+
+@dataclass(frozen=True)
 class LossSpec:
     """A registered loss.
 
@@ -101,6 +129,8 @@ class LossSpec:
     * `normalizer` (native family): ``normalizer(labels, weights)`` → the scalar denominator of the loss's
       mean; None means `default_normalizer`.
     * `supports_topk` (token family): True when (N, K) `target_tokens` are allowed (only `cross_entropy`).
+    * `token_terms` (native family): the loss in token-separable form (`TokenTerms`), so the engine can
+      compute it in chunks from hidden states; None: the engine calls `fn` on full (B, T, V) logits.
     """
 
     name: str
@@ -111,6 +141,7 @@ class LossSpec:
     config_defaults: Mapping[str, float] = field(default_factory=dict)
     normalizer: Normalizer | None = None
     supports_topk: bool = False
+    token_terms: TokenTerms | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_defaults", MappingProxyType(dict(self.config_defaults)))
@@ -177,7 +208,11 @@ def _check_family(family: str) -> LossFamily:
 
 
 def register_loss_function(
-    name: str, fn: Callable[..., Tensor], *, normalizer: Normalizer | None = None
+    name: str,
+    fn: Callable[..., Tensor],
+    *,
+    normalizer: Normalizer | None = None,
+    token_terms: TokenTerms | None = None,
 ) -> None:
     """Register a native-family loss ``fn(logits, labels, weights=None, **kwargs) -> scalar Tensor``.
 
@@ -185,6 +220,11 @@ def register_loss_function(
     must return the denominator of `fn`'s mean so that chunked batches combine exactly; the default is
     `default_normalizer` (the number of non-ignored shifted labels). A loss that is not a mean over tokens
     still works on a batch computed in one pass.
+
+    `fn` receives full (B, T, V) logits, so on long sequences it costs B·T·V floats of memory (and their
+    gradient). A loss that is a (weighted) mean of per-token terms may also pass `token_terms`
+    (`TokenTerms`): the engine then computes it in chunks without full logits, and `fn` must give the
+    same value (it is still what a direct call runs).
 
     Example (the seed spec's)::
 
@@ -204,7 +244,11 @@ def register_loss_function(
         raise TypeError(f"loss function for {name!r} must be callable, got {type(fn).__name__}")
     if normalizer is not None and not callable(normalizer):
         raise TypeError(f"normalizer for {name!r} must be callable or None, got {type(normalizer).__name__}")
-    _add(LossSpec(name=name, family="native", fn=fn, normalizer=normalizer))
+    if token_terms is not None and not isinstance(token_terms, TokenTerms):
+        raise TypeError(
+            f"token_terms for {name!r} must be a TokenTerms or None, got {type(token_terms).__name__}"
+        )
+    _add(LossSpec(name=name, family="native", fn=fn, normalizer=normalizer, token_terms=token_terms))
 
 
 def unregister_loss_function(name: str) -> None:
@@ -322,14 +366,85 @@ def _opt(value: float | None, default: float) -> float:
     return default if value is None else float(value)
 
 
+def reduce_token_terms(
+    terms: Tensor, valid: Tensor, weights: Tensor, *, weighted_mean: bool = False
+) -> Tensor:
+    """A native loss from its per-token terms, as the built-ins reduce them (see `TokenTerms`).
+
+    `terms`, `valid` and `weights` are (B, T-1), aligned with the shifted targets; `weights` is already 0
+    where the target is ignored (`valid` False). ``Σ w·term / #valid`` (0 if none), or with
+    `weighted_mean` ``Σ w·term / Σ w`` (0 if ``Σ w = 0``).
+    """
+    if not weighted_mean:
+        return _mean(weights * terms, valid)
+    num = (weights * terms).sum()
+    den = weights.sum()
+    return num / torch.where(den != 0, den, torch.ones_like(den))
+
+
+def _reduce_native(
+    spec_terms: TokenTerms, logits: Tensor, labels: Tensor, weights: Tensor | None, kwargs: Mapping
+) -> Tensor:
+    """`fn(logits, labels, weights, **kwargs)` of a built-in: its token terms on full logits, reduced."""
+    z, safe, valid, w, lp = _shifted(logits, labels, weights)
+    terms = spec_terms.term(z, safe, lp, **kwargs)
+    return reduce_token_terms(terms, valid, w, weighted_mean=spec_terms.weighted_mean)
+
+
+def _cross_entropy_term(z: Tensor, y: Tensor, lp: Tensor, **kwargs) -> Tensor:
+    return -lp
+
+
+def _focal_term(
+    z: Tensor,
+    y: Tensor,
+    lp: Tensor,
+    *,
+    focal_alpha: float | None = 0.25,
+    focal_gamma: float | None = 2.0,
+    **kwargs,
+) -> Tensor:
+    alpha = _opt(focal_alpha, 0.25)
+    gamma = _opt(focal_gamma, 2.0)
+    p = lp.exp()
+    return alpha * (1.0 - p).clamp_min(0.0).pow(gamma) * (-lp)
+
+
+def _smooth_l1_term(
+    z: Tensor, y: Tensor, lp: Tensor, *, smooth_l1_beta: float | None = 1.0, **kwargs
+) -> Tensor:
+    beta = _opt(smooth_l1_beta, 1.0)
+    probs = torch.softmax(z, dim=-1)
+    p_y = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return _huber(probs, beta).sum(-1) - _huber(p_y, beta) + _huber(p_y - 1.0, beta)
+
+
+def _contrastive_term(
+    z: Tensor, y: Tensor, lp: Tensor, *, contrastive_margin: float | None = 1.0, **kwargs
+) -> Tensor:
+    margin = _opt(contrastive_margin, 1.0)
+    if z.shape[-1] < 2:  # no negative: the term is 0 (with a graph, as every other term has)
+        return z.sum(-1) * 0.0
+    z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    top_vals, top_idx = z.topk(2, dim=-1)
+    neg = torch.where(top_idx[..., 0] == y, top_vals[..., 1], top_vals[..., 0])
+    return torch.relu(margin - (z_y - neg))
+
+
+CROSS_ENTROPY_TERMS = TokenTerms(_cross_entropy_term)
+WEIGHTED_CROSS_ENTROPY_TERMS = TokenTerms(_cross_entropy_term, weighted_mean=True)
+FOCAL_TERMS = TokenTerms(_focal_term)
+SMOOTH_L1_TERMS = TokenTerms(_smooth_l1_term)
+CONTRASTIVE_TERMS = TokenTerms(_contrastive_term)
+
+
 def native_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None, **kwargs) -> Tensor:
     """``mean_t −log p(y_t)``; with weights, ``mean_t w_t · (−log p(y_t))``.
 
     The mean runs over the non-ignored shifted targets (``y_t = labels[:, t+1] != −100``), whatever the
     weights; the normalizer is the token count (`default_normalizer`).
     """
-    _, _, valid, w, lp = _shifted(logits, labels, weights)
-    return _mean(-w * lp, valid)
+    return _reduce_native(CROSS_ENTROPY_TERMS, logits, labels, weights, kwargs)
 
 
 def native_weighted_cross_entropy(
@@ -340,10 +455,7 @@ def native_weighted_cross_entropy(
     The normalizer is ``Σ_t w_t`` (not the token count). If ``Σ w = 0`` the loss is 0. Weights are meant
     to be non-negative; with mixed signs summing to 0 a chunk's contribution would be lost.
     """
-    _, _, _, w, lp = _shifted(logits, labels, weights)  # w is already 0 where the label is ignored
-    num = (-w * lp).sum()
-    den = w.sum()
-    return num / torch.where(den != 0, den, torch.ones_like(den))
+    return _reduce_native(WEIGHTED_CROSS_ENTROPY_TERMS, logits, labels, weights, kwargs)
 
 
 def native_focal_loss(
@@ -360,12 +472,8 @@ def native_focal_loss(
     `focal_alpha` α defaults to 0.25 and `focal_gamma` γ to 2.0 (None means the default). With weights,
     each token's term is multiplied by w_t; the mean runs over non-ignored targets (count normalizer).
     """
-    alpha = _opt(focal_alpha, 0.25)
-    gamma = _opt(focal_gamma, 2.0)
-    _, _, valid, w, lp = _shifted(logits, labels, weights)
-    p = lp.exp()
-    focal = alpha * (1.0 - p).clamp_min(0.0).pow(gamma) * (-lp)
-    return _mean(w * focal, valid)
+    config = {"focal_alpha": focal_alpha, "focal_gamma": focal_gamma}
+    return _reduce_native(FOCAL_TERMS, logits, labels, weights, config)
 
 
 def _huber(x: Tensor, beta: float) -> Tensor:
@@ -387,12 +495,7 @@ def native_smooth_l1(
     Computed without a one-hot tensor: ``Σ_v huber(p_v) − huber(p_y) + huber(p_y − 1)``. With weights,
     each token's term is multiplied by w_t; the mean runs over non-ignored targets (count normalizer).
     """
-    beta = _opt(smooth_l1_beta, 1.0)
-    z, safe, valid, w, _ = _shifted(logits, labels, weights)
-    probs = torch.softmax(z, dim=-1)
-    p_y = probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    per_token = _huber(probs, beta).sum(-1) - _huber(p_y, beta) + _huber(p_y - 1.0, beta)
-    return _mean(w * per_token, valid)
+    return _reduce_native(SMOOTH_L1_TERMS, logits, labels, weights, {"smooth_l1_beta": smooth_l1_beta})
 
 
 def native_contrastive_loss(
@@ -410,15 +513,8 @@ def native_contrastive_loss(
     one there is no negative and the term is 0. With weights, each token's term is multiplied by w_t; the
     mean runs over non-ignored targets (count normalizer).
     """
-    margin = _opt(contrastive_margin, 1.0)
-    z, safe, valid, w, _ = _shifted(logits, labels, weights)
-    if z.shape[-1] < 2:
-        return _mean(torch.zeros_like(w) * z.sum(-1), valid)
-    z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    top_vals, top_idx = z.topk(2, dim=-1)
-    neg = torch.where(top_idx[..., 0] == safe, top_vals[..., 1], top_vals[..., 0])
-    per_token = torch.relu(margin - (z_y - neg))
-    return _mean(w * per_token, valid)
+    config = {"contrastive_margin": contrastive_margin}
+    return _reduce_native(CONTRASTIVE_TERMS, logits, labels, weights, config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -640,14 +736,19 @@ def weights_from_logprob_grads(grads: Tensor) -> Tensor:
 # Built-ins
 # ----------------------------------------------------------------------------------------------------
 
-for _name, _fn, _norm in (
-    ("cross_entropy", native_cross_entropy, None),
-    ("weighted_cross_entropy", native_weighted_cross_entropy, _weight_sum_normalizer),
-    ("focal_loss", native_focal_loss, None),
-    ("smooth_l1", native_smooth_l1, None),
-    ("contrastive_loss", native_contrastive_loss, None),
+for _name, _fn, _norm, _terms in (
+    ("cross_entropy", native_cross_entropy, None, CROSS_ENTROPY_TERMS),
+    (
+        "weighted_cross_entropy",
+        native_weighted_cross_entropy,
+        _weight_sum_normalizer,
+        WEIGHTED_CROSS_ENTROPY_TERMS,
+    ),
+    ("focal_loss", native_focal_loss, None, FOCAL_TERMS),
+    ("smooth_l1", native_smooth_l1, None, SMOOTH_L1_TERMS),
+    ("contrastive_loss", native_contrastive_loss, None, CONTRASTIVE_TERMS),
 ):
-    register_loss_function(_name, _fn, normalizer=_norm)
+    register_loss_function(_name, _fn, normalizer=_norm, token_terms=_terms)
 
 _add(
     LossSpec("cross_entropy", "token", token_cross_entropy, optional_inputs=("weights",), supports_topk=True)

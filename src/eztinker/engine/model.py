@@ -2,7 +2,16 @@
 
 A base model is named by a Hugging Face hub id (`Qwen/Qwen2-0.5B-Instruct`), a local model directory,
 or a `.gguf` file (dequantised by transformers' `gguf_file=`). It is loaded in bf16 on CUDA and fp32 on
-CPU unless told otherwise, with SDPA attention, in eval mode, with every weight frozen.
+CPU unless told otherwise, with SDPA attention where the family supports it (else eager), in eval mode,
+with every weight frozen. Families that transformers serves only as image-text-to-text (Qwen3-VL) load
+as that class, vision tower included. Which of its layers are what lives in `eztinker.engine.families`.
+
+Which SDPA kernel runs (on CUDA, bf16): training passes are right-padded and pass no mask, so SDPA gets
+`is_causal=True` and no mask and takes its flash kernel; sampling passes no mask when no row is
+left-padded (flash again), and a boolean mask when some row is, which rules flash out (it takes no mask)
+and selects the memory-efficient kernel. Left padding is what lets rows of different prompt lengths share
+one decode step, so that mask is the price of continuous batching. `bench/gpu_check.py` records the
+kernel chosen for each call (`cuda_paths.attention_kernels`); tests/test_cuda_paths.py what reaches SDPA.
 """
 
 from __future__ import annotations
@@ -10,30 +19,29 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
+from eztinker.engine import families
 from eztinker.engine.errors import InvalidInputError, NotFoundError
-from eztinker.engine.lora import LoRALinear, Routing, resolve_targets, wrap_layers
-
-_ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# Default LoRA targets per `config.model_type`: every attention and MLP projection of the family.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "qwen2": _ATTENTION_AND_MLP,
-    "qwen3": _ATTENTION_AND_MLP,
-    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "llama": _ATTENTION_AND_MLP,
-    "mistral": _ATTENTION_AND_MLP,
-    "gemma": _ATTENTION_AND_MLP,
-    "gemma2": _ATTENTION_AND_MLP,
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-}
+from eztinker.engine.families import LayerKind
+from eztinker.engine.lora import (
+    AdaptedLayer,
+    Routing,
+    adaptable_layers,
+    output_head_path,
+    resolve_targets,
+    wrap_layers,
+)
 
 
 def default_device() -> torch.device:
@@ -54,9 +62,12 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     routing: Routing = field(default_factory=Routing)
-    lora_layers: dict[str, LoRALinear] = field(default_factory=dict)  # module path -> wrapped layer
+    lora_layers: dict[str, AdaptedLayer] = field(
+        default_factory=dict
+    )  # path -> wrapped layer / expert weight
     # Routing is shared state: one forward pass at a time per base model.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    vision: Any = None  # a vision-language model's image processing, loaded on first use (`engine.vision`)
 
     @property
     def family(self) -> str:
@@ -72,7 +83,7 @@ class BaseModel:
     @property
     def max_length(self) -> int:
         """Longest sequence (prompt + completion) the model's positions allow."""
-        config = self.model.config
+        config = self.model.config.get_text_config()
         for key in ("max_position_embeddings", "n_positions", "seq_length"):
             value = getattr(config, key, None)
             if isinstance(value, int) and value > 0:
@@ -89,10 +100,23 @@ class BaseModel:
             return []
         return [ids] if isinstance(ids, int) else list(ids)
 
-    def default_targets(self) -> list[str] | str:
-        return DEFAULT_TARGET_MODULES.get(self.family, "all-linear")
+    def default_targets(self) -> list[str]:
+        """The paths a run adapts when its LoRA config names none: every attention, linear-attention, MLP
+        and expert weight (`families.DEFAULT_KINDS`)."""
+        return self.targets_of_kinds(families.DEFAULT_KINDS)
 
-    def lora_targets(self, target_modules: list[str] | str | None) -> dict[str, LoRALinear]:
+    def layer_kinds(self, paths: list[str] | None = None) -> dict[str, LayerKind]:
+        """What each adaptable path (or each of `paths`) is: attention, MLP, experts, ... (`families`)."""
+        layers = adaptable_layers(self.model, include_head=True)
+        head = output_head_path(self.model)
+        chosen = layers if paths is None else {p: layers.get(p, False) for p in paths}
+        return {p: families.layer_kind(p, head_path=head, expert=expert) for p, expert in chosen.items()}
+
+    def targets_of_kinds(self, kinds: frozenset[LayerKind] | set[LayerKind]) -> list[str]:
+        """Every adaptable path of the given kinds, sorted."""
+        return sorted(p for p, kind in self.layer_kinds().items() if kind in kinds)
+
+    def lora_targets(self, target_modules: list[str] | str | None) -> dict[str, AdaptedLayer]:
         """Resolve `target_modules` (None: the family's default) and wrap those layers for LoRA."""
         targets = self.default_targets() if target_modules is None else target_modules
         paths = resolve_targets(self.model, targets)
@@ -125,13 +149,33 @@ def load_base_model(
     hf_logging.disable_progress_bar()  # per-load bars are noise in a server's log
     tokenizer = load_tokenizer(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **extra)
+        model = _from_pretrained(source, dtype, extra)
     except OSError as exc:  # transformers reports a missing hub repo or file as OSError
         raise NotFoundError(f"cannot load base model {name!r}: {exc}") from exc
     model.to(device)
     model.eval()
     model.requires_grad_(False)
     return BaseModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, extra: dict) -> PreTrainedModel:
+    """The causal LM at `source`, loaded as its family's causal-LM class, or — for vision-language families
+    that transformers serves only as image-text-to-text (Qwen3-VL) — as that; with SDPA attention where the
+    family supports it, else eager (gpt-oss's attention sinks)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, **extra)
+    auto: Any = AutoModelForCausalLM
+    causal: Any = AutoModelForCausalLM._model_mapping  # type: ignore[attr-defined]
+    image_text: Any = AutoModelForImageTextToText._model_mapping  # type: ignore[attr-defined]
+    if type(config) not in causal and type(config) in image_text:
+        auto = AutoModelForImageTextToText
+    try:
+        concrete: Any = auto._model_mapping[type(config)]
+        attn = families.preferred_attn_implementation(concrete)
+    except KeyError:  # an unknown family: let from_pretrained say so
+        attn = "sdpa"
+    return auto.from_pretrained(source, dtype=dtype, attn_implementation=attn, **extra)
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

@@ -25,10 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eztinker.engine import vision
 from eztinker.engine.batch import Chunk, budget_for, check_data, chunk_batch
 from eztinker.engine.errors import ComputeError, EngineError, InvalidInputError, NonFiniteError
+from eztinker.engine.head import head_logits, position_logprobs
 from eztinker.engine.lora import LoRAWeights, Segment, routed
-from eztinker.engine.losses import LossSpec, get_loss_spec, shifted_target_logprobs
+from eztinker.engine.losses import LossSpec, get_loss_spec, reduce_token_terms, shifted_target_logprobs
+from eztinker.engine.memory import (
+    MemoryProfile,
+    PassMemory,
+    checkpointed,
+    last_hidden_state,
+    memory_profile,
+    pass_memory,
+)
 from eztinker.engine.model import BaseModel
 from eztinker.engine.optimizers import (
     Dimuon,
@@ -37,6 +47,7 @@ from eztinker.engine.optimizers import (
     optimizer_name,
 )
 from eztinker.engine.types import (
+    IGNORE_INDEX,
     AdamParams,
     Datum,
     DimuonParams,
@@ -93,6 +104,37 @@ def resolve_loss(
     return get_loss_spec(loss.loss_type, "native"), loss.params
 
 
+@dataclass(frozen=True)
+class PassOptions:
+    """How `forward_backward_many` cuts, checkpoints and bounds its passes (`EngineConfig`'s fields).
+
+    * `token_budget`: padded tokens per chunk of a request and per shared block (a longer sequence gets a
+      block of its own).
+    * `logits_budget`: logits elements per chunk, for the losses that take full (B, T, V) logits (a
+      registered native loss without `token_terms`, or a model whose head is not plain); others never
+      make them.
+    * `checkpoint_tokens`: gradient checkpointing of the decoder layers for backward passes of more
+      padded tokens than this (also below it when a pass would not fit `memory_limit` without).
+    * `logits_chunk`: logits elements per head chunk of the chunked losses (`eztinker.engine.head`).
+    * `memory_limit`: bytes one pass may use on top of what is allocated; None: 90 % of the device's free
+      memory at the time. A sequence whose pass would need more is refused (`InvalidInputError`).
+    """
+
+    token_budget: int = 8192
+    logits_budget: int = 2**28
+    checkpoint_tokens: int = 1024
+    logits_chunk: int = 2**25
+    memory_limit: int | None = None
+
+    def memory(self, base: BaseModel) -> PassMemory:
+        return pass_memory(
+            base.device,
+            checkpoint_tokens=self.checkpoint_tokens,
+            logits_chunk=self.logits_chunk,
+            memory_limit=self.memory_limit,
+        )
+
+
 @dataclass
 class TrainRequest:
     """One run's `forward_backward` (or `forward`, with `backward=False`) in a pass that may serve many."""
@@ -108,20 +150,32 @@ def forward_backward(
     data: Sequence[Datum],
     loss: LossFunctionConfig | TokenLoss | str | None = None,
     *,
-    token_budget: int,
-    logits_budget: int,
+    options: PassOptions | None = None,
     backward: bool = True,
 ) -> ForwardBackwardResult:
     """Run `data` through the run's adapter; with `backward`, add the loss's gradients to the run's."""
     request = TrainRequest(run, data, loss, backward)
-    (outcome,) = forward_backward_many([request], token_budget=token_budget, logits_budget=logits_budget)
+    (outcome,) = forward_backward_many([request], options)
     if isinstance(outcome, EngineError):
         raise outcome
     return outcome
 
 
+def check_request(
+    run: TrainingRun,
+    data: Sequence[Datum],
+    loss: LossFunctionConfig | TokenLoss | str | None = None,
+    *,
+    options: PassOptions | None = None,
+    backward: bool = True,
+) -> None:
+    """Raise `InvalidInputError` now (no compute) if `forward_backward` would refuse this request: bad
+    data, or a sequence longer than memory allows."""
+    _prepare(TrainRequest(run, data, loss, backward), options or PassOptions())
+
+
 def forward_backward_many(
-    requests: Sequence[TrainRequest], *, token_budget: int, logits_budget: int
+    requests: Sequence[TrainRequest], options: PassOptions | None = None
 ) -> list[ForwardBackwardResult | EngineError]:
     """Execute requests of several runs on one base model together; one outcome per request.
 
@@ -129,34 +183,35 @@ def forward_backward_many(
     rows (padded B·T within the budget) that go through one forward and one backward pass, each row
     routed to its own run's adapter. A request's loss and gradients involve only its rows and its
     adapter, so its outcome equals running it alone. A request that fails (bad data, a NaN loss, a
-    custom loss that raises) fails alone and leaves its run unchanged; if the shared pass itself fails
-    (out of memory, say), each of its requests is run again on its own.
+    custom loss that raises, a sequence longer than memory allows) fails alone and leaves its run
+    unchanged; if the shared pass itself fails (out of memory, say), each of its requests is run again
+    on its own.
     """
     if not requests:
         return []
+    options = options or PassOptions()
     base = requests[0].run.base
     if any(r.run.base is not base for r in requests):
         raise ValueError("requests executed together must share one base model")
-    budget = budget_for(base.vocab_size, token_budget, logits_budget)
+    memory = options.memory(base)
     outcomes: list[ForwardBackwardResult | EngineError | None] = [None] * len(requests)
     works: list[_Work | None] = []
     for i, request in enumerate(requests):
         try:
-            works.append(_prepare(request, budget))
+            works.append(_prepare(request, options, memory))
         except EngineError as exc:
             outcomes[i] = exc
             works.append(None)
     live = [w for w in works if w is not None]
+    budget = min([options.token_budget, *(w.max_tokens for w in live)])
     with base.lock, routed(base.routing, []):
         for block in _pack(live, budget):
-            _run_block(base, block)
+            _run_block(base, block, memory)
         for i, work in enumerate(works):
             if work is None:
                 continue
             if work.shared_failure:  # not this request's fault: give it a pass of its own
-                outcomes[i] = forward_backward_many(
-                    [work.request], token_budget=token_budget, logits_budget=logits_budget
-                )[0]
+                outcomes[i] = forward_backward_many([work.request], options)[0]
             elif work.error is not None:
                 outcomes[i] = work.error
             else:
@@ -175,6 +230,8 @@ class _Work:
     chunk_scales: list[float]  # native losses: each chunk's share of the normaliser; token losses: 1
     params: list[nn.Parameter]
     logprobs: list[torch.Tensor | None]
+    full_logits: bool = False  # its loss takes (B, T, V) logits
+    max_tokens: int = 2**62  # the longest sequence memory allows for it
     grads: list[torch.Tensor] | None = None
     loss_total: float = 0.0
     num_tokens: int = 0
@@ -200,11 +257,28 @@ class _Piece:
         return self.chunk.input_ids.shape[1]
 
 
-def _prepare(request: TrainRequest, budget: int) -> _Work:
+def _needs_full_logits(spec: LossSpec, profile: MemoryProfile) -> bool:
+    """Whether `spec` is computed from full (B, T, V) logits rather than from hidden states in chunks."""
+    return not profile.plain_head or (spec.family == "native" and spec.token_terms is None)
+
+
+def _prepare(request: TrainRequest, options: PassOptions, memory: PassMemory | None = None) -> _Work:
     """Check and chunk a request's data (raises `InvalidInputError` before any compute)."""
     run = request.run
     spec, kwargs = resolve_loss(run, request.loss)
     checked = check_data(request.data, spec, vocab_size=run.base.vocab_size, max_length=run.base.max_length)
+    vision.check_data(run.base, request.data)
+    profile = memory_profile(run.base)
+    memory = memory or options.memory(run.base)
+    full_logits = _needs_full_logits(spec, profile)
+    max_tokens = memory.largest_sequence(profile, backward=request.backward, full_logits=full_logits)
+    for datum in checked:
+        n = datum.tokens.numel()
+        if n > max_tokens:
+            raise _too_long(datum.index, n, max_tokens, memory, profile, request.backward, full_logits)
+    budget = max(1, min(options.token_budget, max_tokens))
+    if full_logits:
+        budget = min(budget, budget_for(run.base.vocab_size, options.token_budget, options.logits_budget))
     chunks = chunk_batch(checked, budget)
     scales = [1.0] * len(chunks)
     if spec.family == "native":
@@ -222,6 +296,28 @@ def _prepare(request: TrainRequest, budget: int) -> _Work:
         chunk_scales=scales,
         params=run.params,
         logprobs=[None] * len(checked),
+        full_logits=full_logits,
+        max_tokens=max(1, max_tokens),
+    )
+
+
+def _too_long(
+    index: int,
+    n: int,
+    max_tokens: int,
+    memory: PassMemory,
+    profile: MemoryProfile,
+    backward: bool,
+    full_logits: bool,
+) -> InvalidInputError:
+    op = "forward_backward" if backward else "forward"
+    need = memory.estimate(profile, 1, n, backward=backward, checkpoint=backward, full_logits=full_logits)
+    why = " (its loss takes full logits: register it with token_terms to lift that)" if full_logits else ""
+    return InvalidInputError(
+        f"data[{index}].tokens",
+        f"has {n} tokens: {op} on a sequence that long needs about {need / 2**30:.1f} GiB, more than the "
+        f"{memory.limit / 2**30:.1f} GiB this server allows a pass{why}; the longest sequence it can take "
+        f"is {max_tokens} tokens",
     )
 
 
@@ -247,21 +343,36 @@ def _pack(works: Sequence[_Work], budget: int) -> list[list[_Piece]]:
     return blocks
 
 
-def _run_block(base: BaseModel, block: list[_Piece]) -> None:
-    """One forward (and backward) pass over a block; results and gradients go into each piece's work."""
+@dataclass
+class _Outputs:
+    """What a block's forward gives the losses: final hidden states (the chunked head), or full logits
+    (a model whose head is not plain)."""
+
+    hidden: torch.Tensor | None = None  # (B, T, H)
+    logits: torch.Tensor | None = None  # (B, T, V)
+    head: nn.Module | None = None
+    chunk: int = 1  # positions per head chunk
+    recompute: bool = False  # checkpoint head chunks (recompute their logits in backward)
+
+
+def _run_block(base: BaseModel, block: list[_Piece], memory: PassMemory) -> None:
+    """One forward (and backward) pass over a block; results and gradients go into each piece's work.
+
+    Rows are right-padded and no attention mask is passed: causal attention alone keeps every real token
+    from seeing padding (positions are 0..T-1 either way), and SDPA then takes its O(T)-memory kernels.
+    """
     block = [p for p in block if p.work.error is None]
     if not block:
         return
     backward = block[0].work.request.backward
     width = max(p.width for p in block)
-    input_ids = torch.zeros(sum(p.rows for p in block), width, dtype=torch.int64)
-    attention_mask = torch.zeros_like(input_ids)
+    rows = sum(p.rows for p in block)
+    input_ids = torch.zeros(rows, width, dtype=torch.int64)
     segments: list[Segment] = []
     start = 0
     for piece in block:
         piece.start = start
         input_ids[start : start + piece.rows, : piece.width] = piece.chunk.input_ids
-        attention_mask[start : start + piece.rows, : piece.width] = piece.chunk.attention_mask
         run_id = piece.work.request.run.run_id
         if segments and segments[-1].adapter == run_id:
             segments[-1].stop += piece.rows
@@ -269,15 +380,25 @@ def _run_block(base: BaseModel, block: list[_Piece]) -> None:
             segments.append(Segment(run_id, start, start + piece.rows))
         start += piece.rows
     works = list({id(p.work): p.work for p in block}.values())
+    profile = memory_profile(base)
+    full_logits = any(w.full_logits for w in works)
+    layers_checkpointed = backward and memory.should_checkpoint(profile, rows, width, full_logits=full_logits)
+    real_tokens = sum(sum(p.chunk.lengths) for p in block)
     base.routing.segments, base.routing.train = segments, backward
     try:
-        with torch.set_grad_enabled(backward):
-            logits = base.model(
-                input_ids=input_ids.to(base.device),
-                attention_mask=attention_mask.to(base.device),
-                use_cache=False,
-            ).logits  # (B, T, V)
-            losses = [(p, _piece_loss(base, logits, p)) for p in block]
+        with torch.set_grad_enabled(backward), checkpointed(profile.layers, layers_checkpointed):
+            ids = input_ids.to(base.device)
+            images = _vision_inputs(base, block, ids)
+            if profile.plain_head:
+                outputs = _Outputs(
+                    hidden=last_hidden_state(profile.backbone(input_ids=ids, use_cache=False, **images)),
+                    head=profile.head(base.model),
+                    chunk=memory.chunk_tokens(profile),
+                    recompute=backward and real_tokens > memory.chunk_tokens(profile),
+                )
+            else:
+                outputs = _Outputs(logits=base.model(input_ids=ids, use_cache=False, **images).logits)
+            losses = [(p, _piece_loss(base, outputs, p)) for p in block]
             if backward:
                 _backward(losses)
     except torch.OutOfMemoryError as exc:
@@ -286,6 +407,12 @@ def _run_block(base: BaseModel, block: list[_Piece]) -> None:
         _fail_block(
             works, ComputeError(f"the forward/backward pass failed: {type(exc).__name__}: {exc}"), exc
         )
+
+
+def _vision_inputs(base: BaseModel, block: list[_Piece], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The images of the block's rows for a vision-language model (`engine.vision`); empty without images."""
+    rows = [piece.work.request.data[i].images for piece in block for i in piece.chunk.indices]
+    return vision.model_inputs(base, rows, input_ids)
 
 
 def _fail_block(works: list[_Work], error: ComputeError, cause: BaseException) -> None:
@@ -297,18 +424,34 @@ def _fail_block(works: list[_Work], error: ComputeError, cause: BaseException) -
             work.shared_failure = len(works) > 1
 
 
-def _piece_loss(base: BaseModel, logits: torch.Tensor, piece: _Piece) -> torch.Tensor | None:
+def _piece_loss(base: BaseModel, outputs: _Outputs, piece: _Piece) -> torch.Tensor | None:
     """The piece's scaled loss (None if it failed: its request is marked failed); records its log-probs."""
     work, chunk = piece.work, piece.chunk
     if work.error is not None:
         return None
-    own_logits = logits[piece.start : piece.start + piece.rows, : piece.width]
+    rows = slice(piece.start, piece.start + piece.rows)
     try:
-        if work.spec.family == "native":
-            loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
-            loss = loss * piece.scale
+        if outputs.logits is not None:
+            own_logits = outputs.logits[rows, : piece.width]
+            if work.spec.family == "native":
+                loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
+            else:
+                loss, rows_logprobs = _token_loss(base, own_logits, chunk, work.spec, work.kwargs)
         else:
-            loss, rows_logprobs = _token_loss(base, own_logits, chunk, work.spec, work.kwargs)
+            assert outputs.hidden is not None
+            own_hidden = outputs.hidden[rows, : piece.width]
+            if work.spec.family == "token":
+                loss, rows_logprobs = _chunked_token_loss(base, outputs, own_hidden, piece)
+            elif work.spec.token_terms is not None:
+                loss, rows_logprobs = _chunked_native_loss(base, outputs, own_hidden, piece)
+            else:  # a registered loss takes full logits, by contract
+                assert outputs.head is not None
+                own_logits = head_logits(
+                    outputs.head, base.routing, own_hidden, work.request.run.run_id, base.routing.train
+                )
+                loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
+        if work.spec.family == "native":
+            loss = loss * piece.scale
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteError(
@@ -336,14 +479,18 @@ def _backward(losses: list[tuple[_Piece, torch.Tensor | None]]) -> None:
     """One backward pass through the block's summed loss; each run's gradients go to its own buffers.
 
     A run's adapter touches only its own rows, so d(sum)/d(its params) is exactly its own loss's gradient.
+    A loss with no path to any adapter (e.g. no target in its chunk) contributes zero gradients.
     """
     live = [(p, loss) for p, loss in losses if loss is not None and p.work.error is None]
     if not live:
         return
     works = list({id(p.work): p.work for p, _ in live}.values())
     params = [param for w in works for param in w.params]
-    total = live[0][1] if len(live) == 1 else torch.stack([loss for _, loss in live]).sum()
-    grads = torch.autograd.grad(total, params, allow_unused=True)
+    connected = [loss for _, loss in live if loss.requires_grad]
+    grads: Sequence[torch.Tensor | None] = [None] * len(params)
+    if connected:
+        total = connected[0] if len(connected) == 1 else torch.stack(connected).sum()
+        grads = torch.autograd.grad(total, params, allow_unused=True)
     offset = 0
     for work in works:
         n = len(work.params)
@@ -383,6 +530,78 @@ def _commit(work: _Work) -> ForwardBackwardResult | EngineError:
 
 def _count_targets(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum()
+
+
+def _scatter(
+    values: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: torch.Size
+) -> torch.Tensor:
+    """A tensor of `shape`, `values` at the (row, column) positions of `index` and 0 elsewhere."""
+    out = values.new_zeros(shape)
+    return out.index_put(index, values) if values.numel() else out
+
+
+def _chunked_native_loss(
+    base: BaseModel, outputs: _Outputs, hidden: torch.Tensor, piece: _Piece
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A native built-in (or `token_terms` loss) from the piece's hidden states, in head chunks: its token
+    terms at every non-ignored shifted target, reduced as `fn` reduces them; and each row's log-probs."""
+    work, chunk = piece.work, piece.chunk
+    terms_spec = work.spec.token_terms
+    assert terms_spec is not None and outputs.head is not None
+    labels = chunk.inputs["labels"].to(base.device)
+    targets = labels[:, 1:]  # position t predicts labels[t + 1]
+    valid = targets != IGNORE_INDEX
+    index = valid.nonzero(as_tuple=True)
+    lp_sel, term_sel = position_logprobs(
+        outputs.head,
+        base.routing,
+        hidden[:, :-1][index],
+        targets[index],
+        adapter=work.request.run.run_id,
+        train=base.routing.train,
+        family="native",
+        chunk=outputs.chunk,
+        recompute=outputs.recompute,
+        term=terms_spec.term,
+        term_kwargs=work.kwargs,
+    )
+    assert term_sel is not None
+    lp = _scatter(lp_sel, index, targets.shape)
+    terms = _scatter(term_sel.to(lp.dtype), index, targets.shape)
+    weights = chunk.inputs.get("weights")
+    w = torch.ones_like(lp) if weights is None else weights.to(base.device)[:, 1:].to(lp.dtype)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    loss = reduce_token_terms(terms, valid, w, weighted_mean=terms_spec.weighted_mean)
+    out = lp.detach().cpu()
+    return loss.reshape(()), [out[row, : n - 1] for row, n in enumerate(chunk.lengths)]
+
+
+def _chunked_token_loss(
+    base: BaseModel, outputs: _Outputs, hidden: torch.Tensor, piece: _Piece
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Tinker's token-level loss from the piece's hidden states, in head chunks: the log-probs of its
+    targets at every real position (0 at padding, which every loss masks), then the loss on them."""
+    work, chunk = piece.work, piece.chunk
+    assert outputs.head is not None
+    targets = chunk.inputs["target_tokens"].to(base.device)  # (B, T) or (B, T, K)
+    mask = chunk.mask.to(base.device)
+    index = mask.nonzero(as_tuple=True)
+    lp_sel, _ = position_logprobs(
+        outputs.head,
+        base.routing,
+        hidden[index],
+        targets[index],
+        adapter=work.request.run.run_id,
+        train=base.routing.train,
+        family="token",
+        chunk=outputs.chunk,
+        recompute=outputs.recompute,
+    )
+    logprobs = _scatter(lp_sel, index, targets.shape)
+    inputs = {k: v.to(base.device) for k, v in chunk.inputs.items() if k != "target_tokens"}
+    per_datum = work.spec.fn(logprobs, inputs, mask, **work.kwargs)  # (B,)
+    out = logprobs.detach().cpu()
+    return per_datum.sum(), [out[row, :n] for row, n in enumerate(chunk.lengths)]
 
 
 def _native_loss(

@@ -26,6 +26,20 @@ Why the details are as they are:
 - Memory is bounded by `SamplerLimits`: rows join the running batch only while its worst-case KV cache
   and their prefill fit; the others wait. Rows of one request may start at different steps; that
   changes nothing in their results. (`_row_groups` computes the same bound as static groups.)
+- On CUDA the host never waits inside a step but once: each step reads its tokens, their log-probs and
+  any top-k back in one copy (`_to_host`); host data goes to the device from pinned memory, queued
+  (`_device_tensor`); what the attention mask looks like is known on the host (`_attended_columns`), so
+  trimming reads nothing back and an all-ones mask is not passed at all (then SDPA runs its flash kernel
+  and transformers skips its own host check of the mask). The one sync left inside a decode forward is
+  that check when some row is left-padded.
+- No CUDA graphs and no padding of decode batches to a few sizes. The KV cache is a `DynamicCache` that
+  grows by one column each step and whose rows are dropped, merged and trimmed as requests come and go,
+  so no two steps have the same shapes or addresses: a graph needs a static cache (preallocated rows ×
+  the longest context, written in place) and a graph per (rows, length) bucket. Without graphs, eager
+  kernels cost the same for any shape, so padding rows to a bucket only adds work (the lesson measured
+  on a JAX peer that pads to 8 rows). What graphs would save is kernel-launch time on small models
+  (decode of a 0.5B model launches ~30 kernels per layer): worth it together with a static paged cache,
+  not before.
 """
 
 from __future__ import annotations
@@ -42,10 +56,12 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
+from eztinker.engine import caches, vision
 from eztinker.engine.errors import InvalidInputError, NotFoundError
-from eztinker.engine.lora import Segment, routed
+from eztinker.engine.lora import Segment, _to_device, routed
 from eztinker.engine.model import BaseModel
 from eztinker.engine.types import (
+    ImageChunk,
     PromptAltTokens,
     SampledSequence,
     SampleResult,
@@ -82,6 +98,9 @@ class SampleRequest:
     # Polled on the sampling thread after each token: once it returns True the request's rows end, cut
     # short (stop reason "length") — e.g. when the client of a stream has hung up. It must be quick.
     cancelled: Callable[[], bool] | None = field(default=None, compare=False)
+    # The prompt's images (vision-language models), in order; `prompt` holds each one as a run of image
+    # placeholder tokens (`eztinker.engine.vision.expand_chunks`).
+    images: Sequence[ImageChunk] = ()
 
     @property
     def wants_prompt(self) -> bool:
@@ -131,6 +150,7 @@ class _Row:
     stops: _Stops
     generator: torch.Generator
     prompt_request: SampleRequest | None  # set on one row per request that asked for prompt extras
+    images: tuple[ImageChunk, ...] = ()  # the prompt's images (vision-language models)
     topk: int = 0  # top-k log-probabilities to keep at each sampled position
     on_token: TokenCallback | None = None
     cancelled: Callable[[], bool] | None = None
@@ -214,6 +234,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 topk=request.topk_sample_logprobs,
                 on_token=request.on_token,
                 cancelled=request.cancelled,
+                images=tuple(request.images),
             )
             for j in range(request.num_samples)
         ]
@@ -231,6 +252,7 @@ def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple
     params = request.params
     _check_sampling_params(params, f"{where}sampling_params")
     _check_extras(base, request, len(prompt), where)
+    vision.check_images(base, prompt, tuple(request.images), where.rstrip("."), tokens_field="prompt")
     max_new = _max_new_tokens(base, len(prompt), params.max_tokens, where)
     stops = _parse_stop(base, params.stop, f"{where}sampling_params.stop")
     if request.stop_at_eos:
@@ -379,7 +401,7 @@ def _fits(base: BaseModel, rows: list[_Row], limits: SamplerLimits, kv_tokens: i
     """Whether one generation of `rows` stays within `limits` even if every row runs to `max_new`."""
     n = len(rows)
     longest_prompt = max(len(r.prompt) for r in rows)
-    longest_total = max(len(r.prompt) + r.max_new for r in rows)
+    longest_total = max(len(r.prompt) + r.max_new for r in rows) + _state_tokens_per_row(base)
     if n > limits.max_rows or n * longest_total > kv_tokens or n * longest_prompt > limits.prefill_tokens:
         return False
     if not any(r.prompt_request is not None for r in rows):
@@ -397,14 +419,34 @@ def _kv_cache_bytes(base: BaseModel, limits: SamplerLimits) -> int:
 
 
 def _kv_bytes_per_token(base: BaseModel) -> int:
-    """Bytes of KV cache per token and row, from the model config (keys + values of every layer)."""
+    """Bytes of KV cache per token and row, from the model config (keys + values of every attention layer;
+    a hybrid model's linear-attention layers keep none)."""
     config = base.model.config.get_text_config()
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    kinds = getattr(config, "layer_types", None)
+    if isinstance(kinds, list | tuple) and kinds:
+        layers = max(1, sum(1 for kind in kinds if "attention" in str(kind) and "linear" not in str(kind)))
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", heads)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return 2 * layers * kv_heads * head_dim * base.dtype.itemsize
+
+
+def _state_tokens_per_row(base: BaseModel) -> int:
+    """A row's linear-attention states (convolution + recurrent, every such layer), in KV-token equivalents:
+    a fixed cost per row that the KV budget counts like that many more tokens."""
+    config = base.model.config.get_text_config()
+    kinds = getattr(config, "layer_types", None) or []
+    linear = sum(1 for kind in kinds if str(kind) == "linear_attention")
+    if not linear:
+        return 0
+    dk, dv = getattr(config, "linear_key_head_dim", 0), getattr(config, "linear_value_head_dim", 0)
+    nk, nv = getattr(config, "linear_num_key_heads", 0), getattr(config, "linear_num_value_heads", 0)
+    kernel = getattr(config, "linear_conv_kernel_dim", 4)
+    conv = (2 * nk * dk + nv * dv) * kernel * base.dtype.itemsize
+    recurrent = nv * dk * dv * 4  # kept in float32
+    return -(-linear * (conv + recurrent) // _kv_bytes_per_token(base))
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -425,7 +467,7 @@ class _Batch:
     def keep(self, keep_B: torch.Tensor, kept_rows: list[_Row]) -> None:
         """Drop finished rows, KV cache included, so they neither change nor cost compute."""
         self.rows = kept_rows
-        self.cache.batch_select_indices(keep_B)
+        caches.select_rows(self.cache, keep_B)
         for name in ("attention_mask", "next_position", "temperature", "top_k", "top_p"):
             setattr(self, name, getattr(self, name)[keep_B])
 
@@ -447,14 +489,22 @@ def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
     position_ids_BP = (attention_mask_BP.cumsum(-1) - 1).clamp(min=0)
     full_logits = any(r.prompt_request is not None for r in rows)
     cache = DynamicCache(config=base.model.config)
+    device = base.device
+    input_ids, attention_mask = _to_device(input_ids_BP, device), _to_device(attention_mask_BP, device)
+    images = vision.model_inputs(base, [r.images for r in rows], input_ids)
+    position_ids = _to_device(position_ids_BP, device)
+    next_position_B = _device_tensor(lengths, torch.long, device)
+    if images:  # multimodal RoPE: an image's tokens share positions, so text continues past its length
+        position_ids, next_position_B = vision.rope_positions(base, input_ids, attention_mask, images)
     with routed(base.routing, _segments([r.adapter for r in rows])):
         logits_BTV = _forward(
             base,
-            input_ids=input_ids_BP.to(base.device),
-            attention_mask=attention_mask_BP.to(base.device),
-            position_ids=position_ids_BP.to(base.device),
+            input_ids=input_ids,
+            attention_mask=_padding_mask(rows, attention_mask, pending=0),
+            position_ids=position_ids,
             past_key_values=cache,
             keep_all_logits=full_logits,
+            **images,
         )
     for b, row in enumerate(rows):
         if row.prompt_request is not None:
@@ -462,11 +512,11 @@ def _prefill(base: BaseModel, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
     batch = _Batch(
         rows=list(rows),
         cache=cache,
-        attention_mask=attention_mask_BP.to(base.device),
-        next_position=torch.tensor(lengths, device=base.device),
-        temperature=torch.tensor([_temperature(r.params) for r in rows], device=base.device),
-        top_k=torch.tensor([r.params.top_k for r in rows], device=base.device),
-        top_p=torch.tensor([float(r.params.top_p) for r in rows], device=base.device),
+        attention_mask=attention_mask,
+        next_position=next_position_B.to(device),
+        temperature=_device_tensor([_temperature(r.params) for r in rows], torch.float32, device),
+        top_k=_device_tensor([r.params.top_k for r in rows], torch.long, device),
+        top_p=_device_tensor([float(r.params.top_p) for r in rows], torch.float32, device),
     )
     return batch, logits_BTV[:, -1].float()
 
@@ -479,13 +529,49 @@ def _decode_step(base: BaseModel, batch: _Batch, tokens_B: torch.Tensor) -> torc
         logits_B1V = _forward(
             base,
             input_ids=tokens_B[:, None],
-            attention_mask=batch.attention_mask,
+            attention_mask=_padding_mask(batch.rows, batch.attention_mask, pending=1),
             position_ids=batch.next_position[:, None],
             past_key_values=batch.cache,
             keep_all_logits=False,
         )
     batch.next_position = batch.next_position + 1
     return logits_B1V[:, -1].float()
+
+
+def _attended_columns(row: _Row, pending: int) -> int:
+    """How many cache columns row `row` attends to (its prompt and the tokens fed so far), known on the
+    host: every row's attention mask is 0s (left padding) then 1s, one column per prompt token and fed
+    token. `pending`: its last sampled token is fed in the forward under way (1) or not yet (0)."""
+    return len(row.prompt) + max(len(row.tokens) - 1 + pending, 0)
+
+
+def _padding_mask(rows: Sequence[_Row], attention_mask: torch.Tensor, pending: int) -> torch.Tensor | None:
+    """The attention mask to pass, or None when no row has left padding (a prompt of the longest length,
+    rows that joined together): then SDPA gets no mask, takes its flash kernel on CUDA (which accepts
+    none), and transformers skips reading the mask back to the host to find out that it is all ones (a
+    sync per forward). Rows with images always pass it (their multimodal positions come from it)."""
+    width = attention_mask.shape[1]
+    if any(r.images for r in rows) or any(_attended_columns(r, pending) != width for r in rows):
+        return attention_mask
+    return None
+
+
+def _device_tensor(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(data)` on `device`, queued behind the device's work instead of waiting for it."""
+    return _to_device(torch.tensor(data, dtype=dtype), device)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[list[float]]:
+    """The values of (device) tensors as flat Python lists, read back in one copy: each `.tolist()` of a
+    CUDA tensor is a sync of its own. Everything travels as float64 (exact for token ids and float32)."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()])
+        start += t.numel()
+    return out
 
 
 def _forward(base: BaseModel, *, keep_all_logits: bool, **inputs: object) -> torch.Tensor:
@@ -570,11 +656,26 @@ def _token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Te
 
 def _top_logprobs(logits_NV: torch.Tensor, k: int) -> list[TopLogprobs]:
     """The k most likely (token id, log-probability) pairs of each row, from raw logits (temperature 1)."""
-    logprobs_NV = logits_NV.float().log_softmax(dim=-1)
-    values_Nk, ids_Nk = logprobs_NV.topk(min(k, logprobs_NV.shape[-1]), dim=-1)
+    ids_Nk, values_Nk = _top_logprobs_device(logits_NV, k)
     return [
         list(zip(ids, values, strict=True))
         for ids, values in zip(ids_Nk.tolist(), values_Nk.tolist(), strict=True)
+    ]
+
+
+def _top_logprobs_device(logits_NV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probabilities), each (N, min(k, V)), of each row's k most likely tokens, on the device."""
+    logprobs_NV = logits_NV.float().log_softmax(dim=-1)
+    values_Nk, ids_Nk = logprobs_NV.topk(min(k, logprobs_NV.shape[-1]), dim=-1)
+    return ids_Nk, values_Nk
+
+
+def _top_pairs(ids: list[float], values: list[float], rows: int) -> list[TopLogprobs]:
+    """`_top_logprobs`' lists from the flat host copies of `_top_logprobs_device`'s two tensors."""
+    k = len(ids) // rows if rows else 0
+    return [
+        [(int(i), v) for i, v in zip(ids[b * k : (b + 1) * k], values[b * k : (b + 1) * k], strict=True)]
+        for b in range(rows)
     ]
 
 

@@ -18,15 +18,32 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
+class ImageChunk:
+    """An image in a model input (Tinker's `ImageChunk`; an OpenAI `image_url` data URL decoded): the encoded
+    file's bytes and its format ("png", "jpeg", "webp", "gif"). `expected_tokens`, when given, is the number of
+    tokens the client believes the image takes; the engine refuses the input if the model's processor says
+    otherwise. See `eztinker.engine.vision`."""
+
+    data: bytes
+    format: str
+    expected_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Datum:
     """One training sequence and the per-token inputs of its loss.
 
     `loss_inputs` values are tensors (or lists) of shape (N,) — or (N, K) for top-K cross-entropy —
     where N = len(tokens).
+
+    `images` (vision-language models only) are the sequence's images in order; `tokens` holds each one as a
+    run of the model's image placeholder token, as long as the image's token count
+    (`eztinker.engine.vision.expand_chunks` builds both from a list of text and image chunks).
     """
 
     tokens: Sequence[int]
     loss_inputs: Mapping[str, torch.Tensor | Sequence[Any]] = field(default_factory=dict)
+    images: Sequence[ImageChunk] = ()
 
     @classmethod
     def from_labels(

@@ -9,21 +9,29 @@ waiters by completion — events, never sleeps or polling.
 from eztinker.scheduler.jobs import (
     Background,
     Batchable,
+    Completion,
     Deferred,
     Job,
+    JobResult,
     QueueEntry,
     QueueFullError,
-    Scheduler,
     SchedulerStats,
+    complete_when_done,
+    when_done,
 )
+from eztinker.scheduler.queue import Scheduler
 
 __all__ = [
     "Background",
     "Batchable",
+    "Completion",
     "Deferred",
     "Job",
+    "JobResult",
     "QueueEntry",
     "QueueFullError",
     "Scheduler",
     "SchedulerStats",
+    "complete_when_done",
+    "when_done",
 ]

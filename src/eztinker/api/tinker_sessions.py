@@ -1,0 +1,120 @@
+"""The Tinker SDK's bootstrap calls and sessions: client config, capabilities, heartbeats, telemetry,
+and the durable session records (`list_sessions`, `get_session`) that its models and samplers are
+named after."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from eztinker.api import tinker_bodies as bodies
+from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.tinker_futures import SAMPLERS, SESSIONS, StateDep, TinkerState
+from eztinker.engine.errors import NotFoundError
+from eztinker.store.facade import FacadeRecord
+
+authed = APIRouter(dependencies=[Depends(get_owner)])
+
+
+# --- bootstrap, sessions, telemetry ----------------------------------------------------------------------
+
+
+@authed.post("/client/config")
+def client_config() -> dict[str, Any]:
+    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True}
+
+
+@authed.post("/client/dynamic_config")
+def client_dynamic_config() -> dict[str, Any]:
+    return {}
+
+
+@authed.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@authed.get("/get_server_capabilities")
+def get_server_capabilities(service: ServiceDep) -> dict[str, Any]:
+    names = dict.fromkeys([*service.settings.models, *service.backend.loaded_models])
+    return {"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]}
+
+
+@authed.post("/create_session")
+def create_session(body: bodies.CreateSession, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
+    session_id = f"sess-{uuid.uuid4().hex[:12]}"
+    state.durable.put(SESSIONS, session_id, {**body.model_dump(), "status": "active"}, owner=owner)
+    return {"type": "create_session", "session_id": session_id}
+
+
+@authed.post("/session_heartbeat")
+def session_heartbeat() -> dict[str, Any]:
+    return {"type": "session_heartbeat"}
+
+
+@authed.post("/sessions/{session_id}/finish")
+def finish_session(
+    session_id: str, body: bodies.FinishSession, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    _session(state, session_id, owner)
+    reason = body.reason.type if body.reason is not None else None
+    state.durable.update(SESSIONS, session_id, status=reason or "finished", finished_at=time.time())
+    return {}
+
+
+@authed.post("/telemetry")
+def telemetry() -> dict[str, str]:
+    return {"status": "accepted"}
+
+
+def _session(state: TinkerState, session_id: str, owner: str | None) -> FacadeRecord:
+    """The caller's session `session_id` (another key's is answered as missing)."""
+    record = state.durable.get(SESSIONS, session_id)
+    if record is None:
+        raise NotFoundError(f"no session {session_id!r}")
+    state.service.access.require(record.owner, owner, f"no session {session_id!r}")
+    return record
+
+
+def check_new_object(state: TinkerState, session_id: str, owner: str | None) -> None:
+    """A model or sampling session named after `session_id` may be made only in the caller's session
+    (or in one this server never created: SDKs before 0.16 sent no `create_session`)."""
+    if state.durable.get(SESSIONS, session_id) is not None:
+        _session(state, session_id, owner)
+
+
+@authed.get("/sessions")
+def list_sessions(
+    service: ServiceDep, owner: OwnerDep, state: StateDep, page: bodies.Page20
+) -> dict[str, Any]:
+    """The caller's session ids, newest first."""
+    records = state.durable.records(SESSIONS, **service.access.listing(owner))
+    return {"sessions": page.of([r.key for r in reversed(records)])}
+
+
+@authed.get("/sessions/{session_id}")
+def get_session(session_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
+    """A session's training runs (`<session>:train:<n>`) and samplers (`<session>:sample:<n>`)."""
+    record = _session(state, session_id, owner)
+    runs = [r.run_id for r in service.views.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
+    samplers = state.durable.records(
+        SAMPLERS, **service.access.listing(owner), prefix=f"{session_id}:sample:"
+    )
+    return {
+        "training_run_ids": runs,
+        "sampler_ids": [s.key for s in samplers],
+        "user_metadata": record.value.get("user_metadata") or None,
+        "display_name": record.value.get("display_name"),
+    }
+
+
+@authed.put("/sessions/{session_id}/project")
+def assign_session_project(
+    session_id: str, body: bodies.AssignProject, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    _session(state, session_id, owner)
+    state.durable.update(SESSIONS, session_id, project_id=body.project_id)
+    return {}

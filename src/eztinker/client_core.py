@@ -1,0 +1,500 @@
+"""The sans-I/O core of the native clients: requests described before they are sent (`_Call` and its
+builders), the futures' shared state, the retry policy and reading answers. `EZTinkerClient`
+(`eztinker.client`) and `AsyncEZTinkerClient` (`eztinker.client_async`) only send and wait.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+import httpx
+import pydantic
+from pydantic import BaseModel
+
+from eztinker import __version__
+from eztinker.exceptions import (
+    APIConnectionError,
+    APITimeoutError,
+    ClientClosedError,
+    EZTinkerError,
+    InvalidRequestError,
+    JobFailedError,
+    error_from_response,
+    retry_after_seconds,
+)
+from eztinker.models.api import (
+    CheckpointRef,
+    CreateRunRequest,
+    ForwardBackwardRequest,
+    Job,
+    JobRef,
+    JobStatus,
+    LoadRequest,
+    NativeDatum,
+    Op,
+    OptimStepRequest,
+    SampleRequest,
+    SaveRequest,
+    TokenDatum,
+    field_path,
+)
+from eztinker.models.configs import LoRAConfig, LossFunctionConfig
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_BASE_URL = "http://localhost:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+DEFAULT_CREATE_RUN_TIMEOUT = 1800.0  # seconds to read create_run's answer: a first load downloads the model
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_RETRY_DELAY = 0.5  # seconds before the first retry; doubles each time
+DEFAULT_MAX_RETRY_DELAY = 30.0  # no wait between retries is longer, whatever Retry-After says
+DEFAULT_POLL_WAIT = 30  # seconds one long-poll of a job may wait on the server
+MAX_POLL_WAIT = 60  # the server's limit for `?wait=`
+API_KEY_ENV = "EZTINKER_API_KEY"
+
+_POLL_MARGIN = 10.0  # a long-poll's read timeout is its wait plus this
+_TERMINAL = ("completed", "failed")
+
+TokenIds = Sequence[int]
+DatumLike = NativeDatum | TokenDatum | Mapping[str, Any]
+CustomLossFn = Callable[[list[Any], list["torch.Tensor"]], tuple["torch.Tensor", Mapping[str, Any]]]
+"""`loss_fn(data, logprobs_list) -> (loss, metrics)` for `forward_backward_custom`."""
+
+
+# --- requests, described before they are sent ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] | None = None
+    read_timeout: float | None = None  # at least this long to read the answer (None: the client's timeout)
+    raw: bool = False  # the answer is bytes (an archive), not JSON
+
+
+def _seg(value: str) -> str:
+    """One path segment: run ids and checkpoint names are quoted, so no value can change the route."""
+    return quote(value, safe="")
+
+
+def _dump(schema: type[BaseModel], **fields: Any) -> dict[str, Any]:
+    """Validate a body against its shared schema and serialise only what was given (None = not given)."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    try:
+        return schema(**given).model_dump(mode="json", exclude_unset=True)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = field_path(first["loc"])
+        raise InvalidRequestError(first["msg"], field=field) from None
+
+
+def _plain(value: Any) -> Any:
+    """Arrays and tensors (and their scalars) as plain Python lists and numbers."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _is_seq(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _as_batch(name: str, value: Any) -> list[list[Any]]:
+    """One sequence `[1, 2, 3]` or a batch `[[1, 2], [3]]` (lists, tuples, arrays, tensors) as a batch."""
+    value = _plain(value)
+    if not _is_seq(value) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of numbers, or a batch of them")
+    items = [_plain(item) for item in value]
+    nested = [_is_seq(item) for item in items]
+    if all(nested):
+        return [list(item) for item in items]
+    if any(nested):
+        raise ValueError(f"{name} mixes numbers and sequences: give one sequence, or a batch of sequences")
+    return [items]
+
+
+def _native_data(input_ids: Any, target_ids: Any, weights: Any) -> list[dict[str, Any]]:
+    inputs = _as_batch("input_ids", input_ids)
+    targets = inputs if target_ids is None else _as_batch("target_ids", target_ids)
+    batch_weights = None if weights is None else _as_batch("weights", weights)
+    for name, other in (("target_ids", targets), ("weights", batch_weights)):
+        if other is not None and len(other) != len(inputs):
+            raise ValueError(f"{name} has {len(other)} sequences but input_ids has {len(inputs)}")
+    return [
+        {"input_ids": ids, "target_ids": targets[i]}
+        | ({} if batch_weights is None else {"weights": batch_weights[i]})
+        for i, ids in enumerate(inputs)
+    ]
+
+
+def _train_call(
+    op: Literal["forward_backward", "forward"],
+    run_id: str,
+    input_ids: Any,
+    target_ids: Any,
+    weights: Any,
+    data: Sequence[DatumLike] | None,
+    loss_config: LossFunctionConfig | Mapping[str, Any] | None,
+    loss_fn: str | None,
+    loss_fn_config: Mapping[str, float] | None,
+) -> _Call:
+    if data is None:
+        if input_ids is None:
+            raise TypeError(f"{op} needs input_ids (one sequence or a batch) or data (a list of datums)")
+        data = _native_data(input_ids, target_ids, weights)
+    elif input_ids is not None or target_ids is not None or weights is not None:
+        raise TypeError(f"{op} takes either data or input_ids/target_ids/weights, not both")
+    body = _dump(
+        ForwardBackwardRequest,
+        data=list(data),
+        loss_config=loss_config,
+        loss_fn=loss_fn,
+        loss_fn_config=loss_fn_config,
+    )
+    return _Call("POST", f"/v1/runs/{_seg(run_id)}/{op}", json=body)
+
+
+def _create_run_call(
+    base_model: str,
+    lora_config: LoRAConfig | Mapping[str, Any] | None,
+    loss_config: LossFunctionConfig | Mapping[str, Any] | None,
+    run_id: str | None,
+    from_checkpoint: CheckpointRef | Mapping[str, Any] | None,
+    optimizer: Literal["adamw", "dimuon"] | None = None,
+) -> _Call:
+    body = _dump(
+        CreateRunRequest,
+        base_model=base_model,
+        lora_config=lora_config,
+        loss_config=loss_config,
+        run_id=run_id,
+        from_checkpoint=from_checkpoint,
+        optimizer=optimizer,
+    )
+    return _Call("POST", "/v1/runs", json=body, read_timeout=DEFAULT_CREATE_RUN_TIMEOUT)
+
+
+def _optim_call(run_id: str, **params: float | None) -> _Call:
+    return _Call("POST", f"/v1/runs/{_seg(run_id)}/optim_step", json=_dump(OptimStepRequest, **params))
+
+
+def _sample_call(prompt_or_tokens: str | TokenIds, run_id: str | None, **params: Any) -> _Call:
+    if isinstance(prompt_or_tokens, str):
+        prompt, tokens = prompt_or_tokens, None
+    else:
+        prompt, tokens = None, list(_plain(prompt_or_tokens))
+    if _is_seq(params.get("stop")):  # a tuple of stop strings or token ids travels as a list
+        params["stop"] = list(params["stop"])
+    body = _dump(SampleRequest, prompt=prompt, prompt_tokens=tokens, **params)
+    return _Call("POST", "/v1/sample" if run_id is None else f"/v1/runs/{_seg(run_id)}/sample", json=body)
+
+
+def _save_call(run_id: str, name: str, kind: Literal["state", "weights"]) -> _Call:
+    return _Call("POST", f"/v1/runs/{_seg(run_id)}/save", json=_dump(SaveRequest, name=name, kind=kind))
+
+
+def _load_call(run_id: str, name: str, source_run_id: str | None, with_optimizer: bool) -> _Call:
+    body = _dump(LoadRequest, name=name, source_run_id=source_run_id, with_optimizer=with_optimizer)
+    return _Call("POST", f"/v1/runs/{_seg(run_id)}/load", json=body)
+
+
+def _archive_call(run_id: str, name: str) -> _Call:
+    path = f"/v1/runs/{_seg(run_id)}/checkpoints/{_seg(name)}/archive"
+    return _Call("GET", path, read_timeout=600.0, raw=True)
+
+
+def _unpack_checkpoint(archive: bytes, dest: str | os.PathLike[str]) -> Path:
+    """Extract a checkpoint archive (one top-level folder) so that its files land directly in `dest`."""
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    target = Path(dest)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(tmp, filter="data")  # "data": no absolute paths, links out, or devices
+        [folder] = [p for p in Path(tmp).iterdir() if p.is_dir()]
+        target.mkdir(parents=True, exist_ok=True)
+        for item in folder.iterdir():
+            shutil.move(str(item), target / item.name)
+    return target
+
+
+def _job_call(job_id: str, wait: float) -> _Call:
+    if not 0 <= wait <= MAX_POLL_WAIT:
+        raise ValueError(f"wait must be between 0 and {MAX_POLL_WAIT} seconds, not {wait}")
+    return _Call("GET", f"/v1/jobs/{_seg(job_id)}", params={"wait": wait}, read_timeout=wait + _POLL_MARGIN)
+
+
+def _poll_wait(deadline: float | None, poll_wait: int) -> int:
+    """Whole seconds for the next long-poll: `poll_wait`, or what is left before `deadline`."""
+    if deadline is None:
+        return poll_wait
+    return max(0, min(poll_wait, math.ceil(deadline - time.monotonic())))
+
+
+# --- forward_backward_custom: the loss is computed here, its gradient travels as weights ----------------
+
+
+def _custom_datums(data: Sequence[TokenDatum | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each datum as `{tokens, loss_inputs: {target_tokens}}`: the only inputs the cross_entropy passes need."""
+    datums = []
+    for i, datum in enumerate(data):
+        raw = datum.model_dump() if isinstance(datum, TokenDatum) else datum
+        try:
+            datums.append(
+                {
+                    "tokens": list(raw["tokens"]),
+                    "loss_inputs": {"target_tokens": raw["loss_inputs"]["target_tokens"]},
+                }
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"forward_backward_custom: data[{i}] must be a token datum "
+                "{'tokens': [...], 'loss_inputs': {'target_tokens': [...]}}"
+            ) from exc
+    if not datums:
+        raise ValueError("forward_backward_custom needs at least one datum")
+    return datums
+
+
+def _custom_backward(
+    data: Sequence[Any], datums: list[dict[str, Any]], forward: dict[str, Any], loss_fn: CustomLossFn
+) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
+    """Run `loss_fn` on the forward pass's logprobs; return the cross_entropy data whose weights are −dC/dlp."""
+    import torch
+
+    from eztinker.engine.losses import weights_from_logprob_grads
+
+    if len(forward["logprobs"]) != len(datums):
+        raise EZTinkerError(
+            f"the forward pass returned {len(forward['logprobs'])} logprobs for {len(datums)} datums"
+        )
+    logprobs = [
+        torch.tensor(lp[: len(d["loss_inputs"]["target_tokens"])], dtype=torch.float32, requires_grad=True)
+        for lp, d in zip(forward["logprobs"], datums, strict=True)
+    ]
+    loss, metrics = loss_fn(list(data), logprobs)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise ValueError(
+            "loss_fn must return (loss, metrics) with loss a scalar tensor computed from the logprobs"
+        )
+    loss.backward()
+    weighted = [
+        {
+            "tokens": d["tokens"],
+            "loss_inputs": {
+                "target_tokens": d["loss_inputs"]["target_tokens"],
+                "weights": weights_from_logprob_grads(
+                    lp.grad if lp.grad is not None else torch.zeros_like(lp)
+                ).tolist(),
+            },
+        }
+        for d, lp in zip(datums, logprobs, strict=True)
+    ]
+    return weighted, float(loss.detach()), {name: float(value) for name, value in metrics.items()}
+
+
+def _with_custom_loss(loss: float, metrics: dict[str, float]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def finish(result: dict[str, Any]) -> dict[str, Any]:
+        return result | {"loss": loss, "metrics": {**result.get("metrics", {}), **metrics}}
+
+    return finish
+
+
+# --- futures -------------------------------------------------------------------------------------------
+
+
+class _FutureBase(Mapping[str, Any]):
+    """A submitted job: a read-only mapping over its `JobRef` (`job_id`, `status`, `run_id`, `op`).
+
+    `status` is the status last seen; it changes only when the future asks the server (`done`, `result`).
+    """
+
+    def __init__(self, ref: JobRef, finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self._ref = ref
+        self._job: Job | None = None
+        self._finish = finish
+        self._result: dict[str, Any] | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self._ref.job_id
+
+    @property
+    def status(self) -> JobStatus:
+        return self._ref.status
+
+    @property
+    def op(self) -> Op:
+        return self._ref.op
+
+    @property
+    def run_id(self) -> str | None:
+        return self._ref.run_id
+
+    @property
+    def job(self) -> Job | None:
+        """The last `Job` fetched from the server (None until the future has asked)."""
+        return self._job
+
+    def __getitem__(self, key: str) -> Any:
+        return self._ref.model_dump()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ref.model_dump())
+
+    def __len__(self) -> int:
+        return len(self._ref.model_dump())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.items())
+        return f"{type(self).__name__}({fields})"
+
+    def _known_done(self) -> bool:
+        return self._job is not None and self._job.status in _TERMINAL
+
+    def _update(self, job: Job) -> None:
+        self._job = job
+        self._ref = JobRef(job_id=job.job_id, status=job.status, run_id=job.run_id, op=job.op)
+
+    def _outcome(self) -> dict[str, Any]:
+        """The result of a finished job, or `JobFailedError`."""
+        assert self._job is not None and self._job.status in _TERMINAL, self._job
+        if self._job.status == "failed":
+            raise JobFailedError(self._job)
+        if self._result is None:
+            result = dict(self._job.result or {})
+            self._result = self._finish(result) if self._finish is not None else result
+        return self._result
+
+
+# --- clients -------------------------------------------------------------------------------------------
+
+
+class _ClientBase:
+    """What both clients share: configuration, headers, the retry policy and reading answers."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | httpx.URL,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        poll_wait: int,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
+        if not 0 < poll_wait <= MAX_POLL_WAIT:
+            raise ValueError(f"poll_wait must be between 1 and {MAX_POLL_WAIT} seconds, not {poll_wait}")
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or None  # read once, here, never mid-request
+        self.base_url = httpx.URL(str(base_url))
+        self.max_retries = max_retries
+        self.poll_wait = poll_wait
+        self.timeout = httpx.Timeout(timeout)
+        self._headers = {"User-Agent": f"eztinker-python/{__version__}", "Accept": "application/json"}
+        if api_key:
+            self._headers["X-API-Key"] = api_key
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={str(self.base_url)!r})"
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            name = type(self).__name__
+            raise ClientClosedError(
+                f"This client has been closed; create a new {name} to make more requests."
+            )
+
+    def _timeout_for(self, call: _Call) -> httpx.Timeout:
+        read = self.timeout.read
+        if call.read_timeout is not None and read is not None:
+            read = max(read, call.read_timeout)
+        return httpx.Timeout(
+            connect=self.timeout.connect, read=read, write=self.timeout.write, pool=self.timeout.pool
+        )
+
+    def _retry_delay(
+        self,
+        call: _Call,
+        attempt: int,
+        *,
+        response: httpx.Response | None = None,
+        error: Exception | None = None,
+    ) -> float | None:
+        """Seconds to wait before re-sending `call`, or None to give up (attempt counts from 0)."""
+        if attempt >= self.max_retries:
+            return None
+        retry_after = None
+        if response is not None:
+            if response.status_code != 429:
+                return None
+            retry_after = retry_after_seconds(response)
+        elif not _safe_to_resend(call.method, error):
+            return None
+        if retry_after is not None:
+            return min(retry_after, DEFAULT_MAX_RETRY_DELAY)
+        backoff = min(DEFAULT_RETRY_DELAY * 2**attempt, DEFAULT_MAX_RETRY_DELAY)
+        return backoff * random.uniform(0.75, 1.0)  # noqa: S311  (jitter spreads out many clients' retries)
+
+    def _connection_error(self, error: httpx.TransportError) -> APIConnectionError:
+        request = _request_of(error)
+        if isinstance(error, httpx.TimeoutException):
+            message = (
+                f"no answer from the EZTinker server at {self.base_url} in time ({type(error).__name__})"
+            )
+            return APITimeoutError(message, request=request)
+        return APIConnectionError(
+            f"could not reach the EZTinker server at {self.base_url} ({type(error).__name__}: {error}); "
+            "is it running (`eztinker server`)?",
+            request=request,
+        )
+
+
+def _safe_to_resend(method: str, error: Exception | None) -> bool:
+    """A GET can always be re-sent; another method only if the request cannot have reached the server."""
+    if not isinstance(error, httpx.TransportError):
+        return False
+    return method == "GET" or isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def _request_of(error: httpx.TransportError) -> httpx.Request | None:
+    try:
+        return error.request
+    except RuntimeError:  # httpx raises when the error was never tied to a request
+        return None
+
+
+def _read(response: httpx.Response, raw: bool = False) -> Any:
+    """The JSON of a successful answer (None for 204; bytes if `raw`), or the `APIStatusError` for an error."""
+    if response.is_error:
+        raise error_from_response(response)
+    if raw:
+        return response.content
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise EZTinkerError(
+            f"the server answered {response.status_code} with a body that is not JSON", response=response
+        ) from exc

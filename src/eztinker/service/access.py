@@ -1,0 +1,105 @@
+"""Who may reach what: the caller's identity, and the one ownership check the service and every facade use.
+
+Every object a caller can name by id — runs, checkpoints, jobs and Tinker futures, sampler snapshots,
+Tinker sessions and sampling sessions — carries the owner id of the key that made it (the key's hash;
+None when the server runs without API keys). A caller reaches an object only if it owns it. An object
+of another key is answered exactly like a missing one (`NotFoundError` with the same message), so ids
+leak nothing. Retry and idempotency caches are keyed by owner too (`Access.key`), so a resent request
+of one key can never be answered with another key's result. Sampler snapshots belong to the key that
+took them (`claim_sampler`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import TYPE_CHECKING, Any
+
+from eztinker.engine.errors import ConflictError, NotFoundError
+from eztinker.service.errors import AuthenticationError
+
+if TYPE_CHECKING:
+    from eztinker.engine import SamplerInfo
+    from eztinker.store import CheckpointRecord, RunRecord, Store
+
+
+def hash_key(key: str) -> str:
+    """The owner id of an API key: its SHA-256 (the key itself is never stored)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Access:
+    """The caller's identity from its key, and the ownership check on every object reached by id."""
+
+    def __init__(self, api_keys: list[str] | tuple[str, ...] | set[str], store: Store) -> None:
+        self.key_hashes = {hash_key(k) for k in api_keys}
+        self.store = store
+        self._sampler_owners: dict[str, str | None] = {}  # sampler snapshot -> the key that took it
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the server has API keys (without them every caller is the owner None)."""
+        return bool(self.key_hashes)
+
+    def owner_for_key(self, key: str | None) -> str | None:
+        """The owner id of a request: its key's hash (None when auth is off). Raises if the key is bad."""
+        if not self.enabled:
+            return None
+        if key is None or hash_key(key) not in self.key_hashes:
+            raise AuthenticationError("a valid API key is required: send X-API-Key or Authorization: Bearer")
+        return hash_key(key)
+
+    def allows(self, object_owner: str | None, caller: str | None) -> bool:
+        """Whether `caller` may reach an object owned by `object_owner`."""
+        return not self.enabled or object_owner == caller
+
+    def require(self, object_owner: str | None, caller: str | None, missing: str) -> None:
+        """Raise `NotFoundError(missing)` — the missing object's own message — unless `caller` may reach it."""
+        if not self.allows(object_owner, caller):
+            raise NotFoundError(missing)
+
+    def key(self, caller: str | None, *parts: str) -> tuple[str, ...]:
+        """A cache key of `caller`'s: the same parts sent by another key never hit it."""
+        return (caller or "", *parts)
+
+    def listing(self, caller: str | None) -> dict[str, Any]:
+        """The store's listing arguments for what `caller` may see: its own, or everything without keys."""
+        return {"owner": caller, "include_all": not self.enabled}
+
+    # --- objects by id --------------------------------------------------------------------------------
+
+    def run(self, run_id: str, caller: str | None) -> RunRecord:
+        """The stored run `run_id`, if the caller may reach it."""
+        record = self.store.get_run(run_id)
+        if record is None:
+            raise NotFoundError(f"no run {run_id!r}")
+        self.require(record.owner, caller, f"no run {run_id!r}")
+        return record
+
+    def checkpoint(self, run_id: str, name: str, caller: str | None) -> CheckpointRecord:
+        """Checkpoint `name` of run `run_id`, if the caller may reach the run."""
+        self.run(run_id, caller)
+        record = self.store.get_checkpoint(run_id, name)
+        if record is None:
+            raise NotFoundError(f"run {run_id!r} has no checkpoint named {name!r}")
+        return record
+
+    # --- sampler snapshots ----------------------------------------------------------------------------
+
+    def claim_sampler(self, sampler_id: str, caller: str | None) -> None:
+        """Record `caller` as the owner of the snapshot about to be taken as `sampler_id`."""
+        with self._lock:
+            if self._sampler_owners.setdefault(sampler_id, caller) != caller:
+                raise ConflictError(f"sampler id {sampler_id!r} is already in use")
+
+    def sampler_owner(self, info: SamplerInfo) -> str | None:
+        """Who took a snapshot: recorded when it was taken; else (a worker adopted after a restart) the
+        owner of the run it was taken from."""
+        if info.sampler_id in self._sampler_owners:
+            return self._sampler_owners[info.sampler_id]
+        record = self.store.get_run(info.run_id) if info.run_id else None
+        return record.owner if record is not None else None
+
+    def allows_sampler(self, info: SamplerInfo, caller: str | None) -> bool:
+        return self.allows(self.sampler_owner(info), caller)

@@ -1,0 +1,208 @@
+"""`Sampling`: the one way every facade samples, and the sampler snapshots it samples from.
+
+A sampling job names its target (`ModelTarget`: a base model, a run's live adapter, or a snapshot) and
+engine requests (`SampleSpec`); it is checked against the server's limits when submitted, and its
+requests join the base model's continuous batch when it starts.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from eztinker.backend import RunSpec
+from eztinker.engine import SampleResult, SamplerInfo
+from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.sampler import SampleRequest
+from eztinker.scheduler import Batchable, Completion, Deferred, Job, complete_when_done, when_done
+from eztinker.service.limits import sample_tokens
+from eztinker.service.results import SampleOutput, SamplerOutput
+
+if TYPE_CHECKING:
+    from eztinker.service.core import Service
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What a sampling job runs on: a base model, and the adapter (run or snapshot) on it, if any."""
+
+    base_model: str
+    adapter: str | None
+    run_id: str | None  # set when the adapter is a live run: the job is then ordered with the run's ops
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sampling job: engine requests on one target, and what the caller wants back.
+
+    `text_prompt`: the single request's prompt as text, tokenized when the job starts (its model may
+    not be loaded yet). `decode`: the result also holds each sample's text. `echo`: request details the
+    caller's encoding of the result needs later, kept with it. `check_now`: also refuse a bad request
+    (token ids, top-k, prompt shapes) before it is queued. `n_field` / `prompt_field` name the caller's
+    fields in errors.
+    """
+
+    target: ModelTarget
+    requests: list[SampleRequest]
+    text_prompt: str | None = None
+    decode: bool = False
+    echo: dict[str, Any] = field(default_factory=dict)
+    check_now: bool = False
+    n_field: str = "n"
+    prompt_field: str = "prompt"
+
+
+class Sampling:
+    """Sampling jobs and sampler snapshots of one service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        # (owner, run, checkpoint) -> the snapshot `checkpoint_target` loaded from it (forgotten when the
+        # checkpoint is deleted: a new checkpoint of that name is loaded afresh)
+        self._checkpoint_samplers: dict[tuple[str, ...], str] = {}
+        self._loading = threading.Lock()
+        service.on_checkpoint_deleted.append(self._checkpoint_deleted)
+
+    def checkpoint_target(self, run_id: str, name: str, owner: str | None) -> ModelTarget:
+        """Checkpoint `name` of the caller's run as a sampler snapshot of the caller's: loaded on first use
+        (`from_checkpoint`), the same snapshot afterwards. Another key's checkpoint is missing. Blocking."""
+        self.service.access.checkpoint(run_id, name, owner)
+        key = self.service.access.key(owner, run_id, name)
+        with self._loading:  # one load per checkpoint, also when requests for it arrive together
+            sampler_id = self._checkpoint_samplers.get(key)
+            if sampler_id is None or self.sampler(sampler_id, owner) is None:
+                sampler_id = f"ckpt-{uuid.uuid4().hex[:16]}"
+                self.from_checkpoint(run_id, name, sampler_id, owner)
+                self._checkpoint_samplers[key] = sampler_id
+        return self.target(owner, sampler_id=sampler_id)
+
+    def _checkpoint_deleted(self, run_id: str, name: str) -> None:
+        with self._loading:
+            for key in [k for k in self._checkpoint_samplers if k[1:] == (run_id, name)]:
+                del self._checkpoint_samplers[key]
+
+    def target(
+        self,
+        owner: str | None,
+        *,
+        run_id: str | None = None,
+        sampler_id: str | None = None,
+        base_model: str | None = None,
+    ) -> ModelTarget:
+        """A run's live adapter, the caller's sampler snapshot, or a base model (default: the server's)."""
+        if run_id is not None:
+            return ModelTarget(self.service.live_run(run_id, owner).base_model, run_id, run_id)
+        if sampler_id is not None:
+            info = self.sampler(sampler_id, owner)
+            if info is None:
+                raise NotFoundError(f"no sampler {sampler_id!r}")
+            return ModelTarget(info.base_model, sampler_id, None)
+        return ModelTarget(base_model or self.default_base_model(), None, None)
+
+    def resolve_model(self, name: str, owner: str | None) -> ModelTarget:
+        """What an OpenAI `model` names: a loaded or configured base model, a live run, or a snapshot."""
+        if name in self.service.backend.loaded_models or name in self.service.settings.models:
+            return ModelTarget(base_model=name, adapter=None, run_id=None)
+        record = self.service.active.get(name) or self.service.store.get_run(name)
+        if record is not None and self.service.access.allows(record.owner, owner):
+            return self.target(owner, run_id=name)  # a lost run is refused with the way to resume it
+        if self.sampler(name, owner) is not None:
+            return self.target(owner, sampler_id=name)
+        raise NotFoundError(
+            f"the model {name!r} does not exist: name a base model, a run id or a sampler id (GET /v1/models)"
+        )
+
+    def sampler(self, sampler_id: str, owner: str | None) -> SamplerInfo | None:
+        """The caller's sampler snapshot `sampler_id`, if it has one."""
+        for info in self.service.backend.list_samplers():
+            if info.sampler_id == sampler_id and self.service.access.allows_sampler(info, owner):
+                return info
+        return None
+
+    def sample(self, spec: SampleSpec, owner: str | None) -> Job:
+        """The one way every facade samples: a job whose requests join its base model's sampling engine.
+
+        Checked now against the server's limits. The requests start when the job does (a snapshot saved
+        by an earlier job of the run exists by then); jobs of many callers start in one pass, so they
+        share one prefill. A job on a live run is ordered with the run's training ops. The result is a
+        `SampleOutput`.
+        """
+        target = spec.target
+        requests = [replace(r, adapter=target.adapter) for r in spec.requests]
+        self.service.limits.check_sampling(requests, n_field=spec.n_field, prompt_field=spec.prompt_field)
+        if spec.check_now:
+            self.service.backend.check_requests(target.base_model, requests)
+
+        def start(complete: Completion) -> None:
+            tokenizer: Any = (
+                self.service.backend.tokenizer(target.base_model) if spec.text_prompt or spec.decode else None
+            )
+            ready = requests
+            if spec.text_prompt is not None:
+                prompt = tokenizer(spec.text_prompt, add_special_tokens=False)["input_ids"]
+                ready = [replace(requests[0], prompt=list(prompt))]
+                self.service.limits.check_sampling(
+                    ready, n_field=spec.n_field, prompt_field=spec.prompt_field
+                )
+
+            def sampled(results: list[SampleResult]) -> SampleOutput:
+                texts = None
+                if spec.decode:
+                    texts = [[decode(tokenizer, s.tokens) for s in r.sequences] for r in results]
+                return SampleOutput(results, [list(r.prompt) for r in ready], texts, dict(spec.echo))
+
+            complete_when_done(self.service.backend.sample(target.base_model, ready), sampled, complete)
+
+        deferred = Deferred(start)
+        batch = Batchable(kind="sample", group="sample", request=None, finish=lambda _: deferred)
+        tokens = sample_tokens(requests, spec.text_prompt)
+        # Shared: a run's samples generate together; its training ops wait for them, and they for those.
+        return self.service.submit(
+            "sample", target.run_id, lambda: deferred, owner, tokens=tokens, batch=batch, shared=True
+        )
+
+    def save_sampler(self, run_id: str, sampler_id: str, owner: str | None) -> Job:
+        """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
+        self.service.live_run(run_id, owner)
+        self.service.access.claim_sampler(sampler_id, owner)
+
+        def taken(info: SamplerInfo) -> SamplerOutput:
+            return SamplerOutput(info.sampler_id, info.base_model, info.step)
+
+        return self.service.submit(
+            "save_sampler",
+            run_id,
+            lambda: when_done(self.service.backend.save_sampler(run_id, sampler_id), taken),
+            owner,
+        )
+
+    def from_checkpoint(self, run_id: str, name: str, sampler_id: str, owner: str | None) -> str:
+        """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking."""
+        record = self.service.access.run(run_id, owner)
+        checkpoint = self.service.access.checkpoint(run_id, name, owner)
+        self.service.access.claim_sampler(sampler_id, owner)
+        scratch = f"{sampler_id}.loading"
+        self.service.backend.create_run(
+            RunSpec(record.base_model, adapter_path=checkpoint.path, run_id=scratch)
+        )
+        try:
+            return self.service.backend.save_sampler(scratch, sampler_id).result().base_model
+        finally:
+            self.service.backend.delete_run(scratch)
+
+    def default_base_model(self) -> str:
+        if self.service.settings.models:
+            return self.service.settings.models[0]
+        if self.service.backend.loaded_models:
+            return self.service.backend.loaded_models[0]
+        raise InvalidInputError(
+            "base_model", "no base model is loaded: pass base_model, or start the server with --model NAME"
+        )
+
+
+def decode(tokenizer: Any, tokens: list[int]) -> str:
+    """The text of `tokens`, special tokens left out."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return text if isinstance(text, str) else "".join(text)
