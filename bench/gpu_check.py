@@ -1000,7 +1000,7 @@ def cuda_paths_section(check: Check, engine: Any, name: str, shape: Shape) -> st
     if check.args.dry_run:
         shapes = {"train_8x32": (8, 32, True), "decode_16": (16, 1, False), "decode_64": (64, 1, False)}
     iters = 3 if check.args.dry_run else 20
-    saved_path = lora.DENSE_PATH
+    saved_path = lora.layer.DENSE_PATH
     paths: dict[str, Any] = {}
     try:
         for label, (rows, tokens, train) in shapes.items():
@@ -1012,7 +1012,7 @@ def cuda_paths_section(check: Check, engine: Any, name: str, shape: Shape) -> st
             out: dict[str, Any] = {"auto": lora._dense_path(planned[0], tokens, device.type)}
             reference = None
             for way in ("loop", "concat", "rows", "groups"):
-                lora.DENSE_PATH = way
+                lora.layer.DENSE_PATH = way
 
                 def step(rows=rows, x=x, train=train, segments=segments) -> torch.Tensor:
                     with lora.routed(layer.routing, segments, train=train), torch.set_grad_enabled(train):
@@ -1028,7 +1028,7 @@ def cuda_paths_section(check: Check, engine: Any, name: str, shape: Shape) -> st
                 out[way] = {"ms": statistics.median(times) * 1e3, "rel_diff_vs_loop": diff}
             paths[label] = out
     finally:
-        lora.DENSE_PATH = saved_path
+        lora.layer.DENSE_PATH = saved_path
 
     # What reaches SDPA, and the kernel it picks, in a co-batched training pass and in sampling.
     calls: list[dict[str, Any]] = []

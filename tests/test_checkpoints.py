@@ -31,6 +31,7 @@ from eztinker.engine import (
     NotFoundError,
     checkpoint,
 )
+from eztinker.engine.checkpoint import disk
 from eztinker.engine.lora import Segment, routed
 from eztinker.engine.run import TrainingRun
 
@@ -416,22 +417,22 @@ def test_a_crash_mid_save_leaves_nothing_under_the_final_name(
     before = snapshot(run_of(engine, run_id))
     root = tmp_path / "ckpts"
     if where == "save_file":
-        monkeypatch.setattr(checkpoint, "save_file", _fail_mid_write)
+        monkeypatch.setattr(disk, "save_file", _fail_mid_write)
     elif where == "optimizer":  # the adapter file is written, the optimizer file is not
-        real = checkpoint.save_file
+        real = disk.save_file
 
         def fail_second(tensors, filename, metadata=None):
             if Path(filename).name == checkpoint.OPTIMIZER_FILE:
                 _fail_mid_write(tensors, filename, metadata)
             real(tensors, filename, metadata=metadata)
 
-        monkeypatch.setattr(checkpoint, "save_file", fail_second)
+        monkeypatch.setattr(disk, "save_file", fail_second)
     else:
 
         def no_rename(src, dst):
             raise OSError("I/O error")
 
-        monkeypatch.setattr(checkpoint.os, "rename", no_rename)
+        monkeypatch.setattr(disk.os, "rename", no_rename)
 
     with pytest.raises(OSError):
         engine.save_state(run_id, root / "ckpt")
@@ -450,8 +451,8 @@ def test_leftovers_of_a_killed_save_are_ignored_and_removable(
     """A process killed mid-save cannot clean up: its hidden temp dir must never count as a checkpoint."""
     engine = new_engine()
     run_id = engine.create_run(qwen2_dir, {"r": 4}).run_id
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda *a, **k: None)  # "killed": no cleanup runs
-    monkeypatch.setattr(checkpoint, "save_file", _fail_mid_write)
+    monkeypatch.setattr(disk.shutil, "rmtree", lambda *a, **k: None)  # "killed": no cleanup runs
+    monkeypatch.setattr(disk, "save_file", _fail_mid_write)
     with pytest.raises(OSError):
         engine.save_state(run_id, tmp_path / "ckpt")
     monkeypatch.undo()

@@ -53,7 +53,7 @@ PATHS = ("concat", "rows", "groups")
 def cuda_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     """What CUDA does by default, here too: a bf16 input is saved for backward as it is (not as an fp32
     copy). The CPU default is the plain autograd way, which gives the same results."""
-    monkeypatch.setattr(lora, "SAVE_INPUT_IN_BASE_DTYPE", True)
+    monkeypatch.setattr(lora.layer, "SAVE_INPUT_IN_BASE_DTYPE", True)
 
 
 # Rows 0-1 "a" (r 4), row 2 bare base, rows 3-5 "b" (r 8), row 6 "c" (r 2, absent in some layers), row 7
@@ -93,7 +93,7 @@ def run_layer(
     forward_context: contextlib.AbstractContextManager | None = None,
 ):
     """(output, dL/dx, {adapter: (dL/dA, dL/dB)}) of one forward/backward through `layer` on `path`."""
-    monkeypatch.setattr(lora, "DENSE_PATH", path)
+    monkeypatch.setattr(lora.layer, "DENSE_PATH", path)
     for slot in layer.adapters.values():
         slot.lora_A.grad = slot.lora_B.grad = None
     x = x.detach().clone().requires_grad_(True)
@@ -150,7 +150,7 @@ def test_the_delta_is_fp32_maths_under_a_bf16_base(monkeypatch) -> None:
     x = torch.randn(9, 5, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     slots = [layer.adapters.get(a) if a else None for a, _, _ in LAYOUT]
     for path in (*PATHS, "loop"):
-        monkeypatch.setattr(lora, "DENSE_PATH", path)
+        monkeypatch.setattr(lora.layer, "DENSE_PATH", path)
         delta = lora._routed_delta(x, segments(), slots, layer.routing)
         assert delta is not None and delta.dtype == torch.float32
         for (adapter, start, stop), slot in zip(LAYOUT, slots, strict=True):
@@ -175,7 +175,7 @@ class _CountOps(TorchDispatchMode):
 def test_a_dense_path_costs_the_same_kernels_for_any_number_of_adapters(path: str, monkeypatch) -> None:
     """One batched op per layer, not a loop over runs: 2 adapters and 6 adapters run as many kernels (aten
     ops other than views), after the first pass of a layout, which builds its index tensors."""
-    monkeypatch.setattr(lora, "DENSE_PATH", path)
+    monkeypatch.setattr(lora.layer, "DENSE_PATH", path)
 
     def ops(adapters: int) -> int:
         layer = LoRALinear(nn.Linear(16, 16).requires_grad_(False), Routing(), "layer")
@@ -194,7 +194,7 @@ def test_a_dense_path_costs_the_same_kernels_for_any_number_of_adapters(path: st
 
     assert ops(2) == ops(6)
     if path == "concat":  # the counter counts: one matmul pair per segment grows with the adapters
-        monkeypatch.setattr(lora, "DENSE_PATH", "loop")
+        monkeypatch.setattr(lora.layer, "DENSE_PATH", "loop")
         assert ops(6) > ops(2)
 
 
@@ -229,7 +229,7 @@ def test_the_bf16_input_is_saved_not_an_fp32_copy_and_gradients_are_unchanged(mo
     x = torch.randn(9, 6, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     results, saved = {}, {}
     for keep_bf16 in (False, True):
-        monkeypatch.setattr(lora, "SAVE_INPUT_IN_BASE_DTYPE", keep_bf16)
+        monkeypatch.setattr(lora.layer, "SAVE_INPUT_IN_BASE_DTYPE", keep_bf16)
         seen: list[torch.Tensor] = []
 
         def pack(t: torch.Tensor, seen=seen) -> torch.Tensor:
@@ -307,7 +307,7 @@ def test_a_cobatched_bf16_pass_on_each_path_equals_the_loop(path: str, qwen2_dir
     """Through the whole engine: three runs of different ranks and targets in one bf16 pass."""
 
     def losses_and_grads(p: str) -> tuple[list[float], dict[str, list[torch.Tensor]]]:
-        monkeypatch.setattr(lora, "DENSE_PATH", p)
+        monkeypatch.setattr(lora.layer, "DENSE_PATH", p)
         engine = make_engine(qwen2_dir, torch.bfloat16, nonzero_b=True)
         results = engine.forward_backward_many(ops(1))
         assert not any(isinstance(r, Exception) for r in results), results
@@ -372,10 +372,10 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) 
 def test_expert_lowrank_in_bf16_factors_equals_fp32_factors(moe_dir, monkeypatch) -> None:
     """CUDA computes the expert low-rank products in bf16 (its grouped matmul's one fast dtype); run that
     here on a bf16 base against the fp32 factors the CPU uses: equal to bf16 rounding, grads fp32."""
-    monkeypatch.setattr(lora, "MERGE_EXPERTS_BELOW", 0.0)  # the low-rank way, not W + ΔW
+    monkeypatch.setattr(lora.experts, "MERGE_EXPERTS_BELOW", 0.0)  # the low-rank way, not W + ΔW
 
     def run(factors: torch.dtype) -> tuple[list[float], list[torch.Tensor]]:
-        monkeypatch.setattr(lora, "EXPERT_FACTORS_DTYPE", factors)
+        monkeypatch.setattr(lora.experts, "EXPERT_FACTORS_DTYPE", factors)
         engine = Engine(EngineConfig(device="cpu", dtype=torch.bfloat16))
         for name, r in (("x", 4), ("y", 8)):
             engine.create_run(
@@ -456,7 +456,7 @@ class HostSyncs:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["auto", *PATHS])
 def test_lora_layers_do_not_sync_in_a_cobatched_pass(path: str, dtype, qwen2_dir, monkeypatch) -> None:
-    monkeypatch.setattr(lora, "DENSE_PATH", path)
+    monkeypatch.setattr(lora.layer, "DENSE_PATH", path)
     engine = make_engine(qwen2_dir, dtype)
     assert not any(isinstance(r, Exception) for r in engine.forward_backward_many(ops(0)))  # layouts planned
     guard = HostSyncs(monkeypatch)
@@ -475,13 +475,13 @@ def test_expert_lora_does_not_sync_in_a_cobatched_pass(moe_dir, monkeypatch) -> 
     data = [Datum.from_labels([(5 * j + k) % 900 + 3 for j in range(10)]) for k in range(2)]
     batch = [TrainOp("x", data), TrainOp("y", data[:1])]
     for merge in (0.0, float("inf")):  # the low-rank way and the W + ΔW way
-        monkeypatch.setattr(lora, "MERGE_EXPERTS_BELOW", merge)
+        monkeypatch.setattr(lora.experts, "MERGE_EXPERTS_BELOW", merge)
         assert not any(isinstance(r, Exception) for r in engine.forward_backward_many(batch))
     guard = HostSyncs(monkeypatch)
-    guard.arm_during(monkeypatch, lora, "_routed_experts")
+    guard.arm_during(monkeypatch, lora.experts, "_routed_experts")
     guard.arm_during(monkeypatch, LoRALinear, "forward")
     for merge in (0.0, float("inf")):
-        monkeypatch.setattr(lora, "MERGE_EXPERTS_BELOW", merge)
+        monkeypatch.setattr(lora.experts, "MERGE_EXPERTS_BELOW", merge)
         results = engine.forward_backward_many(batch)
         assert not any(isinstance(r, Exception) for r in results), results
 

@@ -96,7 +96,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing(tmp_path: Path, tiny_model_di
 SLOW_SAVE_PLUGIN = '''
 """Test plugin: a save of a checkpoint named "slow" stalls after writing its files, before the rename."""
 import time
-from eztinker.engine import checkpoint
+from eztinker.engine.checkpoint import disk as checkpoint  # where the durable writes are
 
 _fsync = checkpoint._fsync
 

@@ -223,7 +223,7 @@ PATHS = [
 def expert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     path = request.node.callspec.params.get("path", "-")
     if path != "-":
-        monkeypatch.setattr(lora, "MERGE_EXPERTS_BELOW", 0.0 if path == "low-rank" else float("inf"))
+        monkeypatch.setattr(lora.experts, "MERGE_EXPERTS_BELOW", 0.0 if path == "low-rank" else float("inf"))
 
 
 @pytest.mark.parametrize(("family", "path"), PATHS)

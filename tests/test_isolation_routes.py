@@ -269,6 +269,9 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
             ),
             ("POST", "/api/v1/create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0}),
         ],
+        "POST /api/v1/create_custom_loss": [  # in Alice's session: refused as a missing session
+            ("POST", "/api/v1/create_custom_loss", _custom_loss_body(sid)),
+        ],
         "GET /api/v1/samplers/{sampler_id}": [("GET", f"/api/v1/samplers/{smp}", None)],
         "POST /api/v1/asample": [("POST", "/api/v1/asample", _sample_body(smp, 0))],
         "GET /api/v1/training_runs/{run_id}": [("GET", f"/api/v1/training_runs/{run}", None)],
@@ -276,6 +279,14 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
             ("GET", f"/api/v1/training_runs/{run}/checkpoints", None)
         ],
         "POST /api/v1/weights_info": [("POST", "/api/v1/weights_info", {"tinker_path": w["state"]})],
+        "POST /api/v1/copy_weights": [
+            ("POST", "/api/v1/copy_weights", {"source_path": w["state"], "destination_project_id": "bobs"}),
+            (
+                "POST",
+                "/api/v1/copy_weights",
+                {"source_path": w["sampler_ckpt"], "destination_project_id": "b"},
+            ),
+        ],
         "POST /api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}/publish": [
             ("POST", f"{ckpt}/publish", None)
         ],
@@ -310,6 +321,22 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
                 {"model": smp, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             )
         ],
+        "POST /anthropic/api/v1/messages": [
+            (
+                "POST",
+                "/anthropic/api/v1/messages",
+                {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
+            for m in (run, smp, w["sampler_ckpt"])
+        ],
+        "POST /anthropic/api/v1/messages/count_tokens": [
+            (
+                "POST",
+                "/anthropic/api/v1/messages/count_tokens",
+                {"model": m, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            for m in (run, smp)
+        ],
         "GET /dashboard/api/runs/{run_id}/checkpoints/{name}/merged": [
             ("GET", f"/dashboard/api/runs/{run}/checkpoints/a-state/merged", None)
         ],
@@ -337,6 +364,28 @@ LISTINGS = {
     "GET /dashboard/api/runs",
     "GET /dashboard/api/samplers",
 }
+
+
+def _custom_loss_body(session_id: str) -> dict[str, Any]:
+    """A valid `create_custom_loss` upload: loss = -sum(logprobs)."""
+    nodes = [
+        {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
+        {"op": "call_method", "name": "sum_1", "target": "sum", "args": [{"ref": "logprobs"}]},
+        {"op": "call_function", "name": "neg", "target": "operator.neg", "args": [{"ref": "sum_1"}]},
+        {
+            "op": "output",
+            "name": "output",
+            "target": "output",
+            "args": [{"tuple": [{"ref": "neg"}, {"dict": {}}]}],
+        },
+    ]
+    return {
+        "session_id": session_id,
+        "custom_loss_seq_id": 0,
+        "name": "neg_sum",
+        "inputs": [{"name": "logprobs", "rank": 1}],
+        "graph": {"format": 1, "nodes": nodes},
+    }
 
 
 def _fb_body(model_id: str, seq_id: int) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -52,32 +52,16 @@ __all__ = [
     "smollm2_gguf_path",
 ]
 
-TinyFamily = Literal[
-    "qwen2",
-    "gpt2",
-    "phi",
-    "phi3",
-    "llama",
-    "qwen3_moe",
-    "qwen3_5",
-    "qwen3_5_moe",
-    "gpt_oss",
-    "deepseek_v3",
-    "qwen3_vl",
-]
+_DenseFamily = Literal["qwen2", "gpt2", "phi", "phi3", "llama"]
+_CatalogueFamily = Literal["qwen3_moe", "qwen3_5", "qwen3_5_moe", "gpt_oss", "deepseek_v3", "qwen3_vl"]
+
+TinyFamily = Literal[_DenseFamily, _CatalogueFamily]
 """Model families `make_tiny_model` can build."""
 
-TINY_FAMILIES: tuple[TinyFamily, ...] = ("qwen2", "gpt2", "phi", "phi3", "llama")
+TINY_FAMILIES: tuple[TinyFamily, ...] = get_args(_DenseFamily)
 """The dense families `make_tiny_model` can build, in a fixed order."""
 
-TINY_CATALOGUE_FAMILIES: tuple[TinyFamily, ...] = (
-    "qwen3_moe",
-    "qwen3_5",
-    "qwen3_5_moe",
-    "gpt_oss",
-    "deepseek_v3",
-    "qwen3_vl",
-)
+TINY_CATALOGUE_FAMILIES: tuple[TinyFamily, ...] = get_args(_CatalogueFamily)
 """The families of Tinker's catalogue beyond the dense ones: MoE with fused experts (qwen3_moe, gpt_oss,
 deepseek_v3 with MLA), hybrid gated-DeltaNet + full attention (qwen3_5, qwen3_5_moe), and a
 vision-language model (qwen3_vl, with a tiny vision tower)."""

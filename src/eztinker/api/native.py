@@ -26,6 +26,7 @@ from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Job
 from eztinker.service import JobView, SampleSpec, Service
 from eztinker.service import results as r
+from eztinker.service.custom_loss import custom_losses
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -66,12 +67,13 @@ def _ref(job: Job) -> api.JobRef:
 
 
 def _engine_data(
-    body: api.ForwardBackwardRequest,
+    service: Service, body: api.ForwardBackwardRequest, owner: str | None
 ) -> tuple[list[Datum], LossFunctionConfig | TokenLoss | None]:
-    """Wire data as engine `Datum`s, and the loss to use (None: the run's own loss)."""
+    """Wire data as engine `Datum`s, and the loss to use (None: the run's own loss). A token loss is
+    resolved as on the Tinker routes: a built-in by name, or the caller's own uploaded custom loss."""
     if body.loss_fn is not None:
         data = [Datum(d.tokens, d.loss_inputs) for d in body.data if isinstance(d, api.TokenDatum)]
-        return data, TokenLoss(body.loss_fn, body.loss_fn_config or {})
+        return custom_losses(service).resolve(body.loss_fn, body.loss_fn_config or {}, data, owner)
     data = [
         Datum.from_labels(d.input_ids, d.target_ids, d.weights)
         for d in body.data
@@ -95,7 +97,7 @@ def _native_field(field: str) -> str:
 def _forward_backward(
     service: Service, run_id: str, body: api.ForwardBackwardRequest, owner: str | None, backward: bool
 ) -> Job:
-    data, loss = _engine_data(body)
+    data, loss = _engine_data(service, body, owner)
     try:
         return service.forward_backward(run_id, data, loss, owner, backward=backward)
     except InvalidInputError as exc:

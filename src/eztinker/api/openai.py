@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -38,7 +39,7 @@ from eztinker.api.native import while_connected
 from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import SamplingParams, TopLogprobs
+from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
 from eztinker.scheduler import Job
 from eztinker.service import ModelTarget, SampleSpec, Service
 from eztinker.service.results import SampleOutput
@@ -178,6 +179,7 @@ class _Generation:
     n: int
     top_logprobs: int
     stops: list[str]
+    images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
     choices: list[_Choice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -197,6 +199,7 @@ class _Generation:
                 stop_at_eos=True,
                 on_token=None if on_token is None else _shifted(on_token, i * self.n),
                 cancelled=cancelled,
+                images=self.images[i] if self.images else (),
             )
             for i, prompt in enumerate(self.prompts)
         ]
@@ -268,17 +271,57 @@ def _completion_prompts(
     return tokenizer, ids
 
 
-def _chat_prompt(service: Service, target: ModelTarget, body: ChatCompletionRequest) -> tuple[Any, list[int]]:
+_IMAGE_MARK = "\ufff9eztinker-image-{}\ufffb"
+_IMAGE_SPLIT = re.compile("\ufff9eztinker-image-([0-9]+)\ufffb")
+_CHUNK_FIELD = re.compile(r"^chunks\[([0-9]+)\](.*)$")
+
+
+def _chat_prompt(
+    service: Service, target: ModelTarget, body: ChatCompletionRequest
+) -> tuple[Any, list[int], tuple[ImageChunk, ...]]:
+    """The chat's prompt tokens through the tokenizer's chat template, and its images (`image_url` parts)."""
     tokenizer = service.backend.tokenizer(target.base_model)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError(
             "messages", f"the tokenizer of {target.base_model!r} has no chat template: use /v1/completions"
         )
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
-        ids = ids["input_ids"]
-    return tokenizer, [int(t) for t in ids]
+    messages, images = [], []
+    for i, m in enumerate(body.messages):
+        text = ""
+        for name, part in m.parts(f"messages[{i}].content"):
+            if isinstance(part, ImageChunk):
+                text += _IMAGE_MARK.format(len(images))
+                images.append((name, part))
+            else:
+                text += part
+        messages.append({"role": m.role, "content": text})
+    if not images:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return tokenizer, [int(t) for t in ids], ()
+    # Images: the template renders each one's mark; the text between marks is tokenized, and the engine
+    # puts each image in, as the model's vision start / placeholder run / end tokens.
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
+    chunks: list[wire.Chunk] = []
+    names: list[str] = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            name, image = images[int(piece)]
+            chunks.append(image)
+            names.append(name)
+        else:
+            chunks.append([int(t) for t in tokenizer(piece, add_special_tokens=False)["input_ids"]])
+            names.append("messages")
+    try:
+        tokens, found = service.sampling.expand_chunks(target.base_model, chunks, "chunks", frame=True)
+    except InvalidInputError as exc:  # name the message part, not the internal chunk
+        match = _CHUNK_FIELD.match(exc.field)
+        if match is None:
+            raise
+        raise InvalidInputError(names[int(match.group(1))] + match.group(2), exc.message) from None
+    return tokenizer, tokens, found
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -333,11 +376,13 @@ async def chat_completions(
 
     def prepare() -> _Generation:
         target = _resolve(service, body.model, owner)
-        tokenizer, prompt = _chat_prompt(service, target, body)
+        tokenizer, prompt, images = _chat_prompt(service, target, body)
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(body, max_tokens, stops)
-        return _Generation(target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops)
+        return _Generation(
+            target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops, images=[images]
+        )
 
     generation = await run_in_threadpool(prepare)
     return await _respond(request, service, owner, body, generation, "chat.completion")

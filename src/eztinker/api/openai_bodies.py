@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.types import ImageChunk
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -53,9 +57,56 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text is supported
+        if isinstance(self.content, list):  # content parts: the text ones
             return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
         return self.content or ""
+
+    def parts(self, where: str) -> list[tuple[str, str | ImageChunk]]:
+        """The content as (field name, text or image) parts, in order: `text` parts, and `image_url` parts
+        with a base64 data URL (`data:image/png;base64,...`) as images. An image that is not a data URL
+        (this server fetches nothing), or a part of another type, is refused naming `where[j]`."""
+        if not isinstance(self.content, list):
+            return [(where, self.content or "")]
+        out: list[tuple[str, str | ImageChunk]] = []
+        for j, part in enumerate(self.content):
+            name = f"{where}[{j}]"
+            kind = part.get("type")
+            if kind == "text":
+                out.append((name, str(part.get("text", ""))))
+            elif kind == "image_url":
+                out.append((name, image_from_url(part.get("image_url"), f"{name}.image_url")))
+            else:
+                raise InvalidInputError(f"{name}.type", f"{kind!r} parts are not supported (text, image_url)")
+        return out
+
+
+_DATA_URL = re.compile(r"^data:image/([A-Za-z0-9.+-]+)(;[^,]*)?,(.*)$", re.DOTALL)
+
+
+def image_from_url(image_url: Any, where: str) -> ImageChunk:
+    """An `image_url` part's image: its data URL's bytes and format (decoded, sized and checked against
+    the format by the model's processor, engine-side). Other URLs are refused: nothing is fetched."""
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url:
+        raise InvalidInputError(f"{where}.url", "is missing: send the image as a data URL")
+    match = _DATA_URL.match(url)
+    if match is None:
+        shown = url if len(url) <= 60 else url[:57] + "..."
+        raise InvalidInputError(
+            f"{where}.url",
+            f"{shown!r} is not a data URL: this server fetches no image; send "
+            "data:image/png;base64,... or data:image/jpeg;base64,...",
+        )
+    fmt, params, payload = match.group(1).lower(), match.group(2) or "", match.group(3)
+    if "base64" not in params.lower().split(";"):
+        raise InvalidInputError(f"{where}.url", "must be a base64 data URL (data:image/...;base64,...)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"{where}.url", "is not valid base64 after the comma") from None
+    if not data:
+        raise InvalidInputError(f"{where}.url", "holds no image bytes")
+    return ImageChunk(data=data, format=fmt)
 
 
 class ChatCompletionRequest(Sampling):

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from eztinker.api import tinker_bodies as bodies
+from eztinker.api import tinker_custom_loss
 from eztinker.api import tinker_rest as rest
 from eztinker.api import tinker_sessions as sessions
 from eztinker.api import tinker_wire as wire
@@ -43,13 +44,13 @@ from eztinker.api.tinker_futures import (
     refuse,
     submit,
 )
-from eztinker.engine import TokenLoss
 from eztinker.engine.checkpoint import parse_age_recipients
 from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.optimizers import optimizer_config
 from eztinker.models import LoRAConfig, api
 from eztinker.scheduler import Job
 from eztinker.service import SampleSpec, Service
+from eztinker.service.custom_loss import custom_losses
 from eztinker.service.results import RunOutput
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])  # public routes; the rest need the API key
@@ -138,8 +139,14 @@ async def _forward_backward(
         return refuse(state, owner, str(exc))
 
     def make() -> Job:
-        loss = TokenLoss(call.loss_fn, call.loss_fn_config)
-        return service.forward_backward(call.model_id, call.data, loss, owner, backward=not call.forward_only)
+        data = call.data
+        if call.chunks is not None:  # images: placeholder runs, made on the run's base model
+            base = service.views.get_run(call.model_id, owner).base_model
+            data = wire.expand_images(
+                call, lambda chunks, where: service.sampling.expand_chunks(base, chunks, where)
+            ).data
+        data, loss = custom_losses(service).resolve(call.loss_fn, call.loss_fn_config, data, owner)
+        return service.forward_backward(call.model_id, data, loss, owner, backward=not call.forward_only)
 
     return await run_in_threadpool(ordered, state, owner, call.model_id, call.seq_id, make)
 
@@ -193,9 +200,7 @@ def _save(
 ) -> dict[str, Any]:
     """`export`: `Service.save`'s export options (Tinker module names, age recipients)."""
     model_id, native, ttl = body.model_id, wire.native_checkpoint_name(kind, name), body.ttl_seconds
-    if body.overwrite if isinstance(body, bodies.SaveWeights) else False:
-        message = "overwrite: replacing a checkpoint is not served yet; save under a new name"
-        return refuse(state, owner, message, model_id=model_id)
+    overwrite = body.overwrite if isinstance(body, bodies.SaveWeights) else False
     user_metadata = body.user_metadata if isinstance(body, bodies.SaveWeights) else None
 
     def make() -> Job:
@@ -204,10 +209,13 @@ def _save(
             rest.check_ttl(ttl)
         if export.get("age_recipients") is not None:  # refused naming the wire's field
             parse_age_recipients(export["age_recipients"], field="age_encryption_recipients")
-        job = service.save(model_id, api.SaveRequest(name=native, kind=native_kind), owner, **export)
-        if ttl is not None:  # the service deletes the checkpoint once it expires
-            service.set_checkpoint_expiry(model_id, native, time.time() + ttl, owner)
-        if user_metadata is not None:
+        request = api.SaveRequest(name=native, kind=native_kind, overwrite=overwrite)
+        job = service.save(model_id, request, owner, **export)
+        if ttl is not None or overwrite:  # the service deletes the checkpoint once it expires (None: never)
+            service.set_checkpoint_expiry(model_id, native, None if ttl is None else time.time() + ttl, owner)
+        if overwrite:  # as the SDK documents: the new user_metadata replaces the old, none deletes it
+            rest.replace_meta(state, f"{model_id}/{native}", owner, user_metadata=user_metadata)
+        elif user_metadata is not None:
             rest.set_meta(state, f"{model_id}/{native}", owner, user_metadata=user_metadata)
         return job
 
@@ -304,7 +312,7 @@ def _create_from_checkpoint(
     def create() -> Job:
         source_run, name, _ = wire.parse_tinker_path(path)
         chosen = wire.optimizer_from_config(body.optimizer_config)
-        base_model = service.views.get_run(source_run, owner).base_model
+        base_model = service.views.checkpoint_run(source_run, name, owner).base_model
         # `optimizer` true (…_with_optimizer): weights and optimizer state, whose optimizer the model keeps;
         # false (create_training_client_from_state): the weights only, and a fresh optimizer (AdamW by default).
         request = api.CreateRunRequest(
@@ -413,9 +421,7 @@ def weights_info(
     body: bodies.WeightsInfo, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     run_id, name, _ = wire.parse_tinker_path(body.tinker_path)
-    run = service.views.get_run(run_id, owner)
-    if name not in {c.name for c in service.views.list_checkpoints(run_id, owner)}:
-        raise NotFoundError(f"run {run_id!r} has no checkpoint {body.tinker_path!r}")
+    run = service.views.checkpoint_run(run_id, name, owner)  # the caller's, or a published one
     meta = state.durable.get(CHECKPOINT_META, f"{run_id}/{name}")
     try:  # what the run adapts, classified by the engine's model-family knowledge
         flags: dict[str, bool | None] = dict(service.backend.tinker_lora_flags(run_id))
@@ -481,6 +487,7 @@ def _try_again(request_id: str) -> JSONResponse:
 
 
 router.include_router(sessions.authed)
+router.include_router(tinker_custom_loss.authed)
 router.include_router(_authed)  # after the routes above are defined: it copies them
 router.include_router(rest.authed)
 router.include_router(rest.public)

@@ -176,6 +176,17 @@ class CheckpointTtl(_Body):
     ttl_seconds: int | None = None
 
 
+class CopyWeights(_Body):
+    """`copy_weights`: into a new run of `session_id`/`model_seq_id`, or of project `destination_project_id`."""
+
+    source_path: str = Field(..., min_length=1)
+    session_id: str | None = None
+    model_seq_id: int | None = Field(None, ge=0)
+    destination_project_id: str | None = None
+    ttl_seconds: int | None = None
+    weights_access_token: str | None = None
+
+
 class RetrieveFuture(_Body):
     request_id: str = Field(..., min_length=1)
     allow_metadata_only: bool = False

@@ -12,6 +12,7 @@ import hmac
 import json
 import secrets
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,12 +22,22 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
 from eztinker.api import tinker_bodies as bodies
+from eztinker.api import tinker_sessions as sessions
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
-from eztinker.api.tinker_futures import CHECKPOINT_META, RUN_META, SECRETS, StateDep, TinkerState
+from eztinker.api.tinker_futures import (
+    CHECKPOINT_META,
+    RUN_META,
+    SECRETS,
+    SESSIONS,
+    StateDep,
+    TinkerState,
+    once,
+)
 from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.models import api
 from eztinker.service import Service
+from eztinker.store import CheckpointRecord
 from eztinker.store.facade import FacadeState
 
 public = APIRouter()  # signed download URLs: no API key
@@ -135,7 +146,11 @@ def _rest_checkpoints(
             c.name,
             c.created_at,
             c.size_bytes,
-            {**metas.get(f"{c.run_id}/{c.name}", {}), "expires_at": expiries.get((c.run_id, c.name))},
+            {
+                **metas.get(f"{c.run_id}/{c.name}", {}),
+                "expires_at": expiries.get((c.run_id, c.name)),
+                "public": service.access.is_public(c.run_id, c.name),
+            },
         )
         for c in checkpoints
     ]
@@ -166,11 +181,29 @@ def keep_run_metadata(
         state.durable.put(RUN_META, run_id, {"user_metadata": user_metadata}, owner=owner)
 
 
+def run_project(state: TinkerState, run_id: str) -> str | None:
+    """The project a run is in: the one it was copied into, else its session's (moved with the session)."""
+    meta = state.durable.get(RUN_META, run_id)
+    if meta is not None and meta.value.get("project_id"):
+        return meta.value["project_id"]
+    if ":train:" not in run_id:
+        return None
+    session = state.durable.get(SESSIONS, run_id.split(":train:")[0])
+    return session.value.get("project_id") if session is not None else None
+
+
 @authed.get("/training_runs")
 def list_training_runs(
-    service: ServiceDep, owner: OwnerDep, state: StateDep, page: bodies.Page20
+    service: ServiceDep,
+    owner: OwnerDep,
+    state: StateDep,
+    page: bodies.Page20,
+    project_id: str | None = None,
 ) -> dict[str, Any]:
+    """The caller's training runs, oldest first; with `project_id`, only those in that project."""
     runs = service.views.list_runs(owner)
+    if project_id is not None:
+        runs = [r for r in runs if run_project(state, r.run_id) == project_id]
     listed = [_training_run(service, state, r, owner) for r in page.of(runs)]
     return {"training_runs": listed, "cursor": page.cursor(len(runs))}
 
@@ -215,6 +248,14 @@ def _checkpoint_key(run_id: str, checkpoint_id: str, service: Service, owner: st
     return f"{run_id}/{name}"
 
 
+def _readable_checkpoint(
+    run_id: str, checkpoint_id: str, service: Service, owner: str | None
+) -> CheckpointRecord:
+    """An existing checkpoint the caller may read: its own, or one another key published."""
+    name, _ = parse_checkpoint_id(run_id, checkpoint_id)
+    return service.access.readable_checkpoint(run_id, name, owner)[1]
+
+
 def forget_deleted_checkpoints(service: Service) -> None:
     """Drop what REST set on a checkpoint when the service deletes it (by any route, or once it expired),
     so a later checkpoint of the same name starts without it."""
@@ -229,19 +270,30 @@ def set_meta(state: TinkerState, key: str, owner: str | None, **values: Any) -> 
         state.durable.put(CHECKPOINT_META, key, values, owner=owner)
 
 
+def replace_meta(
+    state: TinkerState, key: str, owner: str | None, *, user_metadata: dict[str, Any] | None
+) -> None:
+    """What an overwritten checkpoint keeps of the old one's metadata: nothing but the new `user_metadata`."""
+    state.durable.delete(CHECKPOINT_META, key)
+    if user_metadata is not None:
+        state.durable.put(CHECKPOINT_META, key, {"user_metadata": user_metadata}, owner=owner)
+
+
 @authed.post(_CHECKPOINT + "/publish")
 def publish_checkpoint(
     run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> None:
-    """Marks the checkpoint public (local metadata: this server has no other users' access control)."""
-    set_meta(state, _checkpoint_key(run_id, checkpoint_id, service, owner), owner, public=True)
+    """Makes the checkpoint readable by every key: sampled, trained from, described and downloaded."""
+    name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
+    service.access.set_public(run_id, name, True, owner)
 
 
 @authed.delete(_CHECKPOINT + "/publish")
 def unpublish_checkpoint(
     run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> None:
-    set_meta(state, _checkpoint_key(run_id, checkpoint_id, service, owner), owner, public=False)
+    name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
+    service.access.set_public(run_id, name, False, owner)
 
 
 @authed.put(_CHECKPOINT + "/ttl")
@@ -265,8 +317,9 @@ def set_checkpoint_ttl(
 def checkpoint_archive_url(
     run_id: str, checkpoint_id: str, request: Request, service: ServiceDep, owner: OwnerDep
 ) -> dict[str, Any]:
-    """Where to download the checkpoint as a .tar.gz: the native archive route of this server (same API key)."""
-    name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
+    """Where to download the checkpoint as a .tar.gz: the native archive route of this server (same API key).
+    A published checkpoint of another key's too."""
+    name = _readable_checkpoint(run_id, checkpoint_id, service, owner).name
     url = request.url_for("download_checkpoint", run_id=run_id, name=name)
     return {"url": str(url), "expires": iso_time(time.time() + ARCHIVE_URL_SECONDS)}
 
@@ -276,9 +329,8 @@ def external_weights_urls(
     run_id: str, checkpoint_id: str, request: Request, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     """One signed URL per file of an external-weights checkpoint, served by this server (no key needed)."""
-    key = _checkpoint_key(run_id, checkpoint_id, service, owner)
-    name = key.split("/", 1)[1]
-    root = _checkpoint_dir(service, run_id, name, owner)
+    record = _readable_checkpoint(run_id, checkpoint_id, service, owner)
+    name, root = record.name, Path(record.path)
     expires = int(time.time()) + ARCHIVE_URL_SECONDS
     urls = {}
     for file in sorted(f for f in root.rglob("*") if f.is_file()):
@@ -287,13 +339,6 @@ def external_weights_urls(
         url = request.url_for("external_weights_file", run_id=run_id, name=name, relpath=relpath)
         urls[relpath] = f"{url}?expires={expires}&token={token}"
     return {"urls": urls, "expires": iso_time(expires)}
-
-
-def _checkpoint_dir(service: Service, run_id: str, name: str, owner: str | None) -> Path:
-    for checkpoint in service.views.list_checkpoints(run_id, owner):
-        if checkpoint.name == name:
-            return Path(checkpoint.adapter_path)
-    raise NotFoundError(f"run {run_id!r} has no checkpoint {name!r}")
 
 
 def _sign(state: TinkerState, run_id: str, name: str, relpath: str, expires: int) -> str:
@@ -323,6 +368,56 @@ def external_weights_file(
     if not file.is_file() or root not in file.parents:
         raise NotFoundError(f"checkpoint {name!r} has no file {relpath!r}")
     return FileResponse(file, filename=file.name)
+
+
+@authed.post("/copy_weights")
+def copy_weights(
+    body: bodies.CopyWeights, request: Request, service: ServiceDep, owner: OwnerDep, state: StateDep
+) -> dict[str, Any]:
+    """`copy_weights`: a checkpoint the caller may read (its own, or a published one), in a new run of the
+    caller's that holds it and is never trained, in `destination_project_id` or in session `session_id`
+    (its project). The kind is kept; the source's expiry is not (`ttl_seconds` sets the copy's). A resent
+    request (the SDK's `X-Idempotency-Key`) gets the first copy."""
+    if body.weights_access_token is not None:
+        raise InvalidInputError(
+            "weights_access_token",
+            "access tokens are not served; the owner can publish the checkpoint instead",
+        )
+    if body.session_id is None and body.destination_project_id is None:
+        raise InvalidInputError(
+            "destination_project_id", "give a destination project, or session_id and model_seq_id"
+        )
+    if (body.session_id is None) != (body.model_seq_id is None):
+        raise InvalidInputError("model_seq_id", "session_id and model_seq_id go together")
+    if body.ttl_seconds is not None:
+        check_ttl(body.ttl_seconds)
+    run_id, name, _ = wire.parse_tinker_path(body.source_path)
+    idempotency = request.headers.get("x-idempotency-key") or uuid.uuid4().hex
+    key = service.access.key(owner, "copy_weights", idempotency)
+
+    def copy() -> dict[str, Any]:
+        new_run_id = None
+        if body.session_id is not None and body.model_seq_id is not None:
+            sessions.check_new_object(state, body.session_id, owner)
+            new_run_id = wire.model_id(body.session_id, body.model_seq_id)
+        copied = service.copy_checkpoint(run_id, name, owner, new_run_id=new_run_id)
+        if body.destination_project_id is not None:
+            state.durable.put(
+                RUN_META, copied.run_id, {"project_id": body.destination_project_id}, owner=owner
+            )
+        source_meta = state.durable.get(CHECKPOINT_META, f"{run_id}/{name}")
+        if source_meta is not None and source_meta.value.get("user_metadata") is not None:
+            state.durable.put(
+                CHECKPOINT_META,
+                f"{copied.run_id}/{name}",
+                {"user_metadata": source_meta.value["user_metadata"]},
+                owner=owner,
+            )
+        if body.ttl_seconds is not None:
+            service.set_checkpoint_expiry(copied.run_id, name, time.time() + body.ttl_seconds, owner)
+        return {"tinker_path": f"tinker://{copied.run_id}/{wire.checkpoint_id(name)}"}
+
+    return once(state, key, copy)
 
 
 @authed.delete(_CHECKPOINT)

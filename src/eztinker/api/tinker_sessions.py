@@ -24,7 +24,7 @@ authed = APIRouter(dependencies=[Depends(get_owner)])
 
 @authed.post("/client/config")
 def client_config() -> dict[str, Any]:
-    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True}
+    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True, "custom_loss_server_side": True}
 
 
 @authed.post("/client/dynamic_config")

@@ -6,11 +6,13 @@ Protobuf layouts follow reference/tinker-wire-protocol.md §3.4-3.5 and §3.8 (S
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.optimizers import OptimizerName, check_optimizer_name
 from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import SampleResult
+from eztinker.engine.types import ImageChunk, SampleResult
 
 PROTOBUF = "application/x-protobuf"
 
@@ -34,14 +36,60 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # --- forward_backward requests -------------------------------------------------------------------------
 
 
+Chunk = list[int] | ImageChunk
+"""A model input chunk, decoded: a list of token ids, or an image (its bytes and format)."""
+
+Expand = Callable[[list[Chunk], str], tuple[list[int], tuple[ImageChunk, ...]]]
+"""(chunks, field) -> (tokens, images): the service's `Sampling.expand_chunks` on the call's base model."""
+
+
 @dataclass(frozen=True)
 class ForwardBackwardCall:
+    """A decoded `forward_backward` / `forward`. `chunks[i]` is datum i's model input as chunks when any
+    datum holds images (else None); until `expand_images` turns them into placeholder runs, such a datum's
+    tokens are its text tokens only (the engine would refuse it, naming the images)."""
+
     model_id: str
     seq_id: int
     loss_fn: str
     loss_fn_config: dict[str, Any]
     forward_only: bool
     data: list[Datum]
+    chunks: list[list[Chunk]] | None = None
+
+
+def expand_images(call: ForwardBackwardCall, expand: Expand) -> ForwardBackwardCall:
+    """The call with each datum's images in its tokens (as runs of the model's placeholder token) and in
+    `Datum.images`: `expand` is the service's, bound to the call's base model. Text-only calls as they are."""
+    if call.chunks is None:
+        return call
+    data = []
+    for i, (datum, chunks) in enumerate(zip(call.data, call.chunks, strict=True)):
+        if any(isinstance(chunk, ImageChunk) for chunk in chunks):
+            tokens, images = expand(chunks, f"data[{i}].model_input.chunks")
+            datum = replace(datum, tokens=tokens, images=images)
+        data.append(datum)
+    return replace(call, data=data, chunks=None)
+
+
+def _flat(chunks: Sequence[Chunk]) -> tuple[list[int], tuple[ImageChunk, ...]]:
+    tokens = [t for chunk in chunks if not isinstance(chunk, ImageChunk) for t in chunk]
+    return tokens, tuple(chunk for chunk in chunks if isinstance(chunk, ImageChunk))
+
+
+def _image(data: bytes, fmt: str, expected_tokens: int | None, field: str) -> ImageChunk:
+    """An image chunk; its bytes are checked (decoded, sized) engine-side, by the model's processor."""
+    if not data:
+        raise InvalidInputError(f"{field}.data", "is empty: send the image file's bytes")
+    if expected_tokens is not None and expected_tokens < 0:
+        raise InvalidInputError(f"{field}.expected_tokens", f"must be >= 0, got {expected_tokens}")
+    return ImageChunk(data=bytes(data), format=str(fmt), expected_tokens=expected_tokens)
+
+
+_POINTER_REFUSAL = (
+    "image_asset_pointer chunks are not served: this server fetches no image by path or URL; "
+    "send the image's bytes in an image chunk"
+)
 
 
 MAX_DECOMPRESSED_BYTES = 1 << 30  # a zstd body may not expand past this (a small bomb must not fill memory)
@@ -74,7 +122,8 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> Forwar
     config: dict[str, Any] = dict(request.loss_fn_config)
     for key, value in request.loss_fn_config_v2.items():  # v2 wins: it also carries strings
         config[key] = value.text if value.WhichOneof("value") == "text" else value.number
-    data = [_datum(d, i) for i, d in enumerate(request.data)]
+    decoded = [_datum(d, i) for i, d in enumerate(request.data)]
+    data = [datum for datum, _ in decoded]
     return ForwardBackwardCall(
         model_id=request.model_id,
         seq_id=request.seq_id,
@@ -82,6 +131,7 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> Forwar
         loss_fn_config=config,
         forward_only=request.forward_only,
         data=data,
+        chunks=[chunks for _, chunks in decoded] if any(d.images for d in data) else None,
     )
 
 
@@ -98,14 +148,16 @@ def decode_forward_backward_json(
         raise InvalidInputError(
             "forward_backward_input", "is missing: send the call's data, loss_fn and config"
         )
-    data = []
+    data, all_chunks = [], []
     for i, datum in enumerate(call.get("data") or []):
-        tokens = prompt_tokens(datum.get("model_input") or {}, field=f"data[{i}].model_input")
+        chunks = model_input_chunks(datum.get("model_input") or {}, field=f"data[{i}].model_input")
+        tokens, images = _flat(chunks)
         inputs = {
             name: tensor_from_json(value, f"data[{i}].loss_fn_inputs.{name}")
             for name, value in (datum.get("loss_fn_inputs") or {}).items()
         }
-        data.append(Datum(tokens=tokens, loss_inputs=inputs))
+        data.append(Datum(tokens=tokens, loss_inputs=inputs, images=images))
+        all_chunks.append(chunks)
     return ForwardBackwardCall(
         model_id=str(body.get("model_id")),
         seq_id=int(body.get("seq_id") or 0),
@@ -113,6 +165,7 @@ def decode_forward_backward_json(
         loss_fn_config=dict(call.get("loss_fn_config") or {}),
         forward_only=forward_only or bool(body.get("forward_only", False)),
         data=data,
+        chunks=all_chunks if any(d.images for d in data) else None,
     )
 
 
@@ -141,20 +194,29 @@ def tensor_from_json(tensor: Any, field: str) -> torch.Tensor:
     return torch.from_numpy(values.reshape(shape))
 
 
-def _datum(datum: Any, index: int) -> Datum:
-    tokens: list[int] = []
-    for chunk in datum.model_input:
+def _datum(datum: Any, index: int) -> tuple[Datum, list[Chunk]]:
+    chunks: list[Chunk] = []
+    for j, chunk in enumerate(datum.model_input):
+        field = f"data[{index}].model_input.chunks[{j}]"
         kind = chunk.WhichOneof("chunk")
-        if kind != "encoded_text":
-            raise InvalidInputError(
-                f"data[{index}].model_input", f"{kind} chunks are not supported; send encoded text tokens"
-            )
-        tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").tolist())
+        if kind == "encoded_text":
+            chunks.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").tolist())
+        elif kind == "image":
+            image = chunk.image
+            if image.HasField("override_dimensions"):
+                raise InvalidInputError(
+                    f"{field}.override_dimensions", "is not supported: send the image at the size to use"
+                )
+            expected = image.expected_tokens if image.HasField("expected_tokens") else None
+            chunks.append(_image(image.data, image.format, expected, field))
+        else:
+            raise InvalidInputError(field, f"{kind} chunks are not supported; send text tokens or images")
     inputs = {
         name: decode_tensor(tensor, f"data[{index}].loss_fn_inputs.{name}")
         for name, tensor in datum.loss_fn_inputs.items()
     }
-    return Datum(tokens=tokens, loss_inputs=inputs)
+    tokens, images = _flat(chunks)
+    return Datum(tokens=tokens, loss_inputs=inputs, images=images), chunks
 
 
 def decode_tensor(tensor: Any, field: str) -> torch.Tensor:
@@ -316,16 +378,52 @@ def _target_tensor(logprobs: Sequence[Sequence[float]], layout: Mapping[str, Any
 # --- sampling ----------------------------------------------------------------------------------------
 
 
-def prompt_tokens(prompt: Mapping[str, Any], *, field: str = "prompt") -> list[int]:
-    """The token ids of a JSON `ModelInput` (encoded text chunks only)."""
-    tokens: list[int] = []
-    for i, chunk in enumerate(prompt.get("chunks", [])):
-        if chunk.get("type", "encoded_text") != "encoded_text":
-            raise InvalidInputError(f"{field}.chunks[{i}]", f"{chunk.get('type')} chunks are not supported")
-        tokens.extend(int(t) for t in chunk.get("tokens", []))
-    if not tokens:
+def model_input_chunks(prompt: Mapping[str, Any], *, field: str = "prompt") -> list[Chunk]:
+    """The chunks of a JSON `ModelInput`: `encoded_text` token lists and `image` chunks (base64 `data`,
+    `format`, `expected_tokens`). `image_asset_pointer` and other chunks are refused, naming the chunk."""
+    chunks: list[Chunk] = []
+    raw = prompt.get("chunks", []) if isinstance(prompt, Mapping) else None
+    if not isinstance(raw, list):
+        raise InvalidInputError(f"{field}.chunks", "must be a list of chunks")
+    for i, chunk in enumerate(raw):
+        where = f"{field}.chunks[{i}]"
+        if not isinstance(chunk, Mapping):
+            raise InvalidInputError(where, "must be a chunk object")
+        kind = chunk.get("type", "encoded_text")
+        if kind == "encoded_text":
+            chunks.append([int(t) for t in chunk.get("tokens", [])])
+        elif kind == "image":
+            chunks.append(_json_image(chunk, where))
+        elif kind == "image_asset_pointer":
+            raise InvalidInputError(where, _POINTER_REFUSAL)
+        else:
+            raise InvalidInputError(where, f"{kind} chunks are not supported; send text tokens or images")
+    if not any(chunk for chunk in chunks):
         raise InvalidInputError(field, "has no tokens")
-    return tokens
+    return chunks
+
+
+def _json_image(chunk: Mapping[str, Any], where: str) -> ImageChunk:
+    data = chunk.get("data")
+    if not isinstance(data, str):
+        raise InvalidInputError(f"{where}.data", "must be the image file's bytes, base64-encoded")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"{where}.data", "is not valid base64") from None
+    expected = chunk.get("expected_tokens")
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+        raise InvalidInputError(f"{where}.expected_tokens", f"must be an integer, got {expected!r}")
+    return _image(raw, str(chunk.get("format", "")), expected, where)
+
+
+def prompt_tokens(prompt: Mapping[str, Any], *, field: str = "prompt") -> list[int]:
+    """The token ids of a JSON `ModelInput` of encoded text chunks (an image chunk is refused here)."""
+    chunks = model_input_chunks(prompt, field=field)
+    for i, chunk in enumerate(chunks):
+        if isinstance(chunk, ImageChunk):
+            raise InvalidInputError(f"{field}.chunks[{i}]", "image chunks are not accepted here")
+    return _flat(chunks)[0]
 
 
 def sample_request(body: Mapping[str, Any]) -> tuple[SampleRequest, dict[str, Any]]:
@@ -336,8 +434,13 @@ def sample_request(body: Mapping[str, Any]) -> tuple[SampleRequest, dict[str, An
     if body.get("target_prompt_logprobs") is not None:
         targets, echo["target_layout"] = target_prompt_tokens(body["target_prompt_logprobs"])
     last_n = body.get("prompt_logprobs_last_n")
+    chunks = model_input_chunks(body.get("prompt") or {})
+    prompt, images = _flat(chunks)
+    if images:  # the service expands them on the sampling session's base model (`Sampling.sample`)
+        echo["prompt_chunks"] = chunks
     request = SampleRequest(
-        prompt=prompt_tokens(body.get("prompt") or {}),
+        prompt=prompt,
+        images=images,
         params=sampling_params(body.get("sampling_params") or {}),
         num_samples=int(body.get("num_samples", 1)),
         prompt_logprobs=bool(body.get("prompt_logprobs") or False),

@@ -32,6 +32,7 @@ from eztinker.engine import (
 from eztinker.engine.checkpoint import CheckpointInfo, ModuleNames
 from eztinker.engine.optimizers import OptimizerName
 from eztinker.engine.sampler import SampleRequest
+from eztinker.engine.types import ImageChunk
 
 if TYPE_CHECKING:
     from eztinker.models import LoRAConfig, LossFunctionConfig
@@ -168,6 +169,12 @@ class Backend(Protocol):
         ...
 
     def check_requests(self, base_model: str, requests: Sequence[SampleRequest]) -> None: ...
+
+    def expand_chunks(
+        self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], where: str, *, frame: bool = False
+    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """Text and image chunks as `name`'s tokens and images (`eztinker.engine.vision.expand_chunks`)."""
+        ...
 
     # --- ops: one future per op
     def forward_backward(

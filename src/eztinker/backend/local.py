@@ -18,12 +18,12 @@ import torch
 
 from eztinker.backend import base
 from eztinker.backend.base import as_future, failed, outcome
-from eztinker.engine import ComputeError, Engine, EngineConfig, TrainOp
+from eztinker.engine import ComputeError, Engine, EngineConfig, TrainOp, vision
 from eztinker.engine.batcher import SamplingEngines
 from eztinker.engine.checkpoint import CheckpointInfo
 from eztinker.engine.engine import RunInfo, SamplerInfo
 from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import ForwardBackwardResult, OptimStepResult, SampleResult
+from eztinker.engine.types import ForwardBackwardResult, ImageChunk, OptimStepResult, SampleResult
 from eztinker.scheduler.jobs import PassRunner
 
 
@@ -126,6 +126,11 @@ class LocalBackend:
 
     def check_requests(self, base_model: str, requests: Sequence[SampleRequest]) -> None:
         self.engine.check_requests(base_model, requests)
+
+    def expand_chunks(
+        self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], where: str, *, frame: bool = False
+    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        return vision.expand_chunks(self.engine.base_model(name), chunks, where, frame=frame)
 
     # --- ops -----------------------------------------------------------------------------------------
 

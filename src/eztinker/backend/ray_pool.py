@@ -32,7 +32,7 @@ from eztinker.engine.engine import RunInfo, SamplerInfo, TrainOp
 from eztinker.engine.errors import ComputeError, EngineError, NotFoundError
 from eztinker.engine.model import load_tokenizer
 from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import ForwardBackwardResult, OptimStepResult, SampleResult
+from eztinker.engine.types import ForwardBackwardResult, ImageChunk, OptimStepResult, SampleResult
 from eztinker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,13 @@ class RayBackend:
     def check_data(self, op: TrainOp) -> None:
         bare = replace(op, data=list(op.data))
         self._read_run(op.run_id, lambda a: a.check_data.remote(bare))
+
+    def expand_chunks(
+        self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], where: str, *, frame: bool = False
+    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """On a worker holding `name` (its image processor reads the model's config)."""
+        worker = self._sampling_worker(name, None)
+        return self._sync(worker, lambda a: a.expand_chunks.remote(name, list(chunks), where, frame))
 
     def check_requests(self, base_model: str, requests: Sequence[SampleRequest]) -> None:
         adapters = {r.adapter for r in requests} - {None}

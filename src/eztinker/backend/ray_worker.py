@@ -105,6 +105,9 @@ class ModelWorker:
     check_data = _at_once(LocalBackend.check_data)
     check_requests = _at_once(LocalBackend.check_requests)
 
+    async def expand_chunks(self, name: str, chunks: list[Any], where: str, frame: bool) -> Reply:
+        return await self.now(lambda: self.backend.expand_chunks(name, chunks, where, frame=frame))
+
     # --- ops: jobs on this worker's scheduler, in order with its passes ------------------------------
 
     async def forward_backward(self, ops: list[TrainOp]) -> list[Reply]:

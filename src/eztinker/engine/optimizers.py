@@ -108,43 +108,32 @@ def check_step_params(optimizer: OptimizerName, params: AdamParams | DimuonParam
     The field names are the Tinker wire's: `adam_params` carries `AdamParams`, `optimizer_params`
     carries `DimuonParams`.
     """
-    if isinstance(params, DimuonParams):
-        if optimizer != "dimuon":
-            raise InvalidInputError(
-                "optimizer_params",
-                f"DimuonParams for run {run_id!r}, whose optimizer is {optimizer} (fixed when the run was "
-                "created): pass AdamParams",
-            )
-        _check_ranges(
-            "optimizer_params",
-            params,
-            {
-                "learning_rate": params.learning_rate >= 0,
-                "beta1": 0 <= params.beta1 < 1,
-                "grad_clip_norm": True,  # <= 0 disables clipping
-                "damping": params.damping > 0,
-                "rank_lr_correction_exponent": True,
-            },
-        )
-        return
-    if optimizer != "adamw":
+    field, family, given, other = (
+        ("optimizer_params", "dimuon", "DimuonParams", "AdamParams")
+        if isinstance(params, DimuonParams)
+        else ("adam_params", "adamw", "AdamParams", "DimuonParams (sent as optimizer_params)")
+    )
+    if optimizer != family:
         raise InvalidInputError(
-            "adam_params",
-            f"AdamParams for run {run_id!r}, whose optimizer is {optimizer} (fixed when the run was created): "
-            "pass DimuonParams (sent as optimizer_params)",
+            field,
+            f"{given} for run {run_id!r}, whose optimizer is {optimizer} (fixed when the run "
+            f"was created): pass {other}",
         )
-    _check_ranges(
-        "adam_params",
-        params,
-        {
-            "learning_rate": params.learning_rate >= 0,
-            "beta1": 0 <= params.beta1 < 1,
+    checks = {"learning_rate": params.learning_rate >= 0, "beta1": 0 <= params.beta1 < 1}
+    if isinstance(params, DimuonParams):
+        checks |= {
+            "grad_clip_norm": True,  # <= 0 disables clipping
+            "damping": params.damping > 0,
+            "rank_lr_correction_exponent": True,
+        }
+    else:
+        checks |= {
             "beta2": 0 <= params.beta2 < 1,
             "eps": params.eps > 0,
             "weight_decay": params.weight_decay >= 0,
             "grad_clip_norm": params.grad_clip_norm >= 0,
-        },
-    )
+        }
+    _check_ranges(field, params, checks)
 
 
 def _check_ranges(prefix: str, params: Any, checks: Mapping[str, bool]) -> None:

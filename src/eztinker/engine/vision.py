@@ -161,16 +161,29 @@ def _require(base: BaseModel, where: str) -> Vision:
 
 
 def expand_chunks(
-    base: BaseModel, chunks: Sequence[Sequence[int] | ImageChunk], where: str = "model_input.chunks"
+    base: BaseModel,
+    chunks: Sequence[Sequence[int] | ImageChunk],
+    where: str = "model_input.chunks",
+    *,
+    frame: bool = False,
 ) -> tuple[list[int], tuple[ImageChunk, ...]]:
     """(tokens, images) for a model input given as chunks: token lists kept as they are, each image a run
-    of placeholder tokens as long as its token count. Images are checked (see the module docstring)."""
+    of placeholder tokens as long as its token count. Images are checked (see the module docstring).
+
+    `frame`: put the model's `<|vision_start|>` / `<|vision_end|>` tokens around each image, as its chat
+    template writes an image part (the OpenAI facade's chunks come from rendered text, without them);
+    Tinker's chunks carry them already, as the client's renderer wrote them."""
     tokens: list[int] = []
     images: list[ImageChunk] = []
     for i, chunk in enumerate(chunks):
         if isinstance(chunk, ImageChunk):
             vision = _require(base, f"{where}[{i}]")
-            tokens += [vision.image_token_id] * vision.num_tokens(chunk, f"{where}[{i}]")
+            run = [vision.image_token_id] * vision.num_tokens(chunk, f"{where}[{i}]")
+            if frame and vision.vision_start_token_id is not None:
+                run = [int(vision.vision_start_token_id), *run]
+            if frame and vision.vision_end_token_id is not None:
+                run = [*run, int(vision.vision_end_token_id)]
+            tokens += run
             images.append(chunk)
         else:
             tokens += [int(t) for t in chunk]

@@ -73,8 +73,9 @@ class Run(BaseModel):
     lora_config: LoRAConfig
     loss_config: LossFunctionConfig
     step: int
-    status: Literal["active", "lost"] = Field(
-        description="`lost`: the server restarted and the adapter is not in memory; `load` a checkpoint to resume."
+    status: Literal["active", "lost", "copy"] = Field(
+        description="`lost`: the server restarted and the adapter is not in memory; `load` a checkpoint to resume. "
+        "`copy`: holds a copied checkpoint only (Tinker's `copy_weights`): sampled and trained from, never trained."
     )
     num_parameters: int | None = None
     created_at: float
@@ -206,6 +207,11 @@ class SaveRequest(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     kind: Literal["state", "weights"] = Field(
         "state", description="`state`: adapter + optimizer + step (resumable); `weights`: the adapter alone."
+    )
+    overwrite: bool = Field(
+        False,
+        description="Replace the run's checkpoint of this name, if any (atomically: the old one stays "
+        "until the new one is complete). Without it, an existing name is a 409.",
     )
 
 

@@ -7,6 +7,10 @@ of another key is answered exactly like a missing one (`NotFoundError` with the 
 leak nothing. Retry and idempotency caches are keyed by owner too (`Access.key`), so a resent request
 of one key can never be answered with another key's result. Sampler snapshots belong to the key that
 took them (`claim_sampler`).
+
+One exception, Tinker's: a checkpoint its owner published (`set_public`) is *readable* by every key —
+sampled, trained from (create-from-state, `load_state`), described and downloaded — through
+`readable_checkpoint`. Changing it (publish, TTL, delete) stays the owner's.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from eztinker.engine.errors import ConflictError, NotFoundError
 from eztinker.service.errors import AuthenticationError
+from eztinker.store.facade import FacadeState
 
 if TYPE_CHECKING:
     from eztinker.engine import SamplerInfo
     from eztinker.store import CheckpointRecord, RunRecord, Store
+
+
+# FacadeState namespace: "<run>/<name>" -> {} for each published checkpoint (absent: private)
+PUBLIC_CHECKPOINTS = "checkpoint_public"
 
 
 def hash_key(key: str) -> str:
@@ -34,6 +43,7 @@ class Access:
     def __init__(self, api_keys: list[str] | tuple[str, ...] | set[str], store: Store) -> None:
         self.key_hashes = {hash_key(k) for k in api_keys}
         self.store = store
+        self._durable = FacadeState(store)
         self._sampler_owners: dict[str, str | None] = {}  # sampler snapshot -> the key that took it
         self._lock = threading.Lock()
 
@@ -84,6 +94,32 @@ class Access:
         if record is None:
             raise NotFoundError(f"run {run_id!r} has no checkpoint named {name!r}")
         return record
+
+    def readable_checkpoint(
+        self, run_id: str, name: str, caller: str | None
+    ) -> tuple[RunRecord, CheckpointRecord]:
+        """Checkpoint `name` of run `run_id` and its run, to read: the caller's own, or one published."""
+        record = self.store.get_checkpoint(run_id, name)
+        run = self.store.get_run(run_id)
+        if record is not None and run is not None and self.is_public(run_id, name):
+            return run, record
+        return self.run(run_id, caller), self.checkpoint(run_id, name, caller)
+
+    def is_public(self, run_id: str, name: str) -> bool:
+        return self._durable.get(PUBLIC_CHECKPOINTS, f"{run_id}/{name}") is not None
+
+    def set_public(self, run_id: str, name: str, public: bool, caller: str | None) -> None:
+        """Publish (every key may read it) or unpublish the caller's checkpoint."""
+        self.checkpoint(run_id, name, caller)
+        key = f"{run_id}/{name}"
+        if public:
+            self._durable.put(PUBLIC_CHECKPOINTS, key, {}, owner=caller)
+        else:
+            self._durable.delete(PUBLIC_CHECKPOINTS, key)
+
+    def forget_checkpoint(self, run_id: str, name: str) -> None:
+        """A deleted checkpoint is private again: a later one of the same name starts unpublished."""
+        self._durable.delete(PUBLIC_CHECKPOINTS, f"{run_id}/{name}")
 
     # --- sampler snapshots ----------------------------------------------------------------------------
 

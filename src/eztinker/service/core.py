@@ -15,10 +15,14 @@ checkpoints only — after a restart a run is `lost` until a checkpoint is loade
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +76,37 @@ RUN_OPTIMIZERS = "run_optimizer"  # FacadeState namespace: run id -> {"type": it
 CHECKPOINT_EXPIRY = "checkpoint_expiry"
 
 
+_COPY_IS_FROZEN = (
+    "run {run_id!r} holds copied weights and cannot be trained; create a new run from its checkpoint "
+    "(create_training_client_from_state) to train on"
+)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Make `target` a copy of directory `source` whose files are hard links (copies across file systems),
+    atomically: built under a hidden name, then renamed into place."""
+    if os.path.lexists(target):
+        raise ConflictError(f"checkpoint {str(target)!r} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.copy-{uuid.uuid4().hex[:12]}")
+    try:
+        for file in source.rglob("*"):
+            dest = temp / file.relative_to(source)
+            if file.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, dest)
+            except OSError:  # another file system, or links not allowed: copy the bytes
+                shutil.copy2(file, dest)
+        temp.mkdir(exist_ok=True)
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
 class Service:
     """Runs, jobs, checkpoints and restore over one backend (see the module docstring)."""
 
@@ -104,6 +139,8 @@ class Service:
         # Called with (run id, name) after a checkpoint is deleted, by a route or when it expired (a
         # facade, or `sampling`, drops what it kept about it).
         self.on_checkpoint_deleted: list[Callable[[str, str], None]] = []
+        # Told (run id, name) when `save(overwrite=True)` has replaced a checkpoint's files with new ones.
+        self.on_checkpoint_replaced: list[Callable[[str, str], None]] = []
         self.views = Views(self)
         self.sampling = Sampling(self)
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
@@ -164,6 +201,8 @@ class Service:
         if record is not None and self.access.allows(record.owner, owner):
             return record
         record = self.access.run(run_id, owner)
+        if record.status == "copy":
+            raise ConflictError(_COPY_IS_FROZEN.format(run_id=run_id))
         if record.status == "lost":
             raise RunLostError(
                 f"run {run_id!r} lost its in-memory adapter (the server restarted, or its model worker "
@@ -187,7 +226,7 @@ class Service:
                 run_id=request.run_id,
                 adapter_path=None
                 if source is None
-                else self.access.checkpoint(source.run_id, source.name, owner).path,
+                else self.access.readable_checkpoint(source.run_id, source.name, owner)[1].path,
                 optimizer=request.optimizer,
                 with_optimizer=source is None or source.with_optimizer,
             )
@@ -236,6 +275,42 @@ class Service:
         self._durable.delete(RUN_OPTIMIZERS, run_id)
         self._optimizers.pop(run_id, None)
         self.forget(run_id)
+
+    def copy_checkpoint(
+        self, run_id: str, name: str, owner: str | None, *, new_run_id: str | None = None
+    ) -> CheckpointRecord:
+        """Copy a checkpoint the caller may read (its own, or a published one) into a new run of the caller's
+        (status `copy`: it holds the checkpoint and is never trained). The files are hard links where the
+        file system allows, so no bytes are duplicated, and each copy lives as long as its own run does.
+        Returns the copy's checkpoint record."""
+        source_run, source = self.access.readable_checkpoint(run_id, name, owner)
+        new_run_id = new_run_id or f"copy-{uuid.uuid4().hex[:16]}"
+        if self.store.get_run(new_run_id) is not None:
+            raise ConflictError(f"run id {new_run_id!r} is already in use; choose another")
+        target = self.checkpoint_path(new_run_id, name)
+        _link_tree(Path(source.path), target)
+        now = time.time()
+        self.store.add_run(
+            RunRecord(
+                run_id=new_run_id,
+                base_model=source_run.base_model,
+                lora_config=source_run.lora_config,
+                loss_config=source_run.loss_config,
+                owner=owner,
+                step=source.step,
+                status="copy",
+                num_parameters=source_run.num_parameters,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        self._set_run_optimizer(new_run_id, self.run_optimizer(source_run.run_id), owner)
+        optimizer = None if source.optimizer_path is None else str(target / Path(source.optimizer_path).name)
+        copy = dataclasses.replace(
+            source, run_id=new_run_id, path=str(target), optimizer_path=optimizer, owner=owner, created_at=now
+        )
+        self.store.add_checkpoint(copy)
+        return copy
 
     def forget(self, run_id: str) -> None:
         """Drop what is kept in memory about the run (read again from the store on its next op)."""
@@ -376,11 +451,17 @@ class Service:
         age_recipients: list[str] | None = None,
     ) -> Job:
         """Save a checkpoint. `module_names="tinker"` (a Tinker export) names the output head as Tinker
-        does; `age_recipients` encrypts every file to them. Both: kind "weights" only."""
+        does; `age_recipients` encrypts every file to them. Both: kind "weights" only.
+
+        `request.overwrite` replaces a checkpoint of that name: the new one is written beside it and swapped in
+        once complete (`_swap_in`), so a failed save leaves the old one as it was. The replacement starts
+        private (unpublished); its expiry stays the name's until changed."""
         self.live_run(run_id, owner)
-        if self.store.get_checkpoint(run_id, request.name) is not None:
+        replacing = self.store.get_checkpoint(run_id, request.name) is not None
+        if replacing and not request.overwrite:
             raise ConflictError(
-                f"run {run_id!r} already has a checkpoint named {request.name!r}; choose another name"
+                f"run {run_id!r} already has a checkpoint named {request.name!r}; choose another name, "
+                "or save with overwrite"
             )
         if age_recipients is not None:
             parse_age_recipients(age_recipients)  # a bad recipient is refused now, not as a failed job
@@ -389,11 +470,14 @@ class Service:
         )
         if (module_names != "peft" or age_recipients is not None) and request.kind != "weights":
             raise InvalidInputError("kind", "an export (Tinker names, encryption) saves kind 'weights' only")
-        path = self.checkpoint_path(run_id, request.name)
+        final = self.checkpoint_path(run_id, request.name)
+        path = final.with_name(f".{request.name}.new-{uuid.uuid4().hex[:12]}") if replacing else final
 
         def recorded(info: CheckpointInfo) -> SaveOutput:
+            if replacing:
+                info = self._swap_in(info, final)
             optimizer_path = str(info.optimizer_path) if info.optimizer_path else None
-            self.store.add_checkpoint(
+            (self.store.replace_checkpoint if replacing else self.store.add_checkpoint)(
                 CheckpointRecord(
                     run_id=run_id,
                     name=request.name,
@@ -406,16 +490,35 @@ class Service:
                     created_at=info.created_at,
                 )
             )
+            if replacing:
+                self.access.forget_checkpoint(run_id, request.name)
+                for callback in self.on_checkpoint_replaced:
+                    callback(run_id, request.name)
             return SaveOutput(request.name, info.step, str(info.path), optimizer_path, info.size_bytes)
 
         return self.submit(
             "save", run_id, lambda: when_done(self.backend.save(run_id, path, options), recorded), owner
         )
 
+    @staticmethod
+    def _swap_in(info: CheckpointInfo, final: Path) -> CheckpointInfo:
+        """Put the complete new checkpoint `info` at `final` in place of the old one: the old directory is
+        renamed aside first (each rename is atomic), then removed."""
+        aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+        if final.exists():
+            os.rename(final, aside)
+        os.rename(info.path, final)
+        if aside.exists():
+            delete_checkpoint(aside)
+        optimizer = None if info.optimizer_path is None else final / info.optimizer_path.name
+        return dataclasses.replace(info, path=final, optimizer_path=optimizer)
+
     def load(self, run_id: str, request: api.LoadRequest, owner: str | None) -> Job:
         """Load a checkpoint into a run — also the way a `lost` run resumes after a restart."""
         record = self.access.run(run_id, owner)
-        checkpoint = self.access.checkpoint(request.source_run_id or run_id, request.name, owner)
+        if record.status == "copy":
+            raise ConflictError(_COPY_IS_FROZEN.format(run_id=run_id))
+        _, checkpoint = self.access.readable_checkpoint(request.source_run_id or run_id, request.name, owner)
 
         def loaded(info: RunInfo) -> RunOutput:
             self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
@@ -450,6 +553,7 @@ class Service:
             delete_checkpoint(record.path)
         self.store.delete_checkpoint(record.run_id, record.name)
         self._durable.delete(CHECKPOINT_EXPIRY, f"{record.run_id}/{record.name}")
+        self.access.forget_checkpoint(record.run_id, record.name)
         for callback in self.on_checkpoint_deleted:
             try:
                 callback(record.run_id, record.name)

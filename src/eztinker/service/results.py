@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from eztinker.engine.types import PromptAltTokens, SampledSequence, SampleResult
 from eztinker.models import api
 
 
+class _Fields:
+    """A result whose JSON form is its fields by name (read back leniently: extra keys are ignored, and a
+    field with a default may be missing, as in rows written before it existed)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in data:
+                values[f.name] = data[f.name]
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f.name)
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class ForwardBackwardOutput:
+class ForwardBackwardOutput(_Fields):
     """`forward_backward` / `forward`: the loss, each datum's target logprobs, and the metrics."""
 
     loss: float
@@ -26,61 +44,30 @@ class ForwardBackwardOutput:
     def to_json(self) -> dict[str, Any]:
         return {"loss": self.loss, "logprobs": self.logprobs, "metrics": self.metrics}  # (no deep copy)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ForwardBackwardOutput:
-        return cls(data["loss"], data["logprobs"], data["metrics"])
-
 
 @dataclass(frozen=True)
-class OptimStepOutput:
+class OptimStepOutput(_Fields):
     step: int
     grad_norm: float
     learning_rate: float
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> OptimStepOutput:
-        return cls(data["step"], data["grad_norm"], data["learning_rate"])
-
 
 @dataclass(frozen=True)
-class SaveOutput:
+class SaveOutput(_Fields):
     name: str
     step: int
     adapter_path: str
     optimizer_path: str | None
-    size_bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SaveOutput:
-        return cls(
-            data["name"],
-            data["step"],
-            data["adapter_path"],
-            data["optimizer_path"],
-            data.get("size_bytes", 0),
-        )
+    size_bytes: int = 0  # 0 in rows written before it was recorded
 
 
 @dataclass(frozen=True)
-class SamplerOutput:
+class SamplerOutput(_Fields):
     """`save_sampler`: the snapshot taken."""
 
     sampler_id: str
     base_model: str
     step: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SamplerOutput:
-        return cls(data["sampler_id"], data["base_model"], data["step"])
 
 
 @dataclass(frozen=True)

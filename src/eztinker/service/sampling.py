@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from eztinker.backend import RunSpec
 from eztinker.engine import SampleResult, SamplerInfo
 from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
+from eztinker.engine.types import ImageChunk
 from eztinker.scheduler import Batchable, Completion, Deferred, Job, complete_when_done, when_done
 from eztinker.service.limits import sample_tokens
 from eztinker.service.results import SampleOutput, SamplerOutput
@@ -64,11 +66,13 @@ class Sampling:
         self._checkpoint_samplers: dict[tuple[str, ...], str] = {}
         self._loading = threading.Lock()
         service.on_checkpoint_deleted.append(self._checkpoint_deleted)
+        service.on_checkpoint_replaced.append(self._checkpoint_deleted)  # new weights: loaded afresh
 
     def checkpoint_target(self, run_id: str, name: str, owner: str | None) -> ModelTarget:
         """Checkpoint `name` of the caller's run as a sampler snapshot of the caller's: loaded on first use
-        (`from_checkpoint`), the same snapshot afterwards. Another key's checkpoint is missing. Blocking."""
-        self.service.access.checkpoint(run_id, name, owner)
+        (`from_checkpoint`), the same snapshot afterwards. Another key's private checkpoint is missing; a
+        published one is loaded as a snapshot of the caller's. Blocking."""
+        self.service.access.readable_checkpoint(run_id, name, owner)
         key = self.service.access.key(owner, run_id, name)
         with self._loading:  # one load per checkpoint, also when requests for it arrive together
             sampler_id = self._checkpoint_samplers.get(key)
@@ -131,6 +135,11 @@ class Sampling:
         """
         target = spec.target
         requests = [replace(r, adapter=target.adapter) for r in spec.requests]
+        chunks = spec.echo.get("prompt_chunks")
+        if chunks is not None:  # a prompt with images (Tinker's ModelInput chunks), on the target's model
+            prompt, images = self.expand_chunks(target.base_model, chunks, f"{spec.prompt_field}.chunks")
+            requests = [replace(r, prompt=prompt, images=images) for r in requests]
+            spec = replace(spec, echo={k: v for k, v in spec.echo.items() if k != "prompt_chunks"})
         self.service.limits.check_sampling(requests, n_field=spec.n_field, prompt_field=spec.prompt_field)
         if spec.check_now:
             self.service.backend.check_requests(target.base_model, requests)
@@ -180,8 +189,7 @@ class Sampling:
 
     def from_checkpoint(self, run_id: str, name: str, sampler_id: str, owner: str | None) -> str:
         """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking."""
-        record = self.service.access.run(run_id, owner)
-        checkpoint = self.service.access.checkpoint(run_id, name, owner)
+        record, checkpoint = self.service.access.readable_checkpoint(run_id, name, owner)
         self.service.access.claim_sampler(sampler_id, owner)
         scratch = f"{sampler_id}.loading"
         self.service.backend.create_run(
@@ -191,6 +199,23 @@ class Sampling:
             return self.service.backend.save_sampler(scratch, sampler_id).result().base_model
         finally:
             self.service.backend.delete_run(scratch)
+
+    def expand_chunks(
+        self,
+        base_model: str,
+        chunks: Sequence[Sequence[int] | ImageChunk],
+        where: str,
+        *,
+        frame: bool = False,
+    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """(tokens, images) of a model input given as text and image chunks, for `base_model`: each image
+        a run of the model's placeholder token as long as its token count (`eztinker.engine.vision`;
+        `frame`: with the model's vision start / end tokens around it). Text-only chunks need no model.
+        A bad image, or an image for a model without a vision tower, is refused naming `where[i]`.
+        Blocking (the model's image processor runs, and the model loads if it has not)."""
+        if not any(isinstance(chunk, ImageChunk) for chunk in chunks):
+            return [int(t) for chunk in chunks for t in chunk], ()  # type: ignore[union-attr]
+        return self.service.backend.expand_chunks(base_model, list(chunks), where, frame=frame)
 
     def default_base_model(self) -> str:
         if self.service.settings.models:

@@ -57,6 +57,10 @@ class Views:
     def get_run(self, run_id: str, owner: str | None) -> api.Run:
         return self._run(self.service.access.run(run_id, owner))
 
+    def checkpoint_run(self, run_id: str, name: str, owner: str | None) -> api.Run:
+        """The run a checkpoint the caller may read (its own, or a published one) was saved from."""
+        return self._run(self.service.access.readable_checkpoint(run_id, name, owner)[0])
+
     def list_runs(self, owner: str | None) -> list[api.Run]:
         return [run for run, _ in self.runs_with_owners(owner)]
 
@@ -92,7 +96,7 @@ class Views:
 
     def checkpoint_archive(self, run_id: str, name: str, owner: str | None) -> Path:
         """A .tar.gz of the checkpoint directory in a temporary file (the caller deletes it)."""
-        record = self.service.access.checkpoint(run_id, name, owner)
+        _, record = self.service.access.readable_checkpoint(run_id, name, owner)
         return _tar(record.path, name, prefix=f"{run_id}-{name}-")
 
     def merged_checkpoint_archive(self, run_id: str, name: str, owner: str | None) -> Path:
@@ -102,8 +106,7 @@ class Views:
         """
         from eztinker.engine.checkpoint import merge_into_base
 
-        run = self.service.access.run(run_id, owner)
-        checkpoint = self.service.access.checkpoint(run_id, name, owner)
+        run, checkpoint = self.service.access.readable_checkpoint(run_id, name, owner)
         with tempfile.TemporaryDirectory(prefix="eztinker-merge-") as scratch:
             merged = merge_into_base(checkpoint.path, run.base_model, Path(scratch) / f"{name}-merged")
             return _tar(merged, merged.name, prefix=f"{run_id}-{name}-merged-")

@@ -241,6 +241,11 @@ class Store:
         what = f"checkpoint {record.name!r} of run {record.run_id!r}"
         self._insert(CheckpointRow(**dataclasses.asdict(record)), what)
 
+    def replace_checkpoint(self, record: CheckpointRecord) -> None:
+        """Index a checkpoint in place of the run's one of that name (if any), in one transaction."""
+        with self._write() as session:
+            session.merge(CheckpointRow(**dataclasses.asdict(record)))
+
     def get_checkpoint(self, run_id: str, name: str) -> CheckpointRecord | None:
         with self._read() as session:
             row = session.get(CheckpointRow, (run_id, name))

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RunStatus = Literal["active", "lost"]
+RunStatus = Literal["active", "lost", "copy"]
 """`active`: the run's adapter is in this server's memory. `lost`: the server restarted since, so the
 adapter is gone; the run's history is intact and `load_checkpoint` brings it back to `active`."""
 

@@ -1,0 +1,146 @@
+"""The Anthropic Messages routes through the official `anthropic` client against a live server."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import pytest
+
+import eztinker
+from eztinker import EZTinkerClient
+
+KEY, OTHER = "tml-anthropic-a", "tml-anthropic-b"
+HI = [{"role": "user", "content": "Hi there"}]
+# This SDK takes no sampling arguments of its own: they go in the body, as the API reads them.
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir) -> str:
+    data_dir = tmp_path_factory.mktemp("anthropic-data")
+    with eztinker.serve(data_dir=data_dir, models=[str(tiny_model_dir)], api_keys=[KEY, OTHER]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> str:
+    return str(tiny_model_dir)
+
+
+def _client(server: str, key: str = KEY) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{server}/anthropic/api", api_key=key, max_retries=0)
+
+
+@pytest.fixture
+def ant(server: str) -> anthropic.Anthropic:
+    return _client(server)
+
+
+def test_a_plain_message_and_its_usage(ant: anthropic.Anthropic, model: str) -> None:
+    message = ant.messages.create(model=model, max_tokens=6, messages=HI, extra_body=GREEDY)
+    assert message.type == "message" and message.role == "assistant" and message.model == model
+    assert [b.type for b in message.content] == ["text"]
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.stop_sequence is None
+    counted = ant.messages.count_tokens(model=model, messages=HI)
+    assert message.usage.input_tokens == counted.input_tokens > 5  # the chat template's wrapping
+    assert 1 <= message.usage.output_tokens <= 6
+
+
+def test_max_tokens_stop(ant: anthropic.Anthropic, model: str) -> None:
+    message = ant.messages.create(
+        model=model, max_tokens=1, messages=HI, extra_body={"temperature": 1.0, "top_k": 50, "top_p": 0.9}
+    )
+    if message.stop_reason != "end_turn":  # the tiny model may pick its end token at once
+        assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 1
+
+
+def test_system_prompt_as_string_or_blocks_is_in_the_prompt(ant: anthropic.Anthropic, model: str) -> None:
+    bare = ant.messages.count_tokens(model=model, messages=HI).input_tokens
+    text = ant.messages.count_tokens(model=model, system="Be brief.", messages=HI).input_tokens
+    blocks = ant.messages.count_tokens(
+        model=model, system=[{"type": "text", "text": "Be brief."}], messages=HI
+    ).input_tokens
+    assert text == blocks > bare
+    message = ant.messages.create(
+        model=model, system="Be brief.", max_tokens=3, messages=HI, extra_body=GREEDY
+    )
+    assert message.usage.input_tokens == text
+
+
+def test_count_tokens_is_the_rendered_prompt_length(
+    ant: anthropic.Anthropic, model: str, tiny_model_dir
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "system", "content": "S"}, *HI]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    assert ant.messages.count_tokens(model=model, system="S", messages=HI).input_tokens == len(ids)
+
+
+def test_stop_sequences(ant: anthropic.Anthropic, model: str) -> None:
+    whole = ant.messages.create(model=model, max_tokens=24, messages=HI, extra_body=GREEDY)
+    text = whole.content[0].text
+    assert len(text) >= 3, text
+    stop = text[1:3]
+    cut = ant.messages.create(
+        model=model, max_tokens=24, messages=HI, extra_body=GREEDY, stop_sequences=[stop]
+    )
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == text[: text.find(stop)]
+
+
+def test_streaming_accumulates_to_the_whole(ant: anthropic.Anthropic, model: str) -> None:
+    whole = ant.messages.create(model=model, max_tokens=16, messages=HI, extra_body=GREEDY)
+    with ant.messages.stream(model=model, max_tokens=16, messages=HI, extra_body=GREEDY) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[:2] == ["message_start", "content_block_start"] and kinds[-1] == "message_stop"
+    assert "content_block_stop" in kinds and "message_delta" in kinds
+    assert final.content[0].text == whole.content[0].text
+    assert final.stop_reason == whole.stop_reason
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_a_bad_body_names_the_field(server: str, model: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as info:
+        body = {"max_tokens": "many"}  # the SDK reads max_tokens itself: the wrong type goes in the body
+        _client(server).messages.create(model=model, max_tokens=4, messages=HI, extra_body=body)
+    assert info.value.status_code == 400 and "max_tokens" in info.value.message
+    body = info.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    raw = httpx.post(
+        f"{server}/anthropic/api/v1/messages",
+        json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": 7}]},
+        headers={"x-api-key": KEY},
+        timeout=60,
+    )
+    assert raw.status_code == 400 and "messages" in raw.json()["error"]["message"]
+
+
+def test_a_wrong_key_is_an_authentication_error(server: str, model: str) -> None:
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        _client(server, "tml-nobody").messages.create(model=model, max_tokens=2, messages=HI)
+    assert info.value.status_code == 401 and info.value.body["error"]["type"] == "authentication_error"
+    bearer = httpx.post(
+        f"{server}/anthropic/api/v1/messages/count_tokens",
+        json={"model": model, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert bearer.status_code == 200 and bearer.json()["input_tokens"] > 0
+
+
+def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) -> None:
+    with EZTinkerClient(base_url=server, api_key=KEY) as client:
+        run_id = client.create_run(base_model=model, lora_config={"r": 2})
+    assert _client(server).messages.create(model=run_id, max_tokens=2, messages=HI).type == "message"
+    answers = []
+    for name in (run_id, "run-does-not-exist"):
+        with pytest.raises(anthropic.NotFoundError) as info:
+            _client(server, OTHER).messages.create(model=name, max_tokens=2, messages=HI)
+        assert info.value.body["error"]["type"] == "not_found_error"
+        answers.append(info.value.body["error"]["message"].replace(name, "ID"))
+    assert answers[0] == answers[1]
