@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 from eztinker.engine.errors import InvalidInputError, NotFoundError, UnknownLossError
 from eztinker.engine.loss_graph import LossGraph, parse_loss_graph
 from eztinker.engine.losses import LossSpec, _add
+from eztinker.engine.losses.registry import PRIVATE_PREFIX
 from eztinker.engine.types import Datum, TokenLoss
 from eztinker.service.errors import QuotaExceededError
 
 if TYPE_CHECKING:
     from eztinker.service import Service
 
-PREFIX = "custom/"
+PREFIX = PRIVATE_PREFIX  # never listed (see eztinker.engine.losses.registry)
 MAX_LOSSES_PER_OWNER = 1024  # kept in memory for the server's life (a custom loss is small)
 
 

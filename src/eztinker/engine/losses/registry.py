@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -179,15 +179,25 @@ def get_loss_spec(name: str, family: LossFamily) -> LossSpec:
     return spec
 
 
+# Losses one key uploaded (`eztinker.service.custom_loss`) are registered under this prefix. Only their owner
+# reaches them, through their handle, so they are never listed nor named in an unknown-loss message.
+PRIVATE_PREFIX = "custom/"
+
+
+def _listed(names: Iterable[str]) -> list[str]:
+    return sorted(name for name in names if not name.startswith(PRIVATE_PREFIX))
+
+
 def list_losses(family: LossFamily | None = None) -> list[str]:
-    """Sorted loss names of one family, or of both (each name once) when `family` is None."""
+    """Sorted loss names of one family, or of both (each name once) when `family` is None; uploaded
+    per-key losses are not listed."""
     if family is not None:
-        return sorted(_REGISTRY[_check_family(family)])
-    return sorted(set(_REGISTRY["native"]) | set(_REGISTRY["token"]))
+        return _listed(_REGISTRY[_check_family(family)])
+    return _listed(set(_REGISTRY["native"]) | set(_REGISTRY["token"]))
 
 
 def _unknown(name: object, family: LossFamily) -> UnknownLossError:
-    known = ", ".join(sorted(_REGISTRY[family])) or "none"
+    known = ", ".join(_listed(_REGISTRY[family])) or "none"
     if family == "native":
         msg = (
             f"unknown loss {name!r}; known native losses: {known}. To add one, call "
