@@ -6,6 +6,7 @@ app, the service and the engine.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,6 +14,26 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]  # EZTINKER_API_KEYS="k1,k2" as well as repeated CLI flags
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size: `24MB` (10**6), `20GiB` (2**30), `512KiB`, `1.5GB`, `1000` (bytes); a unit's
+    case does not matter. `ValueError` for anything else."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: write bytes, or a number and a unit (24MB, 20GiB, 512KiB)")
+    number, unit = match.groups()
+    unit = unit.lower().rstrip("b")
+    prefix = unit.rstrip("i")
+    if unit == "i":
+        raise ValueError(f"{text!r} is not a size: write bytes, or a number and a unit (24MB, 20GiB, 512KiB)")
+    scale = 1024 ** (" kmgtp".index(prefix)) if unit.endswith("i") else _UNITS[prefix]
+    return int(float(number) * scale)
 
 
 class Settings(BaseSettings):
@@ -120,6 +141,34 @@ class Settings(BaseSettings):
     max_jobs_per_key: int = Field(
         5_000, ge=1, description="Jobs one API key may have queued or running at once; beyond: 429."
     )
+    adapter_memory: str | None = Field(
+        None,
+        description="Run state (adapters, gradients, optimizer moments) kept on the compute device, e.g. "
+        "24MB or 20GiB; idle runs beyond it page out to host memory, then disk (default: no bound).",
+    )
+    adapter_host_memory: str | None = Field(
+        None,
+        description="With a GPU and --adapter-memory: paged-out run state kept in host memory before "
+        "disk (default: no bound).",
+    )
+
+    @field_validator("adapter_memory", "adapter_host_memory", mode="before")
+    @classmethod
+    def _check_size(cls, value: object) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, str | int):
+            raise ValueError(f"expected a size such as 24MB or 20GiB, got {value!r}")
+        parse_size(value)  # a ValueError names the setting
+        return str(value).strip()
+
+    @property
+    def adapter_memory_bytes(self) -> int | None:
+        return None if self.adapter_memory is None else parse_size(self.adapter_memory)
+
+    @property
+    def adapter_host_memory_bytes(self) -> int | None:
+        return None if self.adapter_host_memory is None else parse_size(self.adapter_host_memory)
 
     @field_validator("models", "api_keys", "plugins", mode="before")
     @classmethod

@@ -6,10 +6,12 @@ never collide.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from eztinker.scheduler import Job, Scheduler
@@ -100,6 +102,11 @@ class Telemetry:
         self.sampling_queue.set_function(lambda: sampling.waiting_rows)
         self.sampling_rows.set_function(lambda: sampling.running_rows)
 
+    def watch_paging(self, stats: Callable[[], Any]) -> None:
+        """Adapter paging's runs and bytes per tier and its page-ins, read at each scrape (`stats()`: an
+        `eztinker.engine.paging.PagingStats`, or None when the backend does not page: no lines)."""
+        self.registry.register(_PagingCollector(stats))
+
     def pass_finished(self, jobs: Sequence[Job], seconds: float) -> None:
         self.pass_jobs.observe(len(jobs))
         self.pass_tokens.observe(sum(job.tokens for job in jobs))
@@ -114,3 +121,44 @@ class Telemetry:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PagingCollector(Collector):
+    """`/metrics` lines of adapter paging (`Telemetry.watch_paging`)."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        if s is None:
+            return
+        runs = GaugeMetricFamily(
+            "eztinker_adapter_runs", "Runs whose state is in each tier.", labels=["tier"]
+        )
+        held = GaugeMetricFamily(
+            "eztinker_adapter_bytes", "Bytes of run state in each tier.", labels=["tier"]
+        )
+        for tier, count, size in (
+            ("device", s.resident_runs, s.resident_bytes),
+            ("host", s.host_runs, s.host_bytes),
+            ("disk", s.disk_runs, s.disk_bytes),
+        ):
+            runs.add_metric([tier], count)
+            held.add_metric([tier], size)
+        yield runs
+        yield held
+        budget = s.budget_bytes
+        yield GaugeMetricFamily(
+            "eztinker_adapter_memory_budget_bytes",
+            "The bound on run state resident on the device (-1: none).",
+            value=-1 if budget is None else budget,
+        )
+        for name, text, value in (
+            ("eztinker_adapter_page_ins", "Page-ins an op waited for.", s.page_ins),
+            ("eztinker_adapter_page_in_seconds", "Seconds ops waited for page-ins.", s.page_in_seconds),
+            ("eztinker_adapter_prefetches", "Page-ins done ahead of a queued op.", s.prefetches),
+            ("eztinker_adapter_prefetch_seconds", "Seconds spent on prefetches.", s.prefetch_seconds),
+            ("eztinker_adapter_page_outs", "Runs paged out (device to host or disk).", s.page_outs),
+        ):
+            yield CounterMetricFamily(name, text, value=value)

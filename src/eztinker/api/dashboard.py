@@ -118,6 +118,9 @@ class ServerStats(BaseModel):
     tokens_sampled: float
     active_runs: int
     workers: list[WorkerView] = []
+    # Adapter paging (`--adapter-memory`): runs and bytes per tier (device, host, disk), the budget, and
+    # page-in counts and seconds; None where the backend has no pager (Ray).
+    paging: dict[str, Any] | None = None
 
 
 def _runs(service: Service, owner: str | None) -> list[DashboardRun]:

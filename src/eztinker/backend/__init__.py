@@ -60,7 +60,16 @@ def make_backend(
     if engine is None:
         from eztinker.engine import Engine
 
-        engine = Engine(engine_config(settings.device, settings.dtype, settings.token_budget))
+        engine = Engine(
+            engine_config(
+                settings.device,
+                settings.dtype,
+                settings.token_budget,
+                adapter_memory=settings.adapter_memory_bytes,
+                adapter_host_memory=settings.adapter_host_memory_bytes,
+                page_dir=settings.data_dir / "pages",
+            )
+        )
     if settings.sampler == "vllm":
         from eztinker.backend.vllm import VllmBackend, VllmPool, options_from_settings
 

@@ -31,6 +31,7 @@ from eztinker.engine import (
 )
 from eztinker.engine.checkpoint import CheckpointInfo, ModuleNames
 from eztinker.engine.optimizers import OptimizerName
+from eztinker.engine.paging import PagingStats
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import ImageChunk
 
@@ -205,6 +206,10 @@ class Backend(Protocol):
     def list_samplers(self) -> list[SamplerInfo]: ...
 
     def status(self) -> BackendStatus: ...
+
+    def paging_stats(self) -> PagingStats | None:
+        """Adapter paging's runs and bytes per tier and its page-ins; None: this backend does not page."""
+        ...
 
     @property
     def waiting_rows(self) -> int: ...

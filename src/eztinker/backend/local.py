@@ -22,15 +22,30 @@ from eztinker.engine import ComputeError, Engine, EngineConfig, TrainOp, vision
 from eztinker.engine.batcher import SamplingEngines
 from eztinker.engine.checkpoint import CheckpointInfo
 from eztinker.engine.engine import RunInfo, SamplerInfo
+from eztinker.engine.paging import PagingStats
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import ForwardBackwardResult, ImageChunk, OptimStepResult, SampleResult
 from eztinker.scheduler.jobs import PassRunner
 
 
-def engine_config(device: str | None, dtype: str | None, token_budget: int) -> EngineConfig:
-    """The engine's config from the server's settings: `dtype` by name ("bfloat16" -> torch.bfloat16)."""
+def engine_config(
+    device: str | None,
+    dtype: str | None,
+    token_budget: int,
+    *,
+    adapter_memory: int | None = None,
+    adapter_host_memory: int | None = None,
+    page_dir: Path | None = None,
+) -> EngineConfig:
+    """The engine's config from the server's settings: `dtype` by name ("bfloat16" -> torch.bfloat16);
+    adapter paging's budgets in bytes and its page directory (`eztinker.engine.paging`)."""
     return EngineConfig(
-        device=device, dtype=getattr(torch, dtype) if dtype else None, token_budget=token_budget
+        device=device,
+        dtype=getattr(torch, dtype) if dtype else None,
+        token_budget=token_budget,
+        adapter_memory=adapter_memory,
+        adapter_host_memory=adapter_host_memory,
+        page_dir=page_dir,
     )
 
 
@@ -62,6 +77,8 @@ class LocalBackend:
             "sample": _each_alone,
         }
         self.scheduler = options.scheduler(runners, background=self.sampling)
+        # Adapter paging: a run with queued work stays resident, and pages in ahead of its op.
+        self.scheduler.on_run_busy, self.scheduler.on_run_idle = engine.paging.expect, engine.paging.idle
 
     def start(self) -> set[str]:
         self.scheduler.start()
@@ -70,6 +87,7 @@ class LocalBackend:
     def stop(self) -> None:
         self.scheduler.stop()
         self.sampling.abort(ComputeError("the server shut down before the sample finished"))
+        self.engine.paging.close()
 
     # --- base models ---------------------------------------------------------------------------------
 
@@ -166,15 +184,23 @@ class LocalBackend:
     ) -> concurrent.futures.Future[list[SampleResult]]:
         future: concurrent.futures.Future[list[SampleResult]] = concurrent.futures.Future()
 
+        adapters = [r.adapter for r in requests]
+
         def done(result: list[SampleResult] | Exception) -> None:
+            self.engine.paging.unpin(adapters)
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)
 
         try:
+            self.engine.paging.pin(adapters)  # a run's adapter stays resident while it decodes
+        except Exception as exc:
+            return failed(exc)
+        try:
             self.sampling.batcher(base_model).add(requests, done)
         except Exception as exc:
+            self.engine.paging.unpin(adapters)
             return failed(exc)
         self.scheduler.wake()  # an idle worker steps the batcher now
         return future
@@ -188,6 +214,10 @@ class LocalBackend:
         return base.BackendStatus(
             device=self.engine.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         )
+
+    def paging_stats(self) -> PagingStats:
+        """Adapter paging: runs and bytes per tier, page-in counts and time (`/metrics`, the dashboard)."""
+        return self.engine.paging.stats()
 
     waiting_rows = property(lambda self: self.sampling.waiting_rows, doc="Sample rows waiting for room.")
     running_rows = property(lambda self: self.sampling.running_rows, doc="Sample rows decoding now.")

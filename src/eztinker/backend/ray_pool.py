@@ -436,6 +436,10 @@ class RayBackend:
 
     # --- status ------------------------------------------------------------------------------------------
 
+    def paging_stats(self) -> None:
+        """Ray model workers keep every run resident (no adapter paging yet)."""
+        return None
+
     def status(self) -> base.BackendStatus:
         import torch
 

@@ -17,18 +17,14 @@ from typing import Any
 
 import torch
 
-from eztinker.engine import checkpoint, families, sampler, vision
+from eztinker.engine import checkpoint, families, sampler
+from eztinker.engine.base_models import BaseModels
 from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
-from eztinker.engine.lora import (
-    copy_adapter,
-    init_adapter,
-    output_head_path,
-    remove_adapter,
-    resolve_targets,
-)
+from eztinker.engine.lora import copy_adapter, init_adapter, remove_adapter
 from eztinker.engine.losses import get_loss_spec
-from eztinker.engine.model import BaseModel, load_base_model
+from eztinker.engine.model import BaseModel
 from eztinker.engine.optimizers import OptimizerName, check_optimizer_name, make_optimizer
+from eztinker.engine.paging import Pager, PagingConfig
 from eztinker.engine.run import (
     PassOptions,
     TrainingRun,
@@ -69,6 +65,14 @@ class EngineConfig:
     logits_chunk: int = 2**25  # logits elements per head chunk of the chunked losses (128 MiB in fp32)
     # Bytes one pass may use; a longer sequence is refused up front. None: 90 % of the free memory.
     memory_limit: int | None = None
+    # Adapter paging (`eztinker.engine.paging`): bytes of run state kept on the device (None: all of it),
+    # in host memory before disk (GPU only; None: no bound), and where disk pages go.
+    adapter_memory: int | None = None
+    adapter_host_memory: int | None = None
+    page_dir: Path | None = None
+
+    def paging(self) -> PagingConfig:
+        return PagingConfig(self.adapter_memory, self.adapter_host_memory, self.page_dir)
 
     def pass_options(self) -> PassOptions:
         return PassOptions(
@@ -111,8 +115,11 @@ class SamplerInfo:
     step: int | None
 
 
-class Engine:
-    """Base models, runs and sampler snapshots, and the ops on them."""
+class Engine(BaseModels):
+    """Base models (`BaseModels`), runs and sampler snapshots, and the ops on them.
+
+    With `EngineConfig.adapter_memory` the runs' state beyond it pages out (`eztinker.engine.paging`):
+    every op that touches a run's tensors runs inside `self.paging.using(runs)`."""
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -120,92 +127,19 @@ class Engine:
         self._runs: dict[str, TrainingRun] = {}
         self._samplers: dict[str, SamplerInfo] = {}
         self._registry_lock = threading.RLock()  # guards the three dicts, not compute
-
-    # --- base models ---------------------------------------------------------------------------------
-
-    def base_model(self, name: str) -> BaseModel:
-        """The base model `name`, loading it on first use."""
-        with self._registry_lock:
-            if name not in self._models:
-                self._models[name] = load_base_model(name, device=self.config.device, dtype=self.config.dtype)
-            return self._models[name]
-
-    @property
-    def loaded_models(self) -> list[str]:
-        return list(self._models)
-
-    def load_model(self, name: str) -> None:
-        """Load base model `name` now rather than on first use."""
-        self.base_model(name)
-
-    def tokenizer(self, name: str) -> Any:
-        """The tokenizer of base model `name` (loading the model on first use)."""
-        return self.base_model(name).tokenizer
-
-    def default_targets(self, name: str) -> list[str]:
-        """The module paths a run on base model `name` adapts when its LoRA config names none."""
-        base = self.base_model(name)
-        return resolve_targets(base.model, base.default_targets())
-
-    def lora_target_modules(
-        self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
-    ) -> list[str] | None:
-        """`target_modules` for Tinker's LoRA flags on base model `name` (None: the family default).
-
-        `train_attn` adapts attention and linear attention, `train_mlp` the MLP and MoE experts,
-        `train_unembed` the output head (`eztinker.engine.families`). `InvalidInputError` (field
-        "lora_config") if every flag is off, or a flag asks for layers the model does not have.
-        """
-        if not (train_attn or train_mlp or train_unembed):
-            raise InvalidInputError(
-                "lora_config", "train_attn, train_mlp and train_unembed are all false: nothing to train"
-            )
-        base = self.base_model(name)
-        kinds = base.layer_kinds()
-        for flag, on in (
-            ("train_attn", train_attn),
-            ("train_mlp", train_mlp),
-            ("train_unembed", train_unembed),
-        ):
-            if on and not any(kind in families.TINKER_KINDS[flag] for kind in kinds.values()):
-                what = {"train_attn": "attention", "train_mlp": "MLP", "train_unembed": "output head"}[flag]
-                raise InvalidInputError("lora_config", f"this model has no {what} layers LoRA can target")
-        wanted = families.kinds_for_tinker_flags(
-            train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed
-        )
-        chosen = base.targets_of_kinds(wanted)
-        if chosen == base.default_targets():
-            return None
-        return families.short_targets(chosen, kinds)
+        self.paging = Pager(self.config.paging())
 
     def tinker_lora_flags(self, run_id: str) -> dict[str, bool]:
         """Tinker's `train_attn` / `train_mlp` / `train_unembed` for what run `run_id` adapts."""
         run = self._run(run_id)
         return families.tinker_flags(run.base.layer_kinds(sorted(run.slots)).values())
 
-    def layer_kinds(self, name: str) -> dict[str, families.LayerKind]:
-        """Every adaptable layer of base model `name` (module or expert-weight path) and its kind."""
-        return self.base_model(name).layer_kinds()
-
-    def output_head_name(self, name: str) -> str | None:
-        """The module path of base model `name`'s output head (unembedding), None if it has none."""
-        return output_head_path(self.base_model(name).model)
-
-    def check_requests(self, name: str, requests: Sequence[sampler.SampleRequest]) -> None:
-        """Raise `InvalidInputError` / `NotFoundError` now (no compute) if sampling `requests` would."""
-        sampler.check_requests(self.base_model(name), requests)
-
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per base model (its weights) and by the runs' adapters with their gradients and
         optimizer moments (four copies of each trainable parameter with AdamW, three with Dimuon): what
         placing a run elsewhere would free."""
         with self._registry_lock:
-            held = {
-                name: sum(
-                    t.numel() * t.element_size() for t in (*base.model.parameters(), *base.model.buffers())
-                )
-                for name, base in self._models.items()
-            }
+            held = self.model_bytes()
             held["adapters"] = sum(
                 (4 if run.optimizer_name == "adamw" else 3) * run.num_parameters * 4
                 for run in self._runs.values()
@@ -289,6 +223,7 @@ class Engine:
                     remove_adapter(base.lora_layers, run_id)
                     raise
             self._runs[run_id] = run
+        self.paging.add(run)
         return self.run_info(run_id)
 
     def _run(self, run_id: str) -> TrainingRun:
@@ -321,6 +256,7 @@ class Engine:
             with run.base.lock:
                 remove_adapter(run.base.lora_layers, run_id)
             del self._runs[run_id]
+        self.paging.forget(run_id)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -335,7 +271,9 @@ class Engine:
         `loss`: None for the run's own loss; a `LossFunctionConfig` for a native loss; a token-loss
         name (`"ppo"`) or `TokenLoss` for Tinker's token-level losses.
         """
-        return _forward_backward(self._run(run_id), data, loss, options=self.config.pass_options())
+        run = self._run(run_id)
+        with self.paging.using([run]):
+            return _forward_backward(run, data, loss, options=self.config.pass_options())
 
     def forward(
         self,
@@ -344,9 +282,9 @@ class Engine:
         loss: LossFunctionConfig | TokenLoss | str | None = None,
     ) -> ForwardBackwardResult:
         """Like `forward_backward`, without gradients: the run is untouched."""
-        return _forward_backward(
-            self._run(run_id), data, loss, options=self.config.pass_options(), backward=False
-        )
+        run = self._run(run_id)
+        with self.paging.using([run]):
+            return _forward_backward(run, data, loss, options=self.config.pass_options(), backward=False)
 
     def forward_backward_many(self, ops: Sequence[TrainOp]) -> list[ForwardBackwardResult | EngineError]:
         """Several runs' `forward_backward`/`forward` executed together; one outcome per op, in order.
@@ -365,7 +303,8 @@ class Engine:
             request = TrainRequest(run, op.data, op.loss, op.backward)
             by_base.setdefault(run.base.name, []).append((i, request))
         for items in by_base.values():
-            results = forward_backward_many([request for _, request in items], self.config.pass_options())
+            with self.paging.using([request.run for _, request in items]):
+                results = forward_backward_many([r for _, r in items], self.config.pass_options())
             for (i, _), result in zip(items, results, strict=True):
                 outcomes[i] = result
         return [o for o in outcomes if o is not None]
@@ -399,7 +338,9 @@ class Engine:
         The params must be of the run's optimizer (`AdamParams` for AdamW, the default; `DimuonParams`
         for Dimuon), else `InvalidInputError` and the run is unchanged.
         """
-        return _optim_step(self._run(run_id), adam_params or AdamParams())
+        run = self._run(run_id)
+        with self.paging.using([run]):
+            return _optim_step(run, adam_params or AdamParams())
 
     def optim_step_many(
         self, steps: Sequence[tuple[str, AdamParams | DimuonParams | None]]
@@ -417,7 +358,8 @@ class Engine:
                 outcomes[i] = NotFoundError(f"no run {run_id!r}")
             else:
                 found.append((i, run, adam or AdamParams()))
-        results = optim_step_many([(run, adam) for _, run, adam in found])
+        with self.paging.using([run for _, run, _ in found]):
+            results = optim_step_many([(run, adam) for _, run, adam in found])
         for (i, _, _), result in zip(found, results, strict=True):
             outcomes[i] = result
         return [o for o in outcomes if o is not None]
@@ -442,7 +384,7 @@ class Engine:
     def save_state(self, run_id: str, path: str | Path) -> checkpoint.CheckpointInfo:
         """Save adapter + optimizer state + step + configs to directory `path` (atomically)."""
         run = self._run(run_id)
-        with run.base.lock:  # copy the tensors out under the lock; write to disk without it
+        with self.paging.using([run]), run.base.lock:  # copy the tensors out under the lock, write without
             prepared = checkpoint.prepare_checkpoint(run, kind="state")
         return checkpoint.write_checkpoint(path, prepared)
 
@@ -462,7 +404,7 @@ class Engine:
         run = self._run(run_id)
         if age_recipients is not None:
             checkpoint.parse_age_recipients(age_recipients)  # refused before the run's lock is taken
-        with run.base.lock:
+        with self.paging.using([run]), run.base.lock:
             prepared = checkpoint.prepare_checkpoint(run, kind="weights", module_names=module_names)
         return checkpoint.write_checkpoint(path, prepared, age_recipients=age_recipients)
 
@@ -470,7 +412,7 @@ class Engine:
         """Restore the run's adapter (and optimizer state and step, if saved and asked for) from `path`."""
         run = self._run(run_id)
         loaded = checkpoint.read_checkpoint(path)
-        with run.base.lock:
+        with self.paging.using([run]), run.base.lock:
             checkpoint.restore_into_run(run, loaded, with_optimizer=with_optimizer)
         return self.run_info(run_id)
 
@@ -483,7 +425,7 @@ class Engine:
             sampler_id = sampler_id or f"sampler-{uuid.uuid4().hex[:12]}"
             if sampler_id in self._samplers or sampler_id in self._runs:
                 raise ConflictError(f"sampler id {sampler_id!r} is already in use")
-            with run.base.lock:
+            with self.paging.using([run]), run.base.lock:
                 copy_adapter(run.base.lora_layers, run_id, sampler_id)
             info = SamplerInfo(sampler_id=sampler_id, base_model=run.base.name, run_id=run_id, step=run.step)
             self._samplers[sampler_id] = info
@@ -544,17 +486,8 @@ class Engine:
             prompt_logprobs=prompt_logprobs,
             images=tuple(images),
         )
-        return sampler.sample_batch(base, [request])[0]
-
-    def expand_chunks(
-        self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], field: str = "model_input.chunks"
-    ) -> tuple[list[int], tuple[ImageChunk, ...]]:
-        """(tokens, images) of a model input given as chunks (token lists and `ImageChunk`s) for base model
-        `name`: each image becomes a run of the model's image placeholder token, as long as its token count.
-        Images are checked before anything else (`InvalidInputError` naming `field[i]`): see
-        `eztinker.engine.vision`. A facade turns Tinker's `ModelInput` chunks and OpenAI `image_url` parts
-        into these, then into `Datum(tokens, ..., images=images)` or a `SampleRequest(..., images=images)`."""
-        return vision.expand_chunks(self.base_model(name), chunks, field)
+        with self.paging.using([adapter]):
+            return sampler.sample_batch(base, [request])[0]
 
     def sample_many(self, base_model: str, requests: Sequence[sampler.SampleRequest]) -> list[SampleResult]:
         """Several requests on one base model (any mix of adapters) in one batched generation."""
@@ -562,7 +495,8 @@ class Engine:
         for i, request in enumerate(requests):
             if request.adapter is not None and request.adapter not in self._runs | self._samplers:
                 raise NotFoundError(f"requests[{i}].adapter: no run or sampler {request.adapter!r}")
-        return sampler.sample_batch(base, list(requests))
+        with self.paging.using([r.adapter for r in requests]):
+            return sampler.sample_batch(base, list(requests))
 
     def compute_logprobs(
         self,
@@ -574,4 +508,5 @@ class Engine:
     ) -> list[float | None]:
         """log p(tokens[i] | tokens[:i]) for each position; None at position 0 (nothing predicts it)."""
         base, adapter = self._sample_target(run_id, sampler_id, base_model)
-        return sampler.prompt_logprobs(base, list(tokens), adapter)
+        with self.paging.using([adapter]):
+            return sampler.prompt_logprobs(base, list(tokens), adapter)

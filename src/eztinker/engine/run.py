@@ -72,15 +72,16 @@ class TrainingRun:
     step: int = 0
     created_at: float = field(default_factory=time.time)
     pending_grad_ops: int = 0  # forward_backward calls accumulated since the last optim_step
+    # Counted once: a paged-out run's parameters hold no storage (`eztinker.engine.paging`).
+    num_parameters: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.num_parameters = sum(p.numel() for p in self.params)
 
     @property
     def params(self) -> list[nn.Parameter]:
         """A then B of every adapted layer, in module-path order (the optimizer's order)."""
         return [p for path in sorted(self.slots) for p in (self.slots[path].lora_A, self.slots[path].lora_B)]
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params)
 
     @property
     def optimizer_name(self) -> OptimizerName:

@@ -45,7 +45,9 @@ class Scheduler:
     `runners` maps a `Batchable.kind` to the function that executes several such jobs together; a job
     whose kind has no runner (or `max_pass_jobs=1`) always executes alone. `on_finish` runs on the
     worker thread for each job (the store records job state there); `on_pass` after each pass with its
-    jobs and duration (telemetry).
+    jobs and duration (telemetry). `on_run_busy(run_id)` runs when a run gets queued work while it had
+    none, `on_run_idle(run_id)` when it has none queued or running any more (adapter paging: keep a busy
+    run resident, page a queued one in ahead); both with the queue's lock held, so they must be quick.
     """
 
     def __init__(
@@ -61,7 +63,10 @@ class Scheduler:
         on_finish: Callable[[Job], None] | None = None,
         on_pass: Callable[[list[Job], float], None] | None = None,
         background: Background | None = None,
+        on_run_busy: Callable[[str], None] | None = None,
+        on_run_idle: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_run_busy, self.on_run_idle = on_run_busy, on_run_idle
         self.max_queue = max_queue
         self.max_queue_per_run = max_queue_per_run or max_queue
         self.max_pass_jobs = max_pass_jobs
@@ -131,6 +136,8 @@ class Scheduler:
                     "wait for some to finish",
                     retry_after=self._drain_seconds(queue),
                 )
+            if job.run_id is not None and queue is None and key not in self._busy:
+                self._tell(self.on_run_busy, key)
             job.seq = next(self._seq)
             job.start_tag = max(self._virtual_time, self._last_finish.get(key, 0.0))
             self._last_finish[key] = job.start_tag + max(job.tokens, 1)
@@ -197,6 +204,8 @@ class Scheduler:
         with self._cond:
             pending = list(self._queues.pop(run_id, ()))
             self._depth -= len(pending)
+            if pending and run_id not in self._busy:
+                self._tell(self.on_run_idle, run_id)
             self._cond.notify_all()
         for job in pending:
             self._finish(job, error=reason, category="server")
@@ -325,6 +334,8 @@ class Scheduler:
             running.remove(job)
         if not running:
             self._busy.pop(job.queue_key, None)
+            if job.run_id is not None and job.queue_key not in self._queues:
+                self._tell(self.on_run_idle, job.run_id)
         self._running.remove(job)
         # A tag the virtual time has passed means nothing: drop it (memory stays bounded).
         key = job.queue_key
@@ -332,6 +343,14 @@ class Scheduler:
         if key not in self._queues and (job.run_id is None or stale):
             self._last_finish.pop(key, None)
             self._estimates.forget(key)
+
+    @staticmethod
+    def _tell(hook: Callable[[str], None] | None, run_id: str) -> None:
+        if hook is not None:
+            try:
+                hook(run_id)
+            except Exception:
+                log.exception("a run hook failed for %s", run_id)
 
     def _defer(self, job: Job, deferred: Deferred, start: float) -> None:
         """Hand `job` to whoever completes it later (see `Deferred`)."""

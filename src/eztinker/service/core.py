@@ -136,6 +136,7 @@ class Service:
         self.scheduler = self.backend.scheduler
         self.telemetry.watch_scheduler(self.scheduler)
         self.telemetry.watch_sampling(self.backend)
+        self.telemetry.watch_paging(self.backend.paging_stats)
         # Called with (run id, name) after a checkpoint is deleted, by a route or when it expired (a
         # facade, or `sampling`, drops what it kept about it).
         self.on_checkpoint_deleted: list[Callable[[str, str], None]] = []

@@ -214,7 +214,14 @@ class Views:
             "workers": [
                 {**dataclasses.asdict(w), "models": list(w.models)} for w in service.backend.status().workers
             ],
+            "paging": _paging(service),
         }
+
+
+def _paging(service: Service) -> dict[str, Any] | None:
+    """Adapter paging's runs per tier and page-in time (None: the backend does not page)."""
+    stats = service.backend.paging_stats()
+    return None if stats is None else dataclasses.asdict(stats)
 
 
 def _memory() -> list[dict[str, Any]]:
