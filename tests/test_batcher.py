@@ -152,9 +152,10 @@ def test_sampling_interleaves_with_training_on_one_worker(tmp_path, tiny_model_d
             ids = list(range(5, 25))
             trained = client.forward_backward(run_id, input_ids=ids, target_ids=ids)
             assert trained.result()["loss"] > 0
-            sample = httpx.get(f"{url}/v1/jobs/{sample_id}", params={"wait": 60}).json()
+            # The long-poll's read timeout outlasts its wait (httpx's default 5 s would end it first).
+            sample = httpx.get(f"{url}/v1/jobs/{sample_id}", params={"wait": 60}, timeout=90).json()
             while sample["status"] not in ("completed", "failed"):
-                sample = httpx.get(f"{url}/v1/jobs/{sample_id}").json()
+                sample = httpx.get(f"{url}/v1/jobs/{sample_id}", params={"wait": 60}, timeout=90).json()
             fb = httpx.get(f"{url}/v1/jobs/{trained['job_id']}").json()
             assert sample["status"] == "completed" and len(sample["result"]["samples"][0]["tokens"]) == 400
             assert fb["finished_at"] < sample["finished_at"]

@@ -16,7 +16,8 @@ from typer.testing import CliRunner, Result
 import eztinker
 import eztinker.client
 from eztinker import EZTinkerClient
-from eztinker.cli import app, read_sft_examples
+from eztinker.cli import app
+from eztinker.dataset.sft_jsonl import read_sft_examples
 from eztinker.exceptions import NotFoundError
 from eztinker.settings import Settings
 

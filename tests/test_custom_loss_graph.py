@@ -355,3 +355,25 @@ def test_a_node_making_a_huge_tensor_fails_naming_it() -> None:
     graph.evaluate(-torch.rand(100))  # 10k elements: within the limit
     with pytest.raises(InvalidInputError, match=r"node 'mul' \(operator.mul\) makes a tensor of 90000"):
         graph.evaluate(-torch.rand(300))
+
+
+def test_an_uploaded_loss_outlives_a_server_restart(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data_dir = tmp_path / "data"
+    ranks = {"logprobs": 1, "advantages": 1, "old_logprobs": 1}
+    results = []
+    handle = None
+    for _ in range(2):  # the second server reads the loss back from the store
+        with eztinker.serve(data_dir=data_dir, models=[str(tiny_model_dir)], api_keys=[ALICE]) as url:
+            client = tinker.ServiceClient(base_url=url, api_key=ALICE)
+            try:
+                client.get_server_capabilities()
+                if handle is None:
+                    handle = client.create_custom_loss(ppo_like, ranks).result()
+                own = dataclasses.replace(handle, session_id=client.holder.get_session_id())
+                run = client.create_lora_training_client(base_model=str(tiny_model_dir), rank=8, seed=0)
+                results.append(run.forward_backward_custom(_data(), own).result().metrics["loss:sum"])
+            finally:
+                client.close("success").result()
+    assert math.isfinite(results[0]) and results[0] == pytest.approx(results[1], rel=1e-6, abs=1e-6)

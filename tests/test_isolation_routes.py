@@ -173,6 +173,12 @@ NO_OBJECT = {
     "GET /health",
     "GET /metrics",
     "POST /v1/runs",
+    "POST /v1/runs/import",  # makes a new run of the caller's
+    "POST /api/v1/auth/token",  # the caller's own identity
+    "GET /api/v1/auth/apikey/me",
+    "DELETE /api/v1/auth/apikey/me",  # not served (400)
+    "GET /api/v1/audit",  # not served (400)
+    "GET /api/v1/billing/usage/events",  # not served (400)
 }
 
 
@@ -226,6 +232,16 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
         ],
         "POST /api/v1/sessions/{session_id}/finish": [("POST", f"/api/v1/sessions/{sid}/finish", {})],
         "GET /api/v1/sessions/{session_id}": [("GET", f"/api/v1/sessions/{sid}", None)],
+        "GET /api/v1/sessions/{session_id}/trace_export": [
+            ("GET", f"/api/v1/sessions/{sid}/trace_export", None)
+        ],
+        "GET /api/v1/session_traces/{session_id}": [
+            ("GET", f"/api/v1/session_traces/{sid}?expires=9999999999&token=00", None)
+        ],
+        "POST /api/v1/sessions/search": [("POST", "/api/v1/sessions/search", {"session_id": sid})],
+        "GET /api/v1/billing/usage/checkpoints/current": [
+            ("GET", "/api/v1/billing/usage/checkpoints/current", None)
+        ],
         "PUT /api/v1/sessions/{session_id}/project": [
             ("PUT", f"/api/v1/sessions/{sid}/project", {"project_id": "bobs"})
         ],
@@ -355,6 +371,8 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
 
 LISTINGS = {
     "GET /v1/runs",
+    "POST /api/v1/sessions/search",
+    "GET /api/v1/billing/usage/checkpoints/current",
     "GET /v1/queue",
     "GET /api/v1/sessions",
     "GET /api/v1/training_runs",

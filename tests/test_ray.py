@@ -83,7 +83,16 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def pool_settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, worker_pool="ray", ray_workers=2, plugins=["ray_test_losses"], port=0)
+    """Two model workers, each paging its idle runs out beyond a budget smaller than one run's state (so
+    every test here also checks that paging on a worker is invisible)."""
+    return Settings(
+        data_dir=data_dir,
+        worker_pool="ray",
+        ray_workers=2,
+        plugins=["ray_test_losses"],
+        port=0,
+        adapter_memory="16KB",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +155,31 @@ def test_ops_on_a_worker_equal_ops_in_process(pool_service, tiny_model_dir) -> N
             assert got["logprobs"][0] == pytest.approx(expected.logprobs[0].tolist(), rel=1e-5, abs=1e-6)
             assert got_step["grad_norm"] == pytest.approx(expected_step.grad_norm, rel=1e-4)
         client.delete_run(remote)
+
+
+def test_model_workers_page_idle_runs_within_their_budget(pool_service, tiny_model_dir) -> None:
+    """With `--adapter-memory`, each worker pages its idle runs out; a paged run trains on as if it never
+    left, and the pool's `/metrics` sum its workers' pagers."""
+    service, url = pool_service
+    engine = Engine()
+    with EZTinkerClient(base_url=url) as client:
+        runs = [client.create_run(str(tiny_model_dir), {"r": 4, "seed": s}) for s in range(3)]
+        locals_ = [engine.create_run(str(tiny_model_dir), {"r": 4, "seed": s}).run_id for s in range(3)]
+        for step in range(2):
+            tokens = ids(16, start=step)
+            for remote, local in zip(runs, locals_, strict=True):  # each op pages its run in, then out
+                expected = engine.forward_backward(local, [Datum.from_labels(tokens, tokens)])
+                engine.optim_step(local)
+                got = client.forward_backward(remote, input_ids=tokens, target_ids=tokens).result()
+                client.optim_step(remote).result()
+                assert got["loss"] == pytest.approx(expected.loss, rel=1e-5)
+        service.backend.cluster.statuses()  # fresh worker reports
+        stats = service.backend.paging_stats()
+        assert stats is not None and stats.enabled and stats.budget_bytes == 2 * 16 * 1000
+        assert stats.page_outs > 0 and stats.disk_runs >= 1
+        assert "eztinker_adapter_page_outs_total" in httpx.get(f"{url}/metrics").text
+        for remote in runs:
+            client.delete_run(remote)
 
 
 def test_an_op_failing_in_a_co_batched_pass_keeps_its_error_class(pool_service, tiny_model_dir) -> None:
@@ -309,3 +343,43 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met")
         time.sleep(0.05)
+
+
+def test_a_server_side_custom_loss_runs_on_a_ray_worker(
+    pool_service, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    """The checked graph travels with the op, so a Ray model worker computes the uploaded loss, equal to
+    the SDK's client-side path on the same pool."""
+    tinker = pytest.importorskip("tinker")
+    import dataclasses
+
+    import torch
+    from tinker import types
+
+    _, url = pool_service
+    monkeypatch.setenv("TINKER_API_KEY", "tml-test")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    service_client = tinker.ServiceClient(base_url=url)
+    service_client.get_server_capabilities()
+    handle = service_client.create_custom_loss(_ray_custom_loss, {"logprobs": 1, "advantages": 1}).result()
+    assert handle.loss_id is not None  # uploaded, not run client-side
+    tokens = ids(12)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "advantages": torch.linspace(-1, 1, len(tokens) - 1)},
+    )
+    on_server, on_client = (
+        service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, seed=0)
+        .forward_backward_custom([datum], h)
+        .result()
+        .metrics["loss:sum"]
+        for h in (handle, dataclasses.replace(handle, loss_id=None))
+    )
+    assert abs(on_server - on_client) <= 1e-6 * max(1.0, abs(on_client)), (on_server, on_client)
+    service_client.close("success").result()
+
+
+def _ray_custom_loss(logprobs, advantages):
+    loss = -(logprobs * advantages).sum()
+    return loss, {}

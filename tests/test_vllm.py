@@ -7,7 +7,8 @@ size of at least 32, so the model here is the tiny Qwen2 at hidden size 128 (4 h
 conftest's 64. Starting vLLM costs about a minute on two cores; the kill test at the end costs another.
 
 Tolerance: sampler log-probabilities (vLLM, float32 on CPU) equal the trainer's (`Engine.forward`) on the
-same tokens and weights to within LOGPROB_TOLERANCE = 1e-3 (measured: ~1e-6).
+same tokens and weights to within LOGPROB_TOLERANCE = 1e-3 (measured: ~1e-6), and the cookbook's math_rl flow
+on vLLM keeps `optim/kl_sample_train_v1` within it at every step (measured: ~1e-8).
 """
 
 from __future__ import annotations
@@ -631,6 +632,100 @@ def test_openai_completions_and_streaming_on_vllm(url: str, service: Service, vl
         engine_before = backend.routes["engine"]
         live = oai.completions.create(model=run_id, prompt=PROMPT, max_tokens=4, seed=1)
         assert live.choices[0].text is not None and backend.routes["engine"] == engine_before + 1
+
+
+COOKBOOK_STEPS = 2  # math_rl steps; each samples BATCH * GROUP rollouts from a fresh snapshot
+COOKBOOK_BATCH, COOKBOOK_GROUP = 2, 2
+
+
+@needs_vllm
+def test_cookbook_math_rl_kl_sample_train_on_vllm(
+    url: str, service: Service, vllm_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tinker-cookbook's math_rl flow (`rl.train.main` on the arithmetic environment, as
+    `recipes/math_rl/train.py` builds it, `stable_reinforce`) with its rollouts sampled by vLLM.
+
+    Every step samples from a fresh snapshot (`save_weights_and_get_sampling_client`), then `forward_backward`
+    scores the same tokens on the same weights; the cookbook logs the mean difference as
+    `optim/kl_sample_train_v1` (and half its mean square as `_v2`). Both must stay within LOGPROB_TOLERANCE
+    (|v1| and sqrt(2 v2), the RMS difference, <= 1e-3; measured: |v1| ~1e-8, v2 ~1e-14). The `routes` counter
+    shows the rollouts were vLLM's, not the engine sampler's (which would make this the engine against itself).
+
+    vLLM's LoRA does not take the output head, and the cookbook's `create_lora_training_client` leaves Tinker's
+    default `train_unembed=True` (such a snapshot is sampled by the engine): the run is created without it.
+    The cookbook runs in this process (its imports are already here: a subprocess would add their start-up).
+    """
+    pytest.importorskip("tinker_cookbook")
+    import asyncio
+    import functools
+    import logging
+
+    import tinker
+    from tinker_cookbook.recipes.math_rl.arithmetic_env import ArithmeticDatasetBuilder
+    from tinker_cookbook.rl.train import Config, main
+
+    backend = service.backend
+    assert isinstance(backend, VllmBackend)
+    monkeypatch.setenv("TINKER_BASE_URL", url)
+    create = tinker.ServiceClient.create_lora_training_client
+    monkeypatch.setattr(
+        tinker.ServiceClient,
+        "create_lora_training_client",
+        functools.partialmethod(create, train_unembed=False),
+    )
+    model = str(vllm_model_dir)
+    log = tmp_path / "log"
+    config = Config(
+        learning_rate=1e-2,
+        dataset_builder=ArithmeticDatasetBuilder(
+            batch_size=COOKBOOK_BATCH,
+            model_name_for_tokenizer=model,
+            renderer_name="role_colon",
+            n_batches=COOKBOOK_STEPS,
+            group_size=COOKBOOK_GROUP,
+        ),
+        model_name=model,
+        recipe_name="recipe_math_rl",
+        renderer_name="role_colon",
+        lora_rank=8,
+        max_tokens=12,
+        temperature=1.0,
+        log_path=str(log),
+        eval_every=0,
+        save_every=0,
+        loss_fn="stable_reinforce",
+        max_steps=COOKBOOK_STEPS,
+    )
+    before = dict(backend.routes)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # the cookbook replaces the root logger's handlers
+    t0 = time.monotonic()
+    try:
+        asyncio.run(main(config))
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+    print(f"cookbook math_rl, {COOKBOOK_STEPS} steps on vLLM: {time.monotonic() - t0:.1f} s")
+    rollouts = COOKBOOK_STEPS * COOKBOOK_BATCH * COOKBOOK_GROUP
+    vllm_requests = backend.routes["vllm"] - before.get("vllm", 0)
+    engine_requests = backend.routes["engine"] - before.get("engine", 0)
+    assert (vllm_requests, engine_requests) == (rollouts, 0)
+    metrics = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "optim/kl_sample_train_v1" in m]
+    assert len(steps) == COOKBOOK_STEPS
+    for i, step in enumerate(steps):
+        v1, v2 = step["optim/kl_sample_train_v1"], step["optim/kl_sample_train_v2"]
+        print(
+            f"step {i}: kl_sample_train_v1 = {v1:.2e}, v2 = {v2:.2e}, entropy = {step['optim/entropy']:.3f}"
+        )
+        assert abs(v1) <= LOGPROB_TOLERANCE and (2 * v2) ** 0.5 <= LOGPROB_TOLERANCE
+        assert step["optim/entropy"] > 0  # sampled tokens with real (non-zero) logprobs were compared
 
 
 @needs_vllm

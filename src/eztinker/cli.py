@@ -2,6 +2,7 @@
 
 eztinker server --model ./my-model            start the server
 eztinker runs list | show RUN | delete RUN    training runs
+eztinker runs import DIR --base-model M       a PEFT adapter directory as a new run
 eztinker checkpoints list RUN | delete RUN NAME | export RUN NAME DIR [--merge]
 eztinker sample "Hello" [--run-id RUN]        sample text
 eztinker train-sft data.jsonl --base-model M  a small SFT loop through the client
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
+from eztinker.dataset.sft_jsonl import Example, encode_sft_records, read_sft_records
 from eztinker.settings import Settings
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-runs_app = typer.Typer(help="List, show and delete training runs.", no_args_is_help=True)
+runs_app = typer.Typer(help="List, show, import and delete training runs.", no_args_is_help=True)
 checkpoints_app = typer.Typer(help="List, delete and export checkpoints.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(checkpoints_app, name="checkpoints")
@@ -283,6 +284,67 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_archive(adapter_dir: Path) -> bytes:
+    """The adapter files of a PEFT directory as an uncompressed tar (what `POST /v1/runs/import` takes)."""
+    import io
+    import tarfile
+
+    if not adapter_dir.is_dir():
+        raise _fail(f"{adapter_dir} is not a directory")
+    files = [adapter_dir / name for name in ADAPTER_FILES if (adapter_dir / name).is_file()]
+    if not any(f.name == "adapter_config.json" for f in files) or len(files) < 2:
+        raise _fail(f"{adapter_dir} is not a PEFT adapter directory (adapter_config.json + adapter_model.*)")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for file in files:
+            tar.add(file, arcname=file.name)
+    return buffer.getvalue()
+
+
+@runs_app.command("import")
+def runs_import(
+    adapter_dir: Path,
+    base_model: Annotated[str, typer.Option(help="The base model the adapter was trained on (as served).")],
+    rank: Annotated[int | None, typer.Option(help="Refuse unless the adapter has this rank.")] = None,
+    target_module: Annotated[
+        list[str] | None, typer.Option(help="Refuse unless the adapter adapts exactly these (repeat it).")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option(help="The new run's id (default: a fresh one).")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Import a PEFT LoRA adapter directory as a new run that keeps training (uploaded as a tar)."""
+    from eztinker.client_core import _read
+    from eztinker.models.api import Run
+
+    archive = adapter_archive(adapter_dir)
+    params: dict[str, Any] = {"base_model": base_model}
+    if rank is not None:
+        params["lora_rank"] = rank
+    if target_module:
+        params["target_modules"] = target_module
+    if run_id is not None:
+        params["run_id"] = run_id
+    with _client(url, api_key) as client:
+        response = client._http.post(
+            "/v1/runs/import",
+            content=archive,
+            params=params,
+            headers={"Content-Type": "application/x-tar"},
+            timeout=600.0,  # the server loads the base model on first use
+        )
+        run = Run.model_validate(_read(response))
+    console.print(
+        f"imported {escape(str(adapter_dir))} as run {escape(run.run_id)} "
+        f"(rank {run.lora_config.r}, base {escape(run.base_model)})",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 @runs_app.command("delete")
 def runs_delete(
     run_id: str,
@@ -388,120 +450,6 @@ def sample(
 
 
 # --- a small SFT loop --------------------------------------------------------------------------------------
-
-Example = tuple[list[int], list[int]]  # (input_ids, labels), -100 where nothing is trained
-
-
-def read_sft_examples(path: Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """(input_ids, labels) per JSONL line: `{"text"}`, `{"prompt", "completion"}` or `{"messages": [...]}`.
-
-    Texts are trained on whole; of the others only completions and assistant turns, the rest is -100.
-    EOS ends texts and completions. Sequences are cut at `max_length`; one left with nothing to train
-    on is left out.
-    """
-    return encode_sft_records(path, read_sft_records(path), tokenizer, max_length)
-
-
-def read_sft_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """The JSONL file's records with their line numbers; ValueError names the first bad line."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg} at column {exc.colno})") from None
-        problem = _record_problem(record)
-        if problem is not None:
-            raise ValueError(f"{path}:{number}: {problem}")
-        records.append((number, record))
-    if not records:
-        raise ValueError(f"{path}: no examples")
-    return records
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return 'expected a JSON object such as {"text": ...}'
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
-            return '\'messages\' must be a non-empty list of {"role": ..., "content": ...} strings'
-        return None
-    if "prompt" in record and "completion" in record:
-        fields = ("prompt", "completion")
-    elif "text" in record:
-        fields = ("text",)
-    else:
-        return "expected a 'text', 'prompt'+'completion' or 'messages' field"
-    for field in fields:
-        if not isinstance(record[field], str):
-            return f"{field!r} must be a string"
-    return None
-
-
-def _is_message(message: Any) -> bool:
-    return (
-        isinstance(message, dict)
-        and isinstance(message.get("role"), str)
-        and isinstance(message.get("content"), str)
-    )
-
-
-def encode_sft_records(
-    path: Path, records: list[tuple[int, dict[str, Any]]], tokenizer: Any, max_length: int
-) -> list[Example]:
-    """Tokenize `read_sft_records`'s records (see `read_sft_examples`); ValueError names a bad line."""
-    examples = []
-    for number, record in records:
-        try:
-            ids, labels = _encode(record, tokenizer)
-        except Exception as exc:  # a chat template refusing the turns, a tokenizer without one, ...
-            raise ValueError(f"{path}:{number}: cannot tokenize: {exc}") from exc
-        ids, labels = ids[:max_length], labels[:max_length]
-        if any(label != -100 for label in labels[1:]):  # labels[0] is never predicted
-            examples.append((ids, labels))
-    if not examples:
-        raise ValueError(f"{path}: no example has a token to train on within {max_length} tokens")
-    return examples
-
-
-def _encode(record: dict[str, Any], tokenizer: Any) -> Example:
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    if "messages" in record:
-        return _chat_ids(tokenizer, record["messages"])
-    if "prompt" in record:
-        prompt = tokenizer(record["prompt"])["input_ids"]  # with the BOS, if the model has one
-        completion = [*tokenizer(record["completion"], add_special_tokens=False)["input_ids"], *eos]
-        return prompt + completion, [-100] * len(prompt) + completion
-    ids = list(tokenizer(record["text"])["input_ids"])
-    if eos and ids[-1:] != eos:
-        ids += eos
-    return ids, list(ids)
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Example:
-    """Tokenize a chat with its template; train on the assistant turns only, not on their role headers.
-
-    Renders the chat one turn longer at a time (with the generation prompt before an assistant turn) and
-    labels each turn's new tokens, so the template must render a chat's turns as prefixes of it.
-    """
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, message in enumerate(messages):
-        before_assistant = i + 1 < len(messages) and messages[i + 1]["role"] == "assistant"
-        rendered = list(
-            tokenizer.apply_chat_template(
-                messages[: i + 1], tokenize=True, return_dict=False, add_generation_prompt=before_assistant
-            )
-        )
-        if rendered[: len(ids)] != ids:
-            raise ValueError("the chat template does not render earlier turns as a prefix of later ones")
-        new = rendered[len(ids) :]
-        ids.extend(new)
-        labels.extend(new if message["role"] == "assistant" else [-100] * len(new))
-    return ids, labels
 
 
 @app.command("train-sft")

@@ -30,12 +30,11 @@ Errors: see `eztinker.exceptions` — one tree, rooted at `EZTinkerError`.
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
@@ -51,41 +50,15 @@ from eztinker.client_core import (
     DEFAULT_TIMEOUT,
     MAX_POLL_WAIT,
     CustomLossFn,
-    DatumLike,
-    TokenIds,
-    _archive_call,
-    _Call,
+    Plan,
+    _advance,
     _ClientBase,
-    _create_run_call,
-    _custom_backward,
-    _custom_datums,
+    _Done,
     _FutureBase,
-    _job_call,
-    _load_call,
-    _optim_call,
-    _poll_wait,
-    _read,
-    _sample_call,
-    _save_call,
-    _seg,
-    _train_call,
-    _unpack_checkpoint,
-    _with_custom_loss,
+    _Pause,
 )
-from eztinker.exceptions import JobTimeoutError
-from eztinker.models.api import (
-    Checkpoint,
-    CheckpointRef,
-    Health,
-    Job,
-    JobRef,
-    QueueView,
-    Run,
-    RunMetrics,
-    SampleOutput,
-    SaveOutput,
-    TokenDatum,
-)
+from eztinker.client_ops import _Operations
+from eztinker.models.api import JobRef
 from eztinker.models.configs import LoRAConfig, LossFunctionConfig
 
 __all__ = [
@@ -110,62 +83,35 @@ __all__ = [
 _sleep = time.sleep  # module-level so that tests can skip the waiting
 _async_sleep = asyncio.sleep  # (what `AsyncEZTinkerClient` waits with)
 
+R = TypeVar("R")
+
 
 class JobFuture(_FutureBase):
     """A job submitted by `EZTinkerClient`. `fut["job_id"]`, `fut.status`, `fut.done()`, `fut.result()`."""
 
-    def __init__(
-        self,
-        client: EZTinkerClient,
-        ref: JobRef,
-        finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__(ref, finish)
-        self._client = client
+    _client: EZTinkerClient
 
     def done(self) -> bool:
         """True once the job has completed or failed. Asks the server once, without waiting, unless known."""
-        if not self._known_done():
-            self._update(self._client.get_job(self.job_id))
-        return self._known_done()
+        return self._client._drive(self._done())
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job and return its result dict; `JobFailedError` if it failed.
 
         `timeout` (seconds, to within one) raises `JobTimeoutError` first; the job goes on running.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._known_done():
-            self._update(self._client.get_job(self.job_id, wait=_poll_wait(deadline, self._client.poll_wait)))
-            if not self._known_done() and deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeoutError(
-                    f"job {self.job_id} ({self.op}) is still {self.status} after {timeout} s"
-                )
-        return self._outcome()
+        return self._client._drive(self._wait(timeout))
 
 
-class EZTinkerClient(_ClientBase):
+class EZTinkerClient(_ClientBase, _Operations):
     """A synchronous client. Use it as a context manager, or call `close()` when done.
 
-    Thread-safe: several threads may submit ops and wait on futures through one client.
+    Thread-safe: several threads may submit ops and wait on futures through one client. Its methods are
+    the operations of `eztinker.client_ops`, each documented there.
     """
 
-    def __init__(
-        self,
-        *,
-        base_url: str | httpx.URL = DEFAULT_BASE_URL,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        poll_wait: int = DEFAULT_POLL_WAIT,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        """`api_key` defaults to the EZTINKER_API_KEY environment variable; `transport` replaces the network
-        (tests pass an `httpx.MockTransport`)."""
-        super().__init__(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, poll_wait=poll_wait
-        )
-        self._http = httpx.Client(
+    def _connect(self, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(
             base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
         )
 
@@ -186,269 +132,32 @@ class EZTinkerClient(_ClientBase):
     ) -> None:
         self.close()
 
-    # --- sending ---------------------------------------------------------------------------------------
+    # --- I/O: running a plan -----------------------------------------------------------------------------
 
-    def _send(self, call: _Call) -> Any:
-        self._check_open()
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(
-                    call.method,
-                    call.path,
-                    json=call.json,
-                    params=call.params,
-                    timeout=self._timeout_for(call),
-                )
-            except httpx.TransportError as error:
-                delay = self._retry_delay(call, attempt, error=error)
-                if delay is None:
-                    raise self._connection_error(error) from error
+    def _drive(self, plan: Plan[R]) -> R:
+        """Run `plan`: send each request it yields and hand it the response (or throw in the transport
+        error), sleep through each pause, and return what it returns."""
+        outcome: Any = None
+        while not isinstance(step := _advance(plan, outcome), _Done):
+            outcome = None
+            if isinstance(step, _Pause):
+                _sleep(step.seconds)
             else:
-                delay = self._retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return _read(response, call.raw)
-            _sleep(delay)
-            attempt += 1
+                try:
+                    outcome = self._http.send(self._build(step))
+                except httpx.TransportError as error:
+                    outcome = error
+        return step.value
 
-    def _submit(self, call: _Call) -> JobFuture:
-        return JobFuture(self, JobRef.model_validate(self._send(call)))
+    @staticmethod
+    def _method(plan: Callable[..., Plan[R]]) -> Callable[..., R]:
+        """An operation's plan as a method that runs it (`client_ops._Method`)."""
 
-    # --- server and runs -------------------------------------------------------------------------------
+        @functools.wraps(plan)
+        def run(client: EZTinkerClient, *args: Any, **kwargs: Any) -> R:
+            return client._drive(plan(client, *args, **kwargs))
 
-    def health(self) -> Health:
-        """The server's version, device, loaded base models and queue depth."""
-        return Health.model_validate(self._send(_Call("GET", "/health")))
+        return run
 
-    def create_run(
-        self,
-        base_model: str,
-        lora_config: LoRAConfig | Mapping[str, Any] | None = None,
-        loss_config: LossFunctionConfig | Mapping[str, Any] | None = None,
-        run_id: str | None = None,
-        from_checkpoint: CheckpointRef | Mapping[str, Any] | None = None,
-        *,
-        optimizer: Literal["adamw", "dimuon"] | None = None,
-    ) -> str:
-        """Create a LoRA training run and return its id. Waits while the server loads `base_model` the first
-        time (up to DEFAULT_CREATE_RUN_TIMEOUT). `from_checkpoint={"run_id": ..., "name": ...}` starts from a
-        saved checkpoint (add `"with_optimizer": False` for its weights only). `optimizer` ("adamw", the
-        default, or "dimuon") is fixed for the run's life; `optim_step` then takes its settings."""
-        call = _create_run_call(base_model, lora_config, loss_config, run_id, from_checkpoint, optimizer)
-        return Run.model_validate(self._send(call)).run_id
-
-    def get_run(self, run_id: str) -> Run:
-        return Run.model_validate(self._send(_Call("GET", f"/v1/runs/{_seg(run_id)}")))
-
-    def get_runs(self) -> list[Run]:
-        return [Run.model_validate(run) for run in self._send(_Call("GET", "/v1/runs"))]
-
-    def delete_run(self, run_id: str) -> None:
-        """Free the run's adapter on the server. Its checkpoints stay until deleted."""
-        self._send(_Call("DELETE", f"/v1/runs/{_seg(run_id)}"))
-
-    # --- training ----------------------------------------------------------------------------------------
-
-    def forward_backward(
-        self,
-        run_id: str,
-        input_ids: TokenIds | Sequence[TokenIds] | None = None,
-        target_ids: TokenIds | Sequence[TokenIds] | None = None,
-        weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
-        *,
-        data: Sequence[DatumLike] | None = None,
-        loss_config: LossFunctionConfig | Mapping[str, Any] | None = None,
-        loss_fn: str | None = None,
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> JobFuture:
-        """Accumulate gradients for one sequence or a batch; the result is `{loss, logprobs, metrics}`.
-
-        `input_ids` is one sequence or a batch; `target_ids` (aligned labels, -100 ignored) defaults to
-        `input_ids`. The run's loss applies unless `loss_config` overrides it. Or pass `data`: prebuilt
-        NativeDatum dicts, or TokenDatum dicts `{tokens, loss_inputs}` with a Tinker `loss_fn`.
-        """
-        call = _train_call(
-            "forward_backward",
-            run_id,
-            input_ids,
-            target_ids,
-            weights,
-            data,
-            loss_config,
-            loss_fn,
-            loss_fn_config,
-        )
-        return self._submit(call)
-
-    def forward(
-        self,
-        run_id: str,
-        input_ids: TokenIds | Sequence[TokenIds] | None = None,
-        target_ids: TokenIds | Sequence[TokenIds] | None = None,
-        weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
-        *,
-        data: Sequence[DatumLike] | None = None,
-        loss_config: LossFunctionConfig | Mapping[str, Any] | None = None,
-        loss_fn: str | None = None,
-        loss_fn_config: Mapping[str, float] | None = None,
-    ) -> JobFuture:
-        """As `forward_backward`, without the backward pass: loss and logprobs only, no gradients."""
-        call = _train_call(
-            "forward", run_id, input_ids, target_ids, weights, data, loss_config, loss_fn, loss_fn_config
-        )
-        return self._submit(call)
-
-    def forward_backward_custom(
-        self, run_id: str, data: Sequence[TokenDatum | Mapping[str, Any]], loss_fn: CustomLossFn
-    ) -> JobFuture:
-        """Train on a loss computed here, in torch: `loss_fn(data, logprobs_list) -> (loss, metrics)`.
-
-        Runs `forward` (cross_entropy) for each datum's target-token logprobs, calls `loss_fn` on them as
-        tensors requiring grad, and submits `forward_backward` with cross_entropy weights −dloss/dlogprob,
-        whose gradient on the server equals the custom loss's. Waits for the forward pass; the returned
-        future's result carries `loss_fn`'s loss and metrics. Needs torch on the client.
-        """
-        datums = _custom_datums(data)
-        forward = self._submit(
-            _train_call("forward", run_id, None, None, None, datums, None, "cross_entropy", None)
-        )
-        weighted, loss, metrics = _custom_backward(data, datums, forward.result(), loss_fn)
-        call = _train_call(
-            "forward_backward", run_id, None, None, None, weighted, None, "cross_entropy", None
-        )
-        return JobFuture(self, JobRef.model_validate(self._send(call)), _with_custom_loss(loss, metrics))
-
-    def optim_step(
-        self,
-        run_id: str,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.0,
-        beta1: float = 0.9,
-        beta2: float = 0.95,
-        eps: float = 1e-12,
-        grad_clip_norm: float = 0.0,
-        *,
-        damping: float | None = None,
-        rank_lr_correction_exponent: float | None = None,
-    ) -> JobFuture:
-        """One step of the run's optimizer on the accumulated gradients; the result is `{step, grad_norm,
-        learning_rate}`. AdamW uses the six positional settings; Dimuon uses `learning_rate`, `beta1`,
-        `grad_clip_norm`, `damping` and `rank_lr_correction_exponent` (None: Tinker's defaults)."""
-        call = _optim_call(
-            run_id,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            grad_clip_norm=grad_clip_norm,
-            damping=damping,
-            rank_lr_correction_exponent=rank_lr_correction_exponent,
-        )
-        return self._submit(call)
-
-    # --- sampling ----------------------------------------------------------------------------------------
-
-    def sample(
-        self,
-        prompt: str | TokenIds,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = -1,
-        run_id: str | None = None,
-        *,
-        stop: str | Sequence[str] | Sequence[int] | None = None,
-        seed: int | None = None,
-        base_model: str | None = None,
-    ) -> str:
-        """Generate from `run_id`'s adapter (or a base model when None), wait, and return the text."""
-        output = self.generate(
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            run_id,
-            stop=stop,
-            seed=seed,
-            base_model=base_model,
-        )
-        return output.samples[0].text
-
-    def generate(
-        self,
-        prompt_or_tokens: str | TokenIds,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = -1,
-        run_id: str | None = None,
-        *,
-        n: int = 1,
-        prompt_logprobs: bool = False,
-        stop: str | Sequence[str] | Sequence[int] | None = None,
-        seed: int | None = None,
-        base_model: str | None = None,
-    ) -> SampleOutput:
-        """As `sample`, returning all `n` samples with their tokens and logprobs (and the prompt's, if asked)."""
-        call = _sample_call(
-            prompt_or_tokens,
-            run_id,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=stop,
-            seed=seed,
-            n=n,
-            prompt_logprobs=prompt_logprobs,
-            base_model=base_model,
-        )
-        return SampleOutput.model_validate(self._submit(call).result())
-
-    # --- checkpoints -------------------------------------------------------------------------------------
-
-    def save_checkpoint(
-        self, run_id: str, name: str, kind: Literal["state", "weights"] = "state"
-    ) -> dict[str, Any]:
-        """Save the adapter (and, for kind "state", the optimizer and step); wait and return
-        `{"status": "completed", "name", "step", "adapter_path", "optimizer_path"}`."""
-        return SaveOutput.model_validate(self._submit(_save_call(run_id, name, kind)).result()).model_dump()
-
-    def load_checkpoint(
-        self, run_id: str, name: str, *, source_run_id: str | None = None, with_optimizer: bool = True
-    ) -> Run:
-        """Load a checkpoint (this run's, or `source_run_id`'s) into the run, wait, and return the run.
-        Also how a run `lost` in a server restart resumes."""
-        return Run.model_validate(
-            self._submit(_load_call(run_id, name, source_run_id, with_optimizer)).result()
-        )
-
-    def get_checkpoints(self, run_id: str) -> list[Checkpoint]:
-        return [
-            Checkpoint.model_validate(c)
-            for c in self._send(_Call("GET", f"/v1/runs/{_seg(run_id)}/checkpoints"))
-        ]
-
-    def delete_checkpoint(self, run_id: str, name: str) -> None:
-        self._send(_Call("DELETE", f"/v1/runs/{_seg(run_id)}/checkpoints/{_seg(name)}"))
-
-    def download_checkpoint(self, run_id: str, name: str, dest: str | os.PathLike[str]) -> Path:
-        """Download a checkpoint into the new directory `dest` (a PEFT adapter directory); returns it."""
-        return _unpack_checkpoint(self._send(_archive_call(run_id, name)), dest)
-
-    # --- reading -----------------------------------------------------------------------------------------
-
-    def get_metrics(self, run_id: str) -> RunMetrics:
-        """The run's history: loss, learning rate, grad norm and tokens per optimizer step."""
-        return RunMetrics.model_validate(self._send(_Call("GET", f"/v1/runs/{_seg(run_id)}/metrics")))
-
-    def get_job(self, job_id: str, wait: float = 0) -> Job:
-        """A job's state; with `wait` (up to MAX_POLL_WAIT seconds) the server answers once it finishes."""
-        return Job.model_validate(self._send(_job_call(job_id, wait)))
-
-    def get_queue(self) -> QueueView:
-        """Running and queued jobs (yours, when the server uses API keys) in start order, with each one's
-        position and estimated start, and the scheduler's utilisation and throughput."""
-        return QueueView.model_validate(self._send(_Call("GET", "/v1/queue")))
+    def _future(self, ref: JobRef, finish: Callable[[dict[str, Any]], dict[str, Any]] | None) -> JobFuture:
+        return JobFuture(self, ref, finish)

@@ -1,6 +1,11 @@
 """The sans-I/O core of the native clients: requests described before they are sent (`_Call` and its
-builders), the futures' shared state, the retry policy and reading answers. `EZTinkerClient`
-(`eztinker.client`) and `AsyncEZTinkerClient` (`eztinker.client_async`) only send and wait.
+builders), plans, the futures' shared state, the retry policy and reading answers.
+
+A plan is a generator that yields what to do and gets back what happened: a `_Call` to send once (it
+gets the `httpx.Response`, or the transport error thrown in), or a `_Pause` to wait. Sending with retries
+(`_ClientBase._request`), waiting for a job (`_FutureBase._wait`) and every operation of the API
+(`eztinker.client_ops`) are plans, so `EZTinkerClient` (`eztinker.client`) and `AsyncEZTinkerClient`
+(`eztinker.client_async`) only do the I/O: each runs a plan with its own `_drive`.
 """
 
 from __future__ import annotations
@@ -9,10 +14,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +32,7 @@ from eztinker.exceptions import (
     EZTinkerError,
     InvalidRequestError,
     JobFailedError,
+    JobTimeoutError,
     error_from_response,
     retry_after_seconds,
 )
@@ -75,12 +81,42 @@ CustomLossFn = Callable[[list[Any], list["torch.Tensor"]], tuple["torch.Tensor",
 
 @dataclass(frozen=True)
 class _Call:
+    """One HTTP request to send (once: retrying is the plan's business)."""
+
     method: str
     path: str
     json: Any = None
     params: dict[str, Any] | None = None
     read_timeout: float | None = None  # at least this long to read the answer (None: the client's timeout)
     raw: bool = False  # the answer is bytes (an archive), not JSON
+
+
+@dataclass(frozen=True)
+class _Pause:
+    """Wait this many seconds before going on (the backoff between retries)."""
+
+    seconds: float
+
+
+R = TypeVar("R")
+Plan = Generator[_Call | _Pause, Any, R]
+"""What a plan yields (a `_Call` to send, a `_Pause`), what it is sent back (the response), and returns."""
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A plan has returned `value`."""
+
+    value: Any
+
+
+def _advance(plan: Plan[Any], outcome: Any) -> _Call | _Pause | _Done:
+    """The plan's next step, given the outcome of the last: a response (or None) is sent in, a transport
+    error thrown in."""
+    try:
+        return plan.throw(outcome) if isinstance(outcome, httpx.TransportError) else plan.send(outcome)
+    except StopIteration as finished:
+        return _Done(finished.value)
 
 
 def _seg(value: str) -> str:
@@ -245,75 +281,6 @@ def _poll_wait(deadline: float | None, poll_wait: int) -> int:
     return max(0, min(poll_wait, math.ceil(deadline - time.monotonic())))
 
 
-# --- forward_backward_custom: the loss is computed here, its gradient travels as weights ----------------
-
-
-def _custom_datums(data: Sequence[TokenDatum | Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each datum as `{tokens, loss_inputs: {target_tokens}}`: the only inputs the cross_entropy passes need."""
-    datums = []
-    for i, datum in enumerate(data):
-        raw = datum.model_dump() if isinstance(datum, TokenDatum) else datum
-        try:
-            datums.append(
-                {
-                    "tokens": list(raw["tokens"]),
-                    "loss_inputs": {"target_tokens": raw["loss_inputs"]["target_tokens"]},
-                }
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(
-                f"forward_backward_custom: data[{i}] must be a token datum "
-                "{'tokens': [...], 'loss_inputs': {'target_tokens': [...]}}"
-            ) from exc
-    if not datums:
-        raise ValueError("forward_backward_custom needs at least one datum")
-    return datums
-
-
-def _custom_backward(
-    data: Sequence[Any], datums: list[dict[str, Any]], forward: dict[str, Any], loss_fn: CustomLossFn
-) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
-    """Run `loss_fn` on the forward pass's logprobs; return the cross_entropy data whose weights are −dC/dlp."""
-    import torch
-
-    from eztinker.engine.losses import weights_from_logprob_grads
-
-    if len(forward["logprobs"]) != len(datums):
-        raise EZTinkerError(
-            f"the forward pass returned {len(forward['logprobs'])} logprobs for {len(datums)} datums"
-        )
-    logprobs = [
-        torch.tensor(lp[: len(d["loss_inputs"]["target_tokens"])], dtype=torch.float32, requires_grad=True)
-        for lp, d in zip(forward["logprobs"], datums, strict=True)
-    ]
-    loss, metrics = loss_fn(list(data), logprobs)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        raise ValueError(
-            "loss_fn must return (loss, metrics) with loss a scalar tensor computed from the logprobs"
-        )
-    loss.backward()
-    weighted = [
-        {
-            "tokens": d["tokens"],
-            "loss_inputs": {
-                "target_tokens": d["loss_inputs"]["target_tokens"],
-                "weights": weights_from_logprob_grads(
-                    lp.grad if lp.grad is not None else torch.zeros_like(lp)
-                ).tolist(),
-            },
-        }
-        for d, lp in zip(datums, logprobs, strict=True)
-    ]
-    return weighted, float(loss.detach()), {name: float(value) for name, value in metrics.items()}
-
-
-def _with_custom_loss(loss: float, metrics: dict[str, float]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def finish(result: dict[str, Any]) -> dict[str, Any]:
-        return result | {"loss": loss, "metrics": {**result.get("metrics", {}), **metrics}}
-
-    return finish
-
-
 # --- futures -------------------------------------------------------------------------------------------
 
 
@@ -323,7 +290,13 @@ class _FutureBase(Mapping[str, Any]):
     `status` is the status last seen; it changes only when the future asks the server (`done`, `result`).
     """
 
-    def __init__(self, ref: JobRef, finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        client: _ClientBase,
+        ref: JobRef,
+        finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        self._client = client
         self._ref = ref
         self._job: Job | None = None
         self._finish = finish
@@ -370,6 +343,30 @@ class _FutureBase(Mapping[str, Any]):
         self._job = job
         self._ref = JobRef(job_id=job.job_id, status=job.status, run_id=job.run_id, op=job.op)
 
+    def _poll(self, wait: float) -> Plan[None]:
+        answer = yield from self._client._request(_job_call(self.job_id, wait))
+        self._update(Job.model_validate(answer))
+
+    def _done(self) -> Plan[bool]:
+        """True once the job has completed or failed. Asks the server once, without waiting, unless known."""
+        if not self._known_done():
+            yield from self._poll(0)
+        return self._known_done()
+
+    def _wait(self, timeout: float | None) -> Plan[dict[str, Any]]:
+        """Long-poll until the job is done; its result dict, or `JobFailedError` if it failed.
+
+        `timeout` (seconds, to within one) raises `JobTimeoutError` first; the job goes on running.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._known_done():
+            yield from self._poll(_poll_wait(deadline, self._client.poll_wait))
+            if not self._known_done() and deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeoutError(
+                    f"job {self.job_id} ({self.op}) is still {self.status} after {timeout} s"
+                )
+        return self._outcome()
+
     def _outcome(self) -> dict[str, Any]:
         """The result of a finished job, or `JobFailedError`."""
         assert self._job is not None and self._job.status in _TERMINAL, self._job
@@ -385,17 +382,22 @@ class _FutureBase(Mapping[str, Any]):
 
 
 class _ClientBase:
-    """What both clients share: configuration, headers, the retry policy and reading answers."""
+    """What both clients share: configuration, headers, and sending with retries, submitting jobs and
+    reading answers (as plans). A client adds its connection (`_connect`), its futures (`_future`), and
+    how it runs a plan (`_drive`, `_method`)."""
 
     def __init__(
         self,
         *,
-        base_url: str | httpx.URL,
-        api_key: str | None,
-        timeout: float | httpx.Timeout | None,
-        max_retries: int,
-        poll_wait: int,
+        base_url: str | httpx.URL = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        poll_wait: int = DEFAULT_POLL_WAIT,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`api_key` defaults to the EZTINKER_API_KEY environment variable; `transport` replaces the network
+        (tests pass an `httpx.MockTransport`)."""
         if max_retries < 0:
             raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
         if not 0 < poll_wait <= MAX_POLL_WAIT:
@@ -410,6 +412,11 @@ class _ClientBase:
         if api_key:
             self._headers["X-API-Key"] = api_key
         self._closed = False
+        self._http = self._connect(transport)
+
+    def _connect(self, transport: Any) -> Any:
+        """The client's `httpx.Client` (or `httpx.AsyncClient`) over `transport`."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r})"
@@ -424,6 +431,39 @@ class _ClientBase:
             raise ClientClosedError(
                 f"This client has been closed; create a new {name} to make more requests."
             )
+
+    def _future(self, ref: JobRef, finish: Callable[[dict[str, Any]], dict[str, Any]] | None) -> _FutureBase:
+        raise NotImplementedError
+
+    def _request(self, call: _Call) -> Plan[Any]:
+        """Send `call`, retrying as the policy allows (`_retry_delay`); the answer's JSON (bytes if raw)."""
+        self._check_open()
+        attempt = 0
+        while True:
+            try:
+                response = yield call
+            except httpx.TransportError as error:
+                delay = self._retry_delay(call, attempt, error=error)
+                if delay is None:
+                    raise self._connection_error(error) from error
+            else:
+                delay = self._retry_delay(call, attempt, response=response)
+                if delay is None:
+                    return _read(response, call.raw)
+            yield _Pause(delay)
+            attempt += 1
+
+    def _submit(
+        self, call: _Call, finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> Plan[_FutureBase]:
+        """Submit a job: the client's future for it, at once."""
+        return self._future(JobRef.model_validate((yield from self._request(call))), finish)
+
+    def _build(self, call: _Call) -> httpx.Request:
+        """The `httpx.Request` of `call` (building one does no I/O: `Client.request` is build, then send)."""
+        return self._http.build_request(
+            call.method, call.path, json=call.json, params=call.params, timeout=self._timeout_for(call)
+        )
 
     def _timeout_for(self, call: _Call) -> httpx.Timeout:
         read = self.timeout.read

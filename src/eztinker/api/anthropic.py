@@ -2,34 +2,39 @@
 server-sent events) and `/messages/count_tokens`.
 
 `model` names what the OpenAI routes accept (a base model, a run id, a tinker:// sampler path): the same
-resolution (`openai._resolve`), chat template, sampling entry point (`service.sampling.sample`) and
-detokenising / stop-string stream (`openai._Choice`) serve both. Errors are Anthropic's error object,
+resolution, chat template, generation, detokenising / stop-string choices and token stream (`api/chat.py`)
+and sampling entry point (`service.sampling.sample`) serve both. Errors are Anthropic's error object,
 typed from the one error table (`api/errors.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi.responses import JSONResponse
 
 from eztinker.api.anthropic_bodies import CountTokensRequest, MessagesRequest
+from eztinker.api.chat import (
+    Choice,
+    ErrorShapedRoute,
+    Generation,
+    TokenStream,
+    chat_template_ids,
+    job_result,
+    resolve_model,
+    whole_result,
+)
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import error_kind, error_message, retry_after
-from eztinker.api.native import while_connected
-from eztinker.api.openai import _Choice, _Generation, _job_result, _resolve, _until_hung_up
 from eztinker.engine.errors import InvalidInputError
-from eztinker.engine.types import SamplingParams, TopLogprobs
-from eztinker.scheduler import Job
-from eztinker.service import SampleSpec, Service
+from eztinker.engine.types import SamplingParams
+from eztinker.service import Service
 
 PREFIX = "/anthropic/api/v1"
 
@@ -42,19 +47,10 @@ def anthropic_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=kind.status_for_openai, headers=retry_after(exc))
 
 
-class AnthropicRoute(APIRoute):
+class AnthropicRoute(ErrorShapedRoute):
     """A route whose every exception (validation and auth included) is answered as an Anthropic error."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                return anthropic_response(exc)
-
-        return handle
+    answer = staticmethod(anthropic_response)
 
 
 router = APIRouter(tags=["anthropic"], route_class=AnthropicRoute, dependencies=[Depends(get_owner)])
@@ -62,16 +58,13 @@ router = APIRouter(tags=["anthropic"], route_class=AnthropicRoute, dependencies=
 
 def _prompt(service: Service, body: CountTokensRequest, owner: str | None) -> tuple[Any, Any, list[int]]:
     """(target, tokenizer, prompt tokens): the system prompt and messages through the chat template."""
-    target = _resolve(service, body.model, owner)
+    target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError("messages", f"the tokenizer of {target.base_model!r} has no chat template")
     messages = [{"role": "system", "content": body.system_text()}] if body.system else []
     messages += [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
-        ids = ids["input_ids"]
-    return target, tokenizer, [int(t) for t in ids]
+    return target, tokenizer, chat_template_ids(tokenizer, messages)
 
 
 @router.post("/messages/count_tokens")
@@ -81,7 +74,7 @@ async def count_tokens(body: CountTokensRequest, service: ServiceDep, owner: Own
     return {"input_tokens": len(prompt)}
 
 
-def _stop(choice: _Choice, reason: str) -> tuple[str, str | None]:
+def _stop(choice: Choice, reason: str) -> tuple[str, str | None]:
     """(Anthropic stop_reason, the stop sequence met) once the choice's text is all taken."""
     if choice.stopped:
         rest = choice.text()[choice.released :]
@@ -96,7 +89,7 @@ async def messages(
 ) -> dict[str, Any] | Response:
     """One assistant turn: the system prompt and messages through the chat template, then one sample."""
 
-    def prepare() -> _Generation:
+    def prepare() -> Generation:
         target, tokenizer, prompt = _prompt(service, body, owner)
         stops = body.stops()
         params = SamplingParams(
@@ -106,19 +99,12 @@ async def messages(
             top_k=body.top_k or -1,
             stop=stops or None,
         )
-        return _Generation(target, tokenizer, [prompt], params, 1, 0, stops)
+        return Generation(target, tokenizer, [prompt], params, 1, 0, stops)
 
     generation = await run_in_threadpool(prepare)
     message_id = "msg_" + uuid.uuid4().hex
 
-    def submit(on_token: Any = None, cancelled: Callable[[], bool] | None = None) -> Job:
-        spec = SampleSpec(
-            generation.target,
-            generation.requests(on_token, cancelled),
-            check_now=True,
-            prompt_field="messages",
-        )
-        return service.sampling.sample(spec, owner)
+    submit = functools.partial(generation.submit, service, owner, "messages")
 
     def message(text: str | None, stop_reason: str | None, stop_sequence: str | None) -> dict[str, Any]:
         return {
@@ -136,23 +122,16 @@ async def messages(
         }
 
     if not body.stream:
-        job = await run_in_threadpool(submit)
-        if not await while_connected(request, job.wait(None)):  # the client hung up; the job runs on
+        result = await whole_result(request, submit)
+        if result is None:  # the client hung up; the job runs on
             return Response(status_code=499)
-        reasons = generation.fill(_job_result(job))
+        reasons = generation.fill(result)
         choice = generation.choices[0]
         text, _ = choice.take(final=True)
         return message(text, *_stop(choice, reasons[0]))
 
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None] = asyncio.Queue()
-
-    def on_token(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (sample, token, logprob, topk, done))
-
-    hung_up = threading.Event()
-    job = await run_in_threadpool(submit, on_token, hung_up.is_set)
-    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    stream = TokenStream()
+    job = await stream.start(submit)
 
     def event(name: str, data: dict[str, Any]) -> str:
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
@@ -167,8 +146,7 @@ async def messages(
         yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         yield event("ping", {})
         choice = generation.choices[0]
-        while (item := await queue.get()) is not None:
-            _, token, logprob, topk, done = item
+        async for _, token, logprob, topk, done in stream:
             choice.add(token, logprob, topk)
             text, _ = choice.take(final=done)
             if text:
@@ -177,7 +155,7 @@ async def messages(
             kind = "api_error" if job.error_category == "server" else "invalid_request_error"
             yield event("error", {"error": {"type": kind, "message": job.error}})
             return
-        reasons = generation.fill(_job_result(job))
+        reasons = generation.fill(job_result(job))
         text, _ = choice.take(final=True)
         if text:
             yield delta(text)
@@ -192,4 +170,4 @@ async def messages(
         )
         yield event("message_stop", {})
 
-    return StreamingResponse(_until_hung_up(events(), hung_up), media_type="text/event-stream")
+    return stream.response(events())

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from eztinker.api.deps import OwnerDep, ServiceDep
 from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams, TokenLoss
@@ -27,6 +28,7 @@ from eztinker.scheduler import Job
 from eztinker.service import JobView, SampleSpec, Service
 from eztinker.service import results as r
 from eztinker.service.custom_loss import custom_losses
+from eztinker.service.imports import import_adapter
 
 router = APIRouter(prefix="/v1", tags=["native"])
 
@@ -190,6 +192,34 @@ def job_model(job: JobView) -> api.Job:
 def create_run(body: api.CreateRunRequest, service: ServiceDep, owner: OwnerDep) -> api.Run:
     """Create a LoRA run on a base model (loaded on first use, so the first call may take a while)."""
     return service.create_run(body, owner)
+
+
+@router.post("/runs/import", status_code=status.HTTP_201_CREATED)
+async def import_run(
+    request: Request,
+    service: ServiceDep,
+    owner: OwnerDep,
+    base_model: Annotated[str, Query(min_length=1, description="The base model the adapter was trained on.")],
+    lora_rank: Annotated[int | None, Query(ge=1, description="If given, must be the adapter's rank.")] = None,
+    target_modules: Annotated[
+        list[str] | None, Query(description="If given (repeated), must be the adapter's target modules.")
+    ] = None,
+    run_id: Annotated[str | None, Query(min_length=1)] = None,
+) -> api.Run:
+    """A new run from a PEFT LoRA adapter directory, sent as a tar archive (plain or gzip) of it, that
+    trains on from there (step 0, a fresh optimizer). A mismatch with `adapter_config.json` is a 422 naming
+    the field; the adapter stays as the run's checkpoint `imported`. See `eztinker.service.imports`."""
+    archive = await request.body()
+    return await run_in_threadpool(
+        import_adapter,
+        service,
+        archive,
+        owner,
+        base_model=base_model,
+        lora_rank=lora_rank,
+        target_modules=target_modules,
+        run_id=run_id,
+    )
 
 
 @router.get("/runs")

@@ -12,234 +12,55 @@ hosted Tinker's prefix, `/oai/api/v1/...` (one router, mounted at each of `PREFI
 Routes translate only: tokenize (chat template from the tokenizer), build engine `SampleRequest`s, submit
 them through the service, and turn results into OpenAI's JSON. `stream: true` answers with server-sent
 events as the engine chooses tokens (its `on_token` callback, bridged from the sampling thread into the
-event loop). Every failure, request validation included, is answered in OpenAI's error shape.
+event loop). Every failure, request validation included, is answered in OpenAI's error shape. What the
+Anthropic facade shares with this one (resolving `model`, choices, the token stream) is in `api/chat.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import re
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
-from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
+from eztinker.api.chat import (
+    Choice,
+    ErrorShapedRoute,
+    Generation,
+    TokenStream,
+    chat_template_ids,
+    decode,
+    job_result,
+    resolve_model,
+    token_text,
+    whole_result,
+)
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import openai_response
-from eztinker.api.native import while_connected
 from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
-from eztinker.engine.errors import ComputeError, InvalidInputError
-from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
+from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.types import ImageChunk, SamplingParams
 from eztinker.scheduler import Job
-from eztinker.service import ModelTarget, SampleSpec, Service
-from eztinker.service.results import SampleOutput
+from eztinker.service import ModelTarget, Service
 
 # --- errors in OpenAI's shape (see `eztinker.api.errors`) --------------------------------------------
 
 
-class OpenAIRoute(APIRoute):
+class OpenAIRoute(ErrorShapedRoute):
     """A route whose every exception (validation and auth included) is answered as an OpenAI error."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                return openai_response(exc)
-
-        return handle
+    answer = staticmethod(openai_response)
 
 
 router = APIRouter(tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(get_owner)])
 PREFIXES = ("/v1", "/oai/api/v1")  # where `router` is mounted: EZTinker's own, and hosted Tinker's
-
-
-def _resolve(service: Service, model: str, owner: str | None) -> ModelTarget:
-    """What `model` names (see the module docstring). Blocking: a checkpoint may be loaded."""
-    if model.startswith("tinker://"):
-        try:
-            run_id, name, kind = wire.parse_tinker_path(model)
-        except InvalidInputError:
-            run_id = name = kind = ""
-        if kind not in ("weights", "sampler_weights"):
-            raise InvalidInputError(
-                "model",
-                f"{model!r} is not tinker://<run>/sampler_weights/<name> or tinker://<run>/weights/<name>",
-            )
-        return service.sampling.checkpoint_target(run_id, name, owner)
-    return service.sampling.resolve_model(model, owner)
-
-
-# --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
-
-
-@dataclass
-class _Choice:
-    """One sample's completion as it grows: the text released so far and the tokens behind it.
-
-    Text is held back while it might be the start of a stop string, or ends in an incomplete UTF-8
-    character; `stopped` once a stop string appeared (the text ends before it, as OpenAI's does).
-    """
-
-    tokenizer: Any
-    stops: list[str]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk: list[TopLogprobs | None] = field(default_factory=list)
-    released: int = 0  # characters of text released
-    released_tokens: int = 0  # tokens whose text is fully released
-    stopped: bool = False
-
-    def add(self, token: int, logprob: float, topk: TopLogprobs | None) -> None:
-        if not self.stopped:
-            self.tokens.append(token)
-            self.logprobs.append(logprob)
-            self.topk.append(topk)
-
-    def text(self) -> str:
-        return _decode(self.tokenizer, self.tokens)
-
-    def take(self, final: bool) -> tuple[str, list[int]]:
-        """(new text to release, indices of the tokens it completes); all that is left when `final`."""
-        if self.stopped:
-            return "", []
-        text = self.text()
-        end = len(text)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            end, self.stopped, final = cut, True, True
-        elif not final:
-            while end > self.released and text[end - 1] == "\ufffd":
-                end -= 1  # an incomplete UTF-8 character: wait for its other bytes
-            end -= _held_for_stop(text[:end], self.stops)
-        end = max(end, self.released)
-        new = text[self.released : end]
-        self.released = end
-        if self.stopped:  # the tokens with text before the stop string, the one it starts in included
-            done = self._tokens_within(end)
-            if done < len(self.tokens) and len(_decode(self.tokenizer, self.tokens[:done])) < end:
-                done += 1
-        else:
-            done = len(self.tokens) if final else self._tokens_within(end)
-        indices = list(range(self.released_tokens, max(done, self.released_tokens)))
-        self.released_tokens = max(done, self.released_tokens)
-        return new, indices
-
-    def _tokens_within(self, chars: int) -> int:
-        """How many leading tokens decode to text no longer than `chars` characters."""
-        n = self.released_tokens
-        while n < len(self.tokens) and len(_decode(self.tokenizer, self.tokens[: n + 1])) <= chars:
-            n += 1
-        return n
-
-
-def _held_for_stop(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could start a stop string (and so must wait)."""
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held
-
-
-def _decode(tokenizer: Any, tokens: list[int]) -> str:
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return text if isinstance(text, str) else "".join(text)
-
-
-def _token_text(tokenizer: Any, token: int) -> str:
-    return _decode(tokenizer, [token])
-
-
-# --- one generation: prompts, engine requests, and the choices they produce --------------------------
-
-
-@dataclass
-class _Generation:
-    """A route's prompts on one model, each sampled `n` times; choice index = prompt · n + sample."""
-
-    target: ModelTarget
-    tokenizer: Any
-    prompts: list[list[int]]
-    params: SamplingParams
-    n: int
-    top_logprobs: int
-    stops: list[str]
-    images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
-    choices: list[_Choice] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.choices = [_Choice(self.tokenizer, self.stops) for _ in range(len(self.prompts) * self.n)]
-
-    def requests(
-        self,
-        on_token: Callable[[int, int, float, TopLogprobs | None, bool], None] | None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> list[SampleRequest]:
-        return [
-            SampleRequest(
-                prompt=prompt,
-                params=self.params,
-                num_samples=self.n,
-                topk_sample_logprobs=self.top_logprobs,
-                stop_at_eos=True,
-                on_token=None if on_token is None else _shifted(on_token, i * self.n),
-                cancelled=cancelled,
-                images=self.images[i] if self.images else (),
-            )
-            for i, prompt in enumerate(self.prompts)
-        ]
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    def completion_tokens(self) -> int:
-        return sum(len(c.tokens) for c in self.choices)
-
-    def usage(self) -> dict[str, int]:
-        completion = self.completion_tokens()
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        }
-
-    def fill(self, result: SampleOutput) -> list[str]:
-        """Put a finished job's sequences into the choices; return each choice's finish reason."""
-        reasons = []
-        for i, request_result in enumerate(result.results):
-            for j, sequence in enumerate(request_result.sequences):
-                choice = self.choices[i * self.n + j]
-                if not choice.tokens:
-                    topk = sequence.topk_logprobs or [None] * len(sequence.tokens)
-                    for token, logprob, top in zip(sequence.tokens, sequence.logprobs, topk, strict=True):
-                        choice.add(token, logprob, top)
-                reasons.append("stop" if sequence.stop_reason == "stop" else "length")
-        return reasons
-
-
-def _shifted(
-    on_token: Callable[[int, int, float, TopLogprobs | None, bool], None], offset: int
-) -> Callable[[int, int, float, TopLogprobs | None, bool], None]:
-    def call(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
-        on_token(offset + sample, token, logprob, topk, done)
-
-    return call
 
 
 def _params(body: Sampling, max_tokens: int | None, stops: list[str]) -> SamplingParams:
@@ -296,10 +117,7 @@ def _chat_prompt(
                 text += part
         messages.append({"role": m.role, "content": text})
     if not images:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return tokenizer, [int(t) for t in ids], ()
+        return tokenizer, chat_template_ids(tokenizer, messages), ()
     # Images: the template renders each one's mark; the text between marks is tokenized, and the engine
     # puts each image in, as the model's vision start / placeholder run / end tokens.
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -348,11 +166,11 @@ async def completions(
     if body.echo:
         raise InvalidInputError("echo", "is not supported")
 
-    def prepare() -> _Generation:
-        target = _resolve(service, body.model, owner)
+    def prepare() -> Generation:
+        target = resolve_model(service, body.model, owner)
         tokenizer, prompts = _completion_prompts(service, target, body)
         stops = body.stops()
-        return _Generation(
+        return Generation(
             target,
             tokenizer,
             prompts,
@@ -374,13 +192,13 @@ async def chat_completions(
     if body.top_logprobs and not body.logprobs:
         raise InvalidInputError("top_logprobs", "needs logprobs: true")
 
-    def prepare() -> _Generation:
-        target = _resolve(service, body.model, owner)
+    def prepare() -> Generation:
+        target = resolve_model(service, body.model, owner)
         tokenizer, prompt, images = _chat_prompt(service, target, body)
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(body, max_tokens, stops)
-        return _Generation(
+        return Generation(
             target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops, images=[images]
         )
 
@@ -396,22 +214,19 @@ async def _respond(
     service: Service,
     owner: str | None,
     body: Sampling,
-    generation: _Generation,
+    generation: Generation,
     kind: Kind,
 ) -> dict[str, Any] | Response:
     response_id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
     created = int(time.time())
     prompt_field = "prompt" if kind == "text_completion" else "messages"
 
-    def submit(requests: list[SampleRequest]) -> Job:
-        spec = SampleSpec(generation.target, requests, check_now=True, prompt_field=prompt_field)
-        return service.sampling.sample(spec, owner)
+    submit = functools.partial(generation.submit, service, owner, prompt_field)
 
     if not body.stream:
-        job = await run_in_threadpool(submit, generation.requests(None))
-        if not await while_connected(request, job.wait(None)):  # the client hung up; the job runs on
+        result = await whole_result(request, submit)
+        if result is None:  # the client hung up; the job runs on
             return Response(status_code=499)
-        result = _job_result(job)
         reasons = generation.fill(result)
         choices = [_final_choice(generation, i, reasons[i], kind, body) for i in range(len(reasons))]
         return {
@@ -420,50 +235,27 @@ async def _respond(
             "created": created,
             "model": body.model,
             "choices": choices,
-            "usage": generation.usage(),
+            "usage": _usage(generation),
         }
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None] = asyncio.Queue()
-
-    def on_token(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (sample, token, logprob, topk, done))
-
-    hung_up = threading.Event()  # set if the client leaves before the end: generation stops there
-    job = await run_in_threadpool(submit, generation.requests(on_token, cancelled=hung_up.is_set))
-    # Set after the last token's callback on the same thread, so it reaches the queue after every token.
-    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-    return StreamingResponse(
-        _until_hung_up(_events(generation, body, job, queue, response_id, created, kind), hung_up),
-        media_type="text/event-stream",
-    )
+    stream = TokenStream()
+    job = await stream.start(submit)
+    return stream.response(_events(generation, body, job, stream, response_id, created, kind))
 
 
-async def _until_hung_up(events: AsyncIterator[str], hung_up: threading.Event) -> AsyncIterator[str]:
-    """The stream's events; if the client leaves before the last one, `hung_up` is set (and decoding stops)."""
-    finished = False
-    try:
-        async for event in events:
-            yield event
-        finished = True
-    finally:
-        if not finished:
-            hung_up.set()
-
-
-def _job_result(job: Job) -> SampleOutput:
-    if job.status == "failed":
-        if job.error_category == "server":
-            raise ComputeError(job.error or "sampling failed")
-        raise InvalidInputError("request", job.error or "sampling failed")
-    assert isinstance(job.result, SampleOutput)
-    return job.result
+def _usage(generation: Generation) -> dict[str, int]:
+    completion = generation.completion_tokens()
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": generation.prompt_tokens + completion,
+    }
 
 
 async def _events(
-    generation: _Generation,
+    generation: Generation,
     body: Sampling,
     job: Job,
-    queue: asyncio.Queue[tuple[int, int, float, TopLogprobs | None, bool] | None],
+    stream: TokenStream,
     response_id: str,
     created: int,
     kind: Kind,
@@ -487,8 +279,7 @@ async def _events(
             ]
         )
     finished: set[int] = set()
-    while (event := await queue.get()) is not None:
-        index, token, logprob, topk, done = event
+    async for index, token, logprob, topk, done in stream:
         choice = generation.choices[index]
         choice.add(token, logprob, topk)
         text, indices = choice.take(final=done)
@@ -506,17 +297,17 @@ async def _events(
         yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
         return
-    reasons = generation.fill(_job_result(job))
+    reasons = generation.fill(job_result(job))
     for index, reason in enumerate(reasons):
         text, indices = generation.choices[index].take(final=True)
         yield chunk([_chunk_choice(generation, index, text, indices, reason, kind, body)])
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield chunk([], usage=generation.usage())
+        yield chunk([], usage=_usage(generation))
     yield "data: [DONE]\n\n"
 
 
 def _final_choice(
-    generation: _Generation, index: int, reason: str, kind: Kind, body: Sampling
+    generation: Generation, index: int, reason: str, kind: Kind, body: Sampling
 ) -> dict[str, Any]:
     choice = generation.choices[index]
     text, _ = choice.take(final=True)
@@ -526,7 +317,7 @@ def _final_choice(
 
 
 def _chunk_choice(
-    generation: _Generation,
+    generation: Generation,
     index: int,
     text: str,
     indices: list[int],
@@ -550,13 +341,13 @@ def _chunk_choice(
 
 
 def _completion_logprobs(
-    generation: _Generation, choice: _Choice, indices: list[int], body: Sampling
+    generation: Generation, choice: Choice, indices: list[int], body: Sampling
 ) -> dict[str, Any] | None:
     if not isinstance(body, CompletionRequest) or body.logprobs is None:
         return None
     tok = generation.tokenizer
-    texts = [_token_text(tok, choice.tokens[i]) for i in indices]
-    offsets, offset = [], len(_decode(tok, choice.tokens[: indices[0]])) if indices else 0
+    texts = [token_text(tok, choice.tokens[i]) for i in indices]
+    offsets, offset = [], len(decode(tok, choice.tokens[: indices[0]])) if indices else 0
     for text in texts:
         offsets.append(offset)
         offset += len(text)
@@ -564,7 +355,7 @@ def _completion_logprobs(
         "tokens": texts,
         "token_logprobs": [choice.logprobs[i] for i in indices],
         "top_logprobs": [
-            {_token_text(tok, t): lp for t, lp in (choice.topk[i] or [])} if body.logprobs else None
+            {token_text(tok, t): lp for t, lp in (choice.topk[i] or [])} if body.logprobs else None
             for i in indices
         ],
         "text_offset": offsets,
@@ -572,14 +363,14 @@ def _completion_logprobs(
 
 
 def _chat_logprobs(
-    generation: _Generation, choice: _Choice, indices: list[int], body: Sampling
+    generation: Generation, choice: Choice, indices: list[int], body: Sampling
 ) -> dict[str, Any] | None:
     if not isinstance(body, ChatCompletionRequest) or not body.logprobs:
         return None
     tok = generation.tokenizer
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = _token_text(tok, token)
+        text = token_text(tok, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {

@@ -23,8 +23,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from eztinker.api import tinker_auth, tinker_custom_loss
 from eztinker.api import tinker_bodies as bodies
-from eztinker.api import tinker_custom_loss
 from eztinker.api import tinker_rest as rest
 from eztinker.api import tinker_sessions as sessions
 from eztinker.api import tinker_wire as wire
@@ -226,24 +226,33 @@ def _save(
 def save_weights_for_sampler(
     body: bodies.SaveWeightsForSampler, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
-    """With `path`: a weights checkpoint. Without: a sampler snapshot named by a new sampling session.
+    """With `path`: a weights checkpoint. Without: a new sampling session on the model's weights, as
+    `kind` says (the SDK's `types/sampling_client_kind.py`):
 
-    Only `kind="snapshot"` (fixed weights) is served; `inflight` (weights that follow later saves) is
-    refused rather than served as a snapshot, which would sample other weights than asked.
+    - `snapshot`: the weights of now, fixed (an ephemeral snapshot: freed when a later one of the model has
+      replaced it and it went unused a while, when the session ends, or when the run is deleted;
+      `service.sampling`);
+    - `inflight`: the model's one mutable target, which each later inflight save moves on to the newer
+      weights for every inflight session of the model, old and new. Each save answers a new session.
     """
     model_id = body.model_id
-    if body.kind != "snapshot":
-        message = f"kind: {body.kind!r} sampling clients are not served yet; use kind='snapshot'"
-        return refuse(state, owner, message, model_id=model_id)
     if body.path:
+        if body.kind != "snapshot":  # the SDK never sends it: a named save is a fixed checkpoint
+            message = "kind: 'inflight' saves take no path (they publish the model's shared weights)"
+            return refuse(state, owner, message, model_id=model_id)
         return _save(state, service, owner, body, "sampler_weights", body.path, "weights")
     session = model_id.split(":train:")[0] if ":train:" in model_id else model_id
     sampler_id = wire.sampling_session_id(session, body.sampling_session_seq_id or 0)
+    inflight = body.kind == "inflight"
 
     def make() -> Job:
-        job = service.sampling.save_sampler(model_id, sampler_id, owner)
+        if inflight:
+            job = service.sampling.save_inflight(model_id, sampler_id, owner)
+        else:
+            job = service.sampling.save_sampler(model_id, sampler_id, owner, ephemeral=True)
         base = service.views.get_run(model_id, owner).base_model
-        state.durable.put(SAMPLERS, sampler_id, {"base_model": base, "source_run": model_id}, owner=owner)
+        value = {"base_model": base, "source_run": model_id, **({"inflight": True} if inflight else {})}
+        state.durable.put(SAMPLERS, sampler_id, value, owner=owner)
         return job
 
     return ordered(state, owner, model_id, body.seq_id, make)
@@ -339,8 +348,9 @@ def _create_from_checkpoint(
 @dataclass(frozen=True)
 class _SamplingSession:
     base_model: str
-    sampler_id: str | None  # None: the bare base model
+    sampler_id: str | None  # None: the bare base model (or, with `inflight_run`, that run's inflight target)
     model_path: str | None = None
+    inflight_run: str | None = None
 
 
 @_authed.post("/create_sampling_session")
@@ -354,9 +364,9 @@ def create_sampling_session(
     if existing is not None:
         service.access.require(existing.owner, owner, f"no sampling session {sampler_id!r}")
     else:
-        if body.model_path:
+        if body.model_path:  # held: freed when the session ends, loaded again if named after that
             run_id, name, _ = wire.parse_tinker_path(body.model_path)
-            base = service.sampling.from_checkpoint(run_id, name, sampler_id, owner)
+            base = service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
             value = {"base_model": base, "model_path": body.model_path}
         else:
             value = {"base_model": body.base_model or service.sampling.default_base_model()}
@@ -378,16 +388,20 @@ def _sampling_session(
             raise NotFoundError(f"no sampling session {sampler_id!r}")
         return _SamplingSession(live_base, sampler_id)
     value = record.value
+    if value.get("inflight"):
+        return _SamplingSession(value["base_model"], None, inflight_run=value["source_run"])
     if "source_run" not in value and "model_path" not in value:
         return _SamplingSession(value["base_model"], None)
     if live_base is None:
         if not value.get("model_path"):
+            freed = service.sampling.freed_reason(sampler_id)
+            why = f"were freed: {freed}" if freed else "the server lost when it restarted"
             raise NotFoundError(
-                f"sampling session {sampler_id!r} held weights saved in memory, which the server lost when it "
-                "restarted; save them again (save_weights_and_get_sampling_client)"
+                f"sampling session {sampler_id!r} held weights saved in memory, which {why}; save them again "
+                "(save_weights_and_get_sampling_client)"
             )
         run_id, name, _ = wire.parse_tinker_path(value["model_path"])
-        service.sampling.from_checkpoint(run_id, name, sampler_id, owner)
+        service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
     return _SamplingSession(value["base_model"], sampler_id, value.get("model_path"))
 
 
@@ -406,7 +420,9 @@ def asample(body: bodies.ASample, service: ServiceDep, owner: OwnerDep, state: S
     def make() -> Job:
         session = _sampling_session(state, service, sampler_id, owner)
         request, echo = wire.sample_request(body.wire())
-        if session.sampler_id is None:
+        if session.inflight_run is not None:  # the run's inflight target as of now
+            target = service.sampling.inflight_target(session.inflight_run, owner)
+        elif session.sampler_id is None:
             target = service.sampling.target(owner, base_model=session.base_model)
         else:
             target = service.sampling.target(owner, sampler_id=session.sampler_id)
@@ -491,3 +507,5 @@ router.include_router(tinker_custom_loss.authed)
 router.include_router(_authed)  # after the routes above are defined: it copies them
 router.include_router(rest.authed)
 router.include_router(rest.public)
+router.include_router(tinker_auth.authed)
+router.include_router(tinker_auth.public)

@@ -24,7 +24,7 @@ authed = APIRouter(dependencies=[Depends(get_owner)])
 
 @authed.post("/client/config")
 def client_config() -> dict[str, Any]:
-    return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": True, "custom_loss_server_side": True}
+    return {"pjwt_auth_enabled": True, "proto_compress_fwdbwd": True, "custom_loss_server_side": True}
 
 
 @authed.post("/client/dynamic_config")
@@ -39,8 +39,21 @@ def healthz() -> dict[str, str]:
 
 @authed.get("/get_server_capabilities")
 def get_server_capabilities(service: ServiceDep) -> dict[str, Any]:
+    """Every base model this server serves (its `--model`s and any loaded since), with its context length:
+    the smaller of the model config's `max_position_embeddings` (which the engine checks every sequence
+    against) and the server's `max_sequence_tokens` (which the service checks first)."""
     names = dict.fromkeys([*service.settings.models, *service.backend.loaded_models])
-    return {"supported_models": [{"model_name": n, "trainable": True, "sampleable": True} for n in names]}
+    limit = service.settings.max_sequence_tokens
+    models = []
+    for name in names:
+        try:
+            context: int | None = min(service.backend.max_context_length(name), limit)
+        except Exception:  # a configured model that cannot load now: listed, its length unknown
+            context = None
+        models.append(
+            {"model_name": name, "max_context_length": context, "trainable": True, "sampleable": True}
+        )
+    return {"supported_models": models}
 
 
 @authed.post("/create_session")
@@ -57,11 +70,18 @@ def session_heartbeat() -> dict[str, Any]:
 
 @authed.post("/sessions/{session_id}/finish")
 def finish_session(
-    session_id: str, body: bodies.FinishSession, owner: OwnerDep, state: StateDep
+    session_id: str, body: bodies.FinishSession, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> dict[str, Any]:
     _session(state, session_id, owner)
     reason = body.reason.type if body.reason is not None else None
     state.durable.update(SESSIONS, session_id, status=reason or "finished", finished_at=time.time())
+    # The session's snapshots and its models' inflight targets are freed once no sample uses them (named
+    # checkpoints stay; a session on a checkpoint loads it again if it is named later).
+    samplers = state.durable.records(
+        SAMPLERS, **service.access.listing(owner), prefix=f"{session_id}:sample:"
+    )
+    runs = [r.run_id for r in service.views.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
+    service.sampling.release(sampler_ids=[s.key for s in samplers], run_ids=runs)
     return {}
 
 

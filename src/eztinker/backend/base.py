@@ -81,6 +81,7 @@ class WorkerStatus:
     queue_depth: int
     waiting_rows: int
     running_rows: int
+    paging: PagingStats | None = None  # its adapter pager (each worker pages within its own budget)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class Backend(Protocol):
 
     def output_head_name(self, name: str) -> str | None: ...
 
+    def max_context_length(self, name: str) -> int:
+        """The longest sequence (prompt + completion) base model `name`'s positions allow: its config's
+        `max_position_embeddings` (or `n_positions` / `seq_length`), as the engine checks sequences."""
+        ...
+
     def lora_target_modules(
         self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
     ) -> list[str] | None:
@@ -195,6 +201,11 @@ class Backend(Protocol):
     ) -> concurrent.futures.Future[RunInfo]: ...
 
     def save_sampler(self, run_id: str, sampler_id: str) -> concurrent.futures.Future[SamplerInfo]: ...
+
+    def delete_sampler(self, sampler_id: str) -> None:
+        """Free snapshot `sampler_id` (its adapter copy; vLLM unloads it). `NotFoundError` if there is none.
+        The caller makes sure no sampling request is still using it."""
+        ...
 
     def sample(
         self, base_model: str, requests: list[SampleRequest]

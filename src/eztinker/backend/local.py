@@ -107,6 +107,9 @@ class LocalBackend:
     def output_head_name(self, name: str) -> str | None:
         return self.engine.output_head_name(name)
 
+    def max_context_length(self, name: str) -> int:
+        return self.engine.base_model(name).max_length
+
     def lora_target_modules(
         self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
     ) -> list[str] | None:
@@ -178,6 +181,9 @@ class LocalBackend:
 
     def save_sampler(self, run_id: str, sampler_id: str) -> concurrent.futures.Future[SamplerInfo]:
         return outcome(lambda: self.engine.save_sampler(run_id, sampler_id))
+
+    def delete_sampler(self, sampler_id: str) -> None:
+        self.engine.delete_sampler(sampler_id)
 
     def sample(
         self, base_model: str, requests: list[SampleRequest]

@@ -81,6 +81,10 @@ class RayWorkers:
             "token_budget": settings.token_budget,
             "threads": max(1, int(settings.ray_cpus_per_worker)),
             "plugins": list(settings.plugins),
+            # Adapter paging: each worker bounds its own device's run state (pages on its own host's disk).
+            "adapter_memory": settings.adapter_memory_bytes,
+            "adapter_host_memory": settings.adapter_host_memory_bytes,
+            "page_dir": str(settings.data_dir / "pages"),
             "scheduler_options": replace(options, on_finish=None, on_pass=None),  # (the hooks stay here)
         }
         if not gpus and settings.ray_address is None:  # CPU workers on this host share its memory

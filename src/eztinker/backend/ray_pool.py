@@ -31,6 +31,7 @@ from eztinker.engine.checkpoint import CheckpointInfo
 from eztinker.engine.engine import RunInfo, SamplerInfo, TrainOp
 from eztinker.engine.errors import ComputeError, EngineError, NotFoundError
 from eztinker.engine.model import load_tokenizer
+from eztinker.engine.paging import PagingStats
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import ForwardBackwardResult, ImageChunk, OptimStepResult, SampleResult
 from eztinker.settings import Settings
@@ -251,6 +252,9 @@ class RayBackend:
     def output_head_name(self, name: str) -> str | None:
         return self._sync(self._with_model(name), lambda a: a.output_head_name.remote(name))
 
+    def max_context_length(self, name: str) -> int:
+        return self._sync(self._with_model(name), lambda a: a.max_context_length.remote(name))
+
     def lora_target_modules(
         self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
     ) -> list[str] | None:
@@ -335,6 +339,17 @@ class RayBackend:
 
     def list_samplers(self) -> list[SamplerInfo]:
         return [info for _, info in list(self._samplers.values())]
+
+    def delete_sampler(self, sampler_id: str) -> None:
+        """On the worker holding the snapshot; one on a worker that died is gone already (`NotFoundError`)."""
+        held = self._samplers.get(sampler_id)
+        if held is None:
+            raise NotFoundError(f"no sampler {sampler_id!r}")
+        try:
+            self._sync(held[0], lambda a: a.delete_sampler.remote(sampler_id))
+        finally:
+            with self._lock:
+                self._samplers.pop(sampler_id, None)
 
     # --- sampling ------------------------------------------------------------------------------------
 
@@ -436,9 +451,10 @@ class RayBackend:
 
     # --- status ------------------------------------------------------------------------------------------
 
-    def paging_stats(self) -> None:
-        """Ray model workers keep every run resident (no adapter paging yet)."""
-        return None
+    def paging_stats(self) -> PagingStats | None:
+        """The model workers' adapter pagers, summed (each pages within its own `--adapter-memory`), as of
+        their last reported status."""
+        return PagingStats.total([s.paging for s in self.workers() if s.paging is not None])
 
     def status(self) -> base.BackendStatus:
         import torch

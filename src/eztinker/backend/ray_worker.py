@@ -69,6 +69,9 @@ class ModelWorker:
         token_budget: int = 8192,
         threads: int | None = None,
         memory_bytes: int | None = None,
+        adapter_memory: int | None = None,
+        adapter_host_memory: int | None = None,
+        page_dir: str | None = None,
         plugins: Sequence[str] = (),
         scheduler_options: SchedulerOptions | None = None,
     ) -> None:
@@ -77,7 +80,16 @@ class ModelWorker:
             torch.set_num_threads(threads)
         for module in plugins:  # custom losses must be registered in this process too
             importlib.import_module(module)
-        engine = Engine(engine_config(device, dtype, token_budget))
+        engine = Engine(
+            engine_config(
+                device,
+                dtype,
+                token_budget,
+                adapter_memory=adapter_memory,
+                adapter_host_memory=adapter_host_memory,
+                page_dir=None if page_dir is None else Path(page_dir),  # a directory per process under it
+            )
+        )
         self.backend = LocalBackend(engine, replace(scheduler_options or SchedulerOptions(), workers=1))
         self.backend.start()
         self._memory_bytes = memory_bytes  # a CPU worker's share of host memory (a GPU reports its own)
@@ -95,6 +107,7 @@ class ModelWorker:
     load_model = _at_once(LocalBackend.load_model)
     default_targets = _at_once(LocalBackend.default_targets)
     output_head_name = _at_once(LocalBackend.output_head_name)
+    max_context_length = _at_once(LocalBackend.max_context_length)
     lora_target_modules = _at_once(LocalBackend.lora_target_modules)
     create_run = _at_once(LocalBackend.create_run)
     delete_run = _at_once(LocalBackend.delete_run)
@@ -102,6 +115,7 @@ class ModelWorker:
     tinker_lora_flags = _at_once(LocalBackend.tinker_lora_flags)
     list_runs = _at_once(LocalBackend.list_runs)
     list_samplers = _at_once(LocalBackend.list_samplers)
+    delete_sampler = _at_once(LocalBackend.delete_sampler)
     check_data = _at_once(LocalBackend.check_data)
     check_requests = _at_once(LocalBackend.check_requests)
 
@@ -252,6 +266,7 @@ class ModelWorker:
             queue_depth=self.backend.scheduler.queue_depth,
             waiting_rows=self.backend.waiting_rows,
             running_rows=self.backend.running_rows,
+            paging=self.backend.paging_stats(),
         )
 
     async def pid(self) -> int:

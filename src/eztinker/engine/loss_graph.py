@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.losses.registry import LossSpec
 
 MAX_NODES = 4096
 MAX_INPUTS = 16
@@ -376,6 +377,17 @@ class LossGraph:
                     f"loss's values may hold at most {limit} (MAX_ELEMENTS_PER_LOGPROB x the logprobs')",
                 )
         raise InvalidInputError(_FIELD, f"loss {self.name!r} has no output node")
+
+    def loss_spec(self, name: str) -> LossSpec:
+        """The token-family loss this graph computes, labelled `name` (never registered: it travels with
+        the op in `TokenLoss.graph`)."""
+        return LossSpec(
+            name,
+            "token",
+            self.token_loss_fn(),
+            required_inputs=self.loss_fn_inputs,
+            supports_topk=self.input_ranks[0] == 2,
+        )
 
     def token_loss_fn(self) -> Callable[..., torch.Tensor]:
         """The token-family loss ``fn(logprobs (B,T[,K]), inputs, mask (B,T)) -> (B,)``: the graph on each

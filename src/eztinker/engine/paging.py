@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -88,6 +89,28 @@ class PagingStats:
     prefetches: int  # page-ins done ahead of the op by the pager's thread
     prefetch_seconds: float
     page_outs: int
+
+    @classmethod
+    def total(cls, parts: Sequence[PagingStats]) -> PagingStats | None:
+        """The sum over several pagers (a Ray backend's model workers, each with its own budget); None
+        when there are none."""
+        if not parts:
+            return None
+
+        def budget(values: list[int | None]) -> int | None:
+            return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+        summed = {
+            f.name: sum(getattr(p, f.name) for p in parts)
+            for f in dataclasses.fields(cls)
+            if f.name not in ("enabled", "budget_bytes", "host_budget_bytes")
+        }
+        return cls(
+            enabled=any(p.enabled for p in parts),
+            budget_bytes=budget([p.budget_bytes for p in parts]),
+            host_budget_bytes=budget([p.host_budget_bytes for p in parts]),
+            **summed,
+        )
 
 
 @dataclass

@@ -40,136 +40,66 @@ Why the details are as they are:
   on a JAX peer that pads to 8 rows). What graphs would save is kernel-launch time on small models
   (decode of a 0.5B model launches ~30 kernels per layer): worth it together with a static paged cache,
   not before.
+
+The pieces, one module per idea: `sampler_requests` (the request and row types, checking input),
+`sampler_tokens` (choosing tokens, log-probabilities, prompt extras, stops and results) and this module
+(the entry points, the memory bound of a row group, and the prefill and decode forwards).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
-import operator
-import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from eztinker.engine import caches, vision
-from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.lora import Segment, _to_device, routed
 from eztinker.engine.model import BaseModel
-from eztinker.engine.types import (
-    ImageChunk,
-    PromptAltTokens,
-    SampledSequence,
-    SampleResult,
-    SamplingParams,
-    TopLogprobs,
+from eztinker.engine.sampler_requests import _UNIFORM_BLOCK as _UNIFORM_BLOCK
+from eztinker.engine.sampler_requests import (
+    MAX_NUM_SAMPLES,
+    MAX_TOP_K,
+    SampleRequest,
+    SamplerLimits,
+    TokenCallback,
+    _check_adapter,
+    _check_prompt,
+    _check_request,
+    _Row,
 )
+from eztinker.engine.sampler_requests import _make_rows as _make_rows
+from eztinker.engine.sampler_requests import _PromptExtras as _PromptExtras
+from eztinker.engine.sampler_requests import _row_seed as _row_seed
+from eztinker.engine.sampler_requests import _Stops as _Stops
+from eztinker.engine.sampler_tokens import _choose_tokens as _choose_tokens
+from eztinker.engine.sampler_tokens import _collect as _collect
+from eztinker.engine.sampler_tokens import _filter_top_k_top_p as _filter_top_k_top_p
+from eztinker.engine.sampler_tokens import _hit_stop_string as _hit_stop_string
+from eztinker.engine.sampler_tokens import _inverse_cdf as _inverse_cdf
+from eztinker.engine.sampler_tokens import _prompt_extras, _prompt_logprobs_from, _temperature
+from eztinker.engine.sampler_tokens import _record as _record
+from eztinker.engine.sampler_tokens import _token_logprobs as _token_logprobs
+from eztinker.engine.sampler_tokens import _top_logprobs as _top_logprobs
+from eztinker.engine.sampler_tokens import _top_logprobs_device as _top_logprobs_device
+from eztinker.engine.sampler_tokens import _top_pairs as _top_pairs
+from eztinker.engine.types import SampleResult
 
-MAX_NUM_SAMPLES = 256  # per request: more is almost surely a client bug, and one request could hog the GPU
-_UNIFORM_BLOCK = 64  # uniforms a row draws at a time: a fixed size keeps its stream batch-independent
-_MIN_TEMPERATURE = 1e-5  # below this, logits / T overflows float32: sample greedily instead
-MAX_TOP_K = 1000  # top-k log-probabilities / alternative draws per position: bounds the result's size
-
-
-TokenCallback = Callable[[int, int, float, "TopLogprobs | None", bool], None]
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    prompt: list[int]
-    params: SamplingParams
-    num_samples: int = 1
-    adapter: str | None = None  # a run id or sampler id whose adapter serves this request; None = bare base
-    prompt_logprobs: bool = False
-    topk_sample_logprobs: int = 0  # top-k (id, logprob) at every sampled position of every sample
-    topk_prompt_logprobs: int = 0  # top-k (id, logprob) at every prompt position after the first
-    prompt_logprobs_last_n: int | None = None  # score only the last N prompt positions (None: all)
-    # (P-1, K) token ids whose log-probabilities to return at prompt positions 1..P-1; -1 asks nothing
-    target_prompt_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None
-    prompt_alt_tokens_k: int = 0  # draws per prompt position after the first, at the request's temperature
-    stop_at_eos: bool = False  # also stop at the model's EOS when `params.stop` names strings or ids
-    # Called on the sampling thread as each token is chosen, for streaming: (sample index, token, logprob,
-    # its top-k or None, finished?). It must be quick and must not raise.
-    on_token: TokenCallback | None = field(default=None, compare=False)
-    # Polled on the sampling thread after each token: once it returns True the request's rows end, cut
-    # short (stop reason "length") — e.g. when the client of a stream has hung up. It must be quick.
-    cancelled: Callable[[], bool] | None = field(default=None, compare=False)
-    # The prompt's images (vision-language models), in order; `prompt` holds each one as a run of image
-    # placeholder tokens (`eztinker.engine.vision.expand_chunks`).
-    images: Sequence[ImageChunk] = ()
-
-    @property
-    def wants_prompt(self) -> bool:
-        """Whether the request needs the logits of every prompt position (not only the last one)."""
-        return (
-            self.prompt_logprobs
-            or self.topk_prompt_logprobs > 0
-            or self.target_prompt_tokens is not None
-            or self.prompt_alt_tokens_k > 0
-        )
-
-
-@dataclass(frozen=True)
-class SamplerLimits:
-    """How big the running batch may get; rows beyond it wait until finished rows make room.
-
-    The KV cache is sized for the worst case (every row runs to its `max_tokens`). The prefill is one
-    forward over every padded prompt of the group, and it keeps logits for every prompt position only
-    when some row asked for prompt log-probabilities.
-    """
-
-    max_rows: int = 256
-    kv_cache_bytes: int | None = None  # None: half the free memory of a CUDA device, else 4 GiB
-    prefill_tokens: int = 2**17  # padded prompt tokens B·P in the prefill forward (activation memory)
-    logits_elements: int = 2**28  # prefill logits B·P·V when prompt log-probabilities are asked for
-
-
-@dataclass(frozen=True)
-class _Stops:
-    """When a row ends early: on one of `token_ids`, or once the completion text contains a string."""
-
-    token_ids: frozenset[int]
-    strings: tuple[str, ...] = ()
-    window: int = 0  # trailing tokens to decode when looking for a stop string
-
-
-@dataclass
-class _Row:
-    """One sample of one request, and what has been generated for it so far."""
-
-    request: int
-    sample: int
-    prompt: list[int]
-    adapter: str | None
-    params: SamplingParams
-    max_new: int
-    stops: _Stops
-    generator: torch.Generator
-    prompt_request: SampleRequest | None  # set on one row per request that asked for prompt extras
-    images: tuple[ImageChunk, ...] = ()  # the prompt's images (vision-language models)
-    topk: int = 0  # top-k log-probabilities to keep at each sampled position
-    on_token: TokenCallback | None = None
-    cancelled: Callable[[], bool] | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    topk_logprobs: list[TopLogprobs] = field(default_factory=list)
-    stop_reason: Literal["stop", "length"] | None = None
-    extras: _PromptExtras | None = None  # what `prompt_request` asked about the prompt
-    uniforms: list[float] = field(default_factory=list)  # the current block of this row's uniform draws
-
-
-@dataclass
-class _PromptExtras:
-    """What a request asked for about its prompt, all from the prefill's logits."""
-
-    logprobs: list[float | None] | None = None
-    topk: list[TopLogprobs | None] | None = None
-    targets: list[list[float]] | None = None
-    alt_tokens: PromptAltTokens | None = None
+# `import _x as _x` above: the pieces the continuous batcher (`engine.batcher`) steps, by their names here.
+__all__ = [
+    "MAX_NUM_SAMPLES",
+    "MAX_TOP_K",
+    "SampleRequest",
+    "SamplerLimits",
+    "TokenCallback",
+    "check_requests",
+    "prompt_logprobs",
+    "sample_batch",
+]
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -208,178 +138,6 @@ def prompt_logprobs(base: BaseModel, tokens: list[int], adapter: str | None) -> 
         with routed(base.routing, [Segment(adapter, 0, 1)]):
             logits_TV = base.model(input_ids=input_ids_1T, use_cache=False).logits[0]
     return _prompt_logprobs_from(logits_TV[:-1], ids)
-
-
-# --- checking input ------------------------------------------------------------------------------
-
-
-def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]:
-    """Validate every request, then expand it into rows, grouped contiguously by adapter."""
-    rows: list[_Row] = []
-    for i, request in enumerate(requests):
-        where = f"requests[{i}]." if len(requests) > 1 else ""
-        prompt, max_new, stops = _check_request(base, request, where)
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-        rows += [
-            _Row(
-                request=i,
-                sample=j,
-                prompt=prompt,
-                adapter=request.adapter,
-                params=request.params,
-                max_new=max_new,
-                stops=stops,
-                generator=torch.Generator().manual_seed(_row_seed(seed, j)),
-                prompt_request=request if request.wants_prompt and j == 0 else None,
-                topk=request.topk_sample_logprobs,
-                on_token=request.on_token,
-                cancelled=request.cancelled,
-                images=tuple(request.images),
-            )
-            for j in range(request.num_samples)
-        ]
-    first_seen = {adapter: k for k, adapter in reversed(list(enumerate(r.adapter for r in rows)))}
-    return sorted(rows, key=lambda r: first_seen[r.adapter])  # stable: request order within an adapter
-
-
-def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple[list[int], int, _Stops]:
-    """(prompt ids, tokens to sample at most, stop rule) of a valid request; raise on a bad one."""
-    prompt = _check_prompt(base, request.prompt, f"{where}prompt")
-    num_samples = request.num_samples
-    if not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
-        raise InvalidInputError(f"{where}num_samples", f"{num_samples!r} is not in 1..{MAX_NUM_SAMPLES}")
-    _check_adapter(base, request.adapter, f"{where}adapter")
-    params = request.params
-    _check_sampling_params(params, f"{where}sampling_params")
-    _check_extras(base, request, len(prompt), where)
-    vision.check_images(base, prompt, tuple(request.images), where.rstrip("."), tokens_field="prompt")
-    max_new = _max_new_tokens(base, len(prompt), params.max_tokens, where)
-    stops = _parse_stop(base, params.stop, f"{where}sampling_params.stop")
-    if request.stop_at_eos:
-        stops = replace(stops, token_ids=stops.token_ids | frozenset(base.eos_token_ids))
-    return prompt, max_new, stops
-
-
-def _check_prompt(base: BaseModel, prompt: Sequence[int], field: str) -> list[int]:
-    """The prompt as plain ints; an out-of-vocabulary id would crash the embedding lookup mid-batch."""
-    try:
-        ids = [operator.index(t) for t in prompt]
-    except TypeError as exc:
-        raise InvalidInputError(field, "must be a list of integer token ids") from exc
-    if not ids:
-        raise InvalidInputError(field, "is empty: send at least one token")
-    low, high = min(ids), max(ids)
-    if low < 0:
-        raise InvalidInputError(field, f"token id {low} is negative")
-    if high >= base.vocab_size:
-        raise InvalidInputError(field, f"token id {high} is out of the vocabulary (size {base.vocab_size})")
-    return ids
-
-
-def _check_adapter(base: BaseModel, adapter: str | None, field: str) -> None:
-    """An unknown adapter would silently sample from the bare base model: refuse it instead."""
-    if adapter is not None and not any(adapter in layer.adapters for layer in base.lora_layers.values()):
-        raise NotFoundError(f"{field}: no run or sampler {adapter!r} on base model {base.name!r}")
-
-
-def _check_sampling_params(params: SamplingParams, where: str) -> None:
-    temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
-    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature < 0:
-        raise InvalidInputError(f"{where}.temperature", f"{temperature!r} must be a finite number >= 0")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:  # NaN fails the comparison too
-        raise InvalidInputError(f"{where}.top_p", f"{top_p!r} must be in (0, 1]")
-    if not isinstance(top_k, int) or top_k == 0 or top_k < -1:
-        raise InvalidInputError(f"{where}.top_k", f"{top_k!r} must be -1 (no limit) or >= 1")
-    if params.seed is not None and not isinstance(params.seed, int):
-        raise InvalidInputError(f"{where}.seed", f"{params.seed!r} must be an integer or null")
-
-
-def _check_extras(base: BaseModel, request: SampleRequest, prompt_len: int, where: str) -> None:
-    """Top-k sizes, `prompt_logprobs_last_n` and `target_prompt_tokens` of a request, checked before compute."""
-    for name in ("topk_sample_logprobs", "topk_prompt_logprobs", "prompt_alt_tokens_k"):
-        k = getattr(request, name)
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_K:
-            raise InvalidInputError(f"{where}{name}", f"{k!r} must be an integer in 0..{MAX_TOP_K}")
-    last_n = request.prompt_logprobs_last_n
-    if last_n is not None:
-        if not (request.prompt_logprobs or request.topk_prompt_logprobs):
-            raise InvalidInputError(
-                f"{where}prompt_logprobs_last_n", "applies to prompt logprobs: set prompt_logprobs too"
-            )
-        if not isinstance(last_n, int) or not 1 <= last_n <= prompt_len - 1:
-            raise InvalidInputError(
-                f"{where}prompt_logprobs_last_n",
-                f"{last_n!r} must be in 1..{prompt_len - 1} (prompt length - 1)",
-            )
-    if request.target_prompt_tokens is not None:
-        _check_targets(base, request.target_prompt_tokens, prompt_len, f"{where}target_prompt_logprobs")
-
-
-def _check_targets(
-    base: BaseModel, targets: torch.Tensor | Sequence[Sequence[int]], prompt_len: int, field: str
-) -> None:
-    """A (P-1, K) table of token ids, -1 meaning "nothing asked here"."""
-    try:
-        table = torch.as_tensor(targets, dtype=torch.long)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InvalidInputError(field, f"must be a 2-D table of integer token ids: {exc}") from None
-    if table.dim() != 2 or table.shape[0] != prompt_len - 1:
-        raise InvalidInputError(field, f"has shape {list(table.shape)}; expected [{prompt_len - 1}, K]")
-    if table.numel() and (table.min() < -1 or table.max() >= base.vocab_size):
-        raise InvalidInputError(field, f"token ids must be -1 (none) or in [0, {base.vocab_size})")
-
-
-def _max_new_tokens(base: BaseModel, prompt_len: int, max_tokens: int | None, where: str) -> int:
-    """How many tokens a row may sample: `max_tokens`, or (None) up to the end of the model's context."""
-    room = base.max_length - prompt_len
-    if max_tokens is None:
-        if room < 1:
-            raise InvalidInputError(
-                f"{where}prompt", f"has {prompt_len} tokens: no room left in the context of {base.max_length}"
-            )
-        return room
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidInputError(f"{where}sampling_params.max_tokens", f"{max_tokens!r} must be >= 1")
-    if max_tokens > room:
-        raise InvalidInputError(
-            f"{where}sampling_params.max_tokens",
-            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the model's context of {base.max_length}",
-        )
-    return max_tokens
-
-
-def _parse_stop(base: BaseModel, stop: object, field: str) -> _Stops:
-    """None: the model's EOS; []: never stop early; ints: stop token ids; str(s): stop strings."""
-    if stop is None:
-        return _Stops(frozenset(base.eos_token_ids))
-    items = [stop] if isinstance(stop, str | int) else stop
-    if not isinstance(items, Sequence):
-        raise InvalidInputError(field, "must be a string, a list of strings or a list of token ids")
-    strings = [s for s in items if isinstance(s, str)]
-    ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
-    if len(strings) + len(ids) != len(items):
-        raise InvalidInputError(field, "must be a string, a list of strings or a list of token ids")
-    if strings and ids:
-        raise InvalidInputError(field, "mixes strings and token ids; use one kind")
-    if any(not s for s in strings):
-        raise InvalidInputError(field, "contains an empty string, which would stop at once")
-    if ids and not (min(ids) >= 0 and max(ids) < base.vocab_size):
-        raise InvalidInputError(field, f"token ids must be in [0, {base.vocab_size})")
-    if not strings:
-        return _Stops(frozenset(ids))
-    # Every token decodes to at least one byte, so a stop string of n bytes lies in the last n tokens;
-    # the margin covers a multi-byte character cut at the start of the window.
-    window = 2 * max(len(s.encode("utf-8")) for s in strings) + 8
-    return _Stops(frozenset(), tuple(strings), window)
-
-
-def _row_seed(seed: int, sample: int) -> int:
-    """A 63-bit seed for sample `sample` of a request seeded `seed` (SplitMix64: nearby inputs decorrelate)."""
-    mask = 2**64 - 1
-    z = (seed * 0x9E3779B97F4A7C15 + (sample + 1) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) >> 1
 
 
 # --- row groups ----------------------------------------------------------------------------------
@@ -597,211 +355,3 @@ def _segments(adapters: list[str | None]) -> list[Segment]:
         else:
             segments.append(Segment(adapter, b, b + 1))
     return segments
-
-
-def _temperature(params: SamplingParams) -> float:
-    return 0.0 if params.temperature < _MIN_TEMPERATURE else float(params.temperature)
-
-
-# --- choosing tokens -----------------------------------------------------------------------------
-
-
-def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) -> torch.Tensor:
-    """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution."""
-    greedy_B = logits_BV.argmax(dim=-1)
-    if all(_temperature(r.params) == 0 for r in batch.rows):
-        return greedy_B
-    is_greedy_B = batch.temperature == 0
-    scaled_BV = logits_BV / torch.where(is_greedy_B, 1.0, batch.temperature)[:, None]
-    if any(r.params.top_k > 0 or r.params.top_p < 1 for r in batch.rows):
-        scaled_BV = _filter_top_k_top_p(scaled_BV, batch.top_k, batch.top_p)
-    sampled_B = _inverse_cdf(torch.softmax(scaled_BV, dim=-1), u_B)
-    return torch.where(is_greedy_B, greedy_B, sampled_B)
-
-
-def _filter_top_k_top_p(
-    scaled_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
-) -> torch.Tensor:
-    """Set to -inf every token outside a row's top k, then outside its top-p nucleus (vLLM's order).
-
-    A row with top_k = -1 and top_p = 1 keeps every token, so its result does not depend on whether
-    other rows in the batch filter.
-    """
-    V = scaled_BV.shape[-1]
-    sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True, stable=True)
-    k_B = torch.where(top_k_B < 0, V, top_k_B)
-    drop_BV = torch.arange(V, device=scaled_BV.device)[None, :] >= k_B[:, None]
-    probs_BV = torch.softmax(sorted_BV.masked_fill(drop_BV, -math.inf), dim=-1)
-    mass_before_BV = probs_BV.cumsum(dim=-1) - probs_BV
-    drop_BV |= (mass_before_BV >= top_p_B[:, None]) & (top_p_B < 1)[:, None]
-    drop_vocab_BV = torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV)
-    return scaled_BV.masked_fill(drop_vocab_BV, -math.inf)
-
-
-def _inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
-    """The token where each row's cumulative probability first reaches u·total (u in (0, 1])."""
-    cdf_BV = probs_BV.double().cumsum(dim=-1)
-    target_B1 = (u_B * cdf_BV[:, -1])[:, None]
-    tokens_B = torch.searchsorted(cdf_BV, target_B1).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
-    # A parallel scan may round so that a zero-probability token ties its predecessor: never pick one.
-    impossible_B = probs_BV.gather(-1, tokens_B[:, None]).squeeze(-1) <= 0
-    return torch.where(impossible_B, probs_BV.argmax(dim=-1), tokens_B)
-
-
-def _token_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the raw logits at the chosen tokens, in float32 (training's formula, not the sampler's)."""
-    picked_B = logits_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
-    return picked_B - torch.logsumexp(logits_BV, dim=-1)
-
-
-def _top_logprobs(logits_NV: torch.Tensor, k: int) -> list[TopLogprobs]:
-    """The k most likely (token id, log-probability) pairs of each row, from raw logits (temperature 1)."""
-    ids_Nk, values_Nk = _top_logprobs_device(logits_NV, k)
-    return [
-        list(zip(ids, values, strict=True))
-        for ids, values in zip(ids_Nk.tolist(), values_Nk.tolist(), strict=True)
-    ]
-
-
-def _top_logprobs_device(logits_NV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, log-probabilities), each (N, min(k, V)), of each row's k most likely tokens, on the device."""
-    logprobs_NV = logits_NV.float().log_softmax(dim=-1)
-    values_Nk, ids_Nk = logprobs_NV.topk(min(k, logprobs_NV.shape[-1]), dim=-1)
-    return ids_Nk, values_Nk
-
-
-def _top_pairs(ids: list[float], values: list[float], rows: int) -> list[TopLogprobs]:
-    """`_top_logprobs`' lists from the flat host copies of `_top_logprobs_device`'s two tensors."""
-    k = len(ids) // rows if rows else 0
-    return [
-        [(int(i), v) for i, v in zip(ids[b * k : (b + 1) * k], values[b * k : (b + 1) * k], strict=True)]
-        for b in range(rows)
-    ]
-
-
-def _prompt_extras(logits_TV: torch.Tensor, request: SampleRequest) -> _PromptExtras:
-    """A request's prompt extras from the logits at prompt positions 0..n-2 (each predicts the next token)."""
-    prompt = request.prompt
-    logits_TV = logits_TV.float()
-    skipped = len(prompt) - request.prompt_logprobs_last_n if request.prompt_logprobs_last_n else 1
-    extras = _PromptExtras()
-    if request.prompt_logprobs:
-        scored = _prompt_logprobs_from(logits_TV, list(prompt))
-        extras.logprobs = [None] * skipped + scored[skipped:]
-    if request.topk_prompt_logprobs:
-        top = _top_logprobs(logits_TV[skipped - 1 :], request.topk_prompt_logprobs) if len(prompt) > 1 else []
-        extras.topk = [None] * skipped + list(top)
-    if request.target_prompt_tokens is not None:
-        extras.targets = _target_logprobs(logits_TV, request.target_prompt_tokens)
-    if request.prompt_alt_tokens_k:
-        extras.alt_tokens = _alt_tokens(logits_TV, request)
-    return extras
-
-
-def _target_logprobs(
-    logits_TV: torch.Tensor, targets: torch.Tensor | Sequence[Sequence[int]]
-) -> list[list[float]]:
-    """log p(targets[i][j]) at prompt position i+1 (from the logits at i); 0.0 where the id is -1."""
-    if logits_TV.shape[0] == 0:
-        return []
-    targets_TK = torch.as_tensor(targets, dtype=torch.long, device=logits_TV.device).reshape(
-        logits_TV.shape[0], -1
-    )
-    logprobs_TV = logits_TV.log_softmax(dim=-1)
-    picked_TK = logprobs_TV.gather(-1, targets_TK.clamp(min=0))
-    return picked_TK.masked_fill(targets_TK < 0, 0.0).tolist()
-
-
-def _alt_tokens(logits_TV: torch.Tensor, request: SampleRequest) -> PromptAltTokens:
-    """k draws per prompt position at the request's temperature, top-k and top-p, from a generator of their own."""
-    k, params = request.prompt_alt_tokens_k, request.params
-    T = logits_TV.shape[0]
-    if T == 0:
-        return PromptAltTokens(tokens=[], logprobs=[])
-    temperature = _temperature(params)
-    if temperature == 0:
-        tokens_Tk = logits_TV.argmax(dim=-1, keepdim=True).expand(T, k)
-    else:
-        scaled_TV = logits_TV / temperature
-        if params.top_k > 0 or params.top_p < 1:
-            top_k_T = torch.full((T,), params.top_k, device=logits_TV.device)
-            top_p_T = torch.full((T,), float(params.top_p), device=logits_TV.device)
-            scaled_TV = _filter_top_k_top_p(scaled_TV, top_k_T, top_p_T)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(_row_seed(seed, -1))  # apart from every sample's stream
-        u_Tk = 1.0 - torch.rand(T, k, generator=generator, dtype=torch.float64)
-        cdf_TV = torch.softmax(scaled_TV, dim=-1).double().cumsum(dim=-1)
-        target_Tk = u_Tk.to(logits_TV.device) * cdf_TV[:, -1:]
-        tokens_Tk = torch.searchsorted(cdf_TV, target_Tk).clamp(max=logits_TV.shape[-1] - 1)
-    logprobs_Tk = logits_TV.log_softmax(dim=-1).gather(-1, tokens_Tk)
-    return PromptAltTokens(tokens=tokens_Tk.tolist(), logprobs=logprobs_Tk.tolist())
-
-
-def _prompt_logprobs_from(logits_TV: torch.Tensor, prompt: list[int]) -> list[float | None]:
-    """[None, log p(prompt[1]), ...] from the logits at prompt positions 0..n-2."""
-    logits_TV = logits_TV.float()
-    targets_T = torch.tensor(prompt[1:], device=logits_TV.device)
-    return [None, *_token_logprobs(logits_TV, targets_T).tolist()]
-
-
-# --- stopping and results ------------------------------------------------------------------------
-
-
-def _record(
-    base: BaseModel,
-    rows: list[_Row],
-    tokens: list[int],
-    logprobs: list[float],
-    topk: list[TopLogprobs] | None = None,
-) -> list[bool]:
-    """Append each row's new token; return which rows are now finished (and set their stop reason)."""
-    done = []
-    for b, (row, token, logprob) in enumerate(zip(rows, tokens, logprobs, strict=True)):
-        row.tokens.append(token)
-        row.logprobs.append(logprob)
-        if row.topk and topk is not None:
-            row.topk_logprobs.append(topk[b][: row.topk])
-        if token in row.stops.token_ids or _hit_stop_string(base, row):
-            row.stop_reason = "stop"
-        elif len(row.tokens) >= row.max_new or (row.cancelled is not None and row.cancelled()):
-            row.stop_reason = "length"
-        done.append(row.stop_reason is not None)
-        if row.on_token is not None:
-            top = row.topk_logprobs[-1] if row.topk and topk is not None else None
-            row.on_token(row.sample, token, logprob, top, row.stop_reason is not None)
-    return done
-
-
-def _hit_stop_string(base: BaseModel, row: _Row) -> bool:
-    """Whether the completion text now contains a stop string (checked after every token: the first wins)."""
-    if not row.stops.strings:
-        return False
-    text = base.tokenizer.decode(row.tokens[-row.stops.window :], skip_special_tokens=False)
-    return any(s in text for s in row.stops.strings)
-
-
-def _collect(num_requests: int, rows: list[_Row]) -> list[SampleResult]:
-    """Regroup rows into one result per request, samples in index order."""
-    by_request: list[list[_Row]] = [[] for _ in range(num_requests)]
-    for row in sorted(rows, key=lambda r: (r.request, r.sample)):
-        by_request[row.request].append(row)
-    return [_result(request_rows) for request_rows in by_request]
-
-
-def _result(rows: list[_Row]) -> SampleResult:
-    prompt = rows[0].extras or _PromptExtras()
-    return SampleResult(
-        sequences=[
-            SampledSequence(
-                tokens=r.tokens,
-                logprobs=r.logprobs,
-                stop_reason=r.stop_reason or "length",
-                topk_logprobs=r.topk_logprobs if r.topk else None,
-            )
-            for r in rows
-        ],
-        prompt_logprobs=prompt.logprobs,
-        topk_prompt_logprobs=prompt.topk,
-        target_prompt_logprobs=prompt.targets,
-        prompt_alt_tokens=prompt.alt_tokens,
-    )

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from eztinker.engine.loss_graph import LossGraph
 
 IGNORE_INDEX = -100
 
@@ -68,10 +71,16 @@ class Datum:
 
 @dataclass(frozen=True)
 class TokenLoss:
-    """A token-family (Tinker) loss, by name, with its scalar config (e.g. `clip_low_threshold`)."""
+    """A token-family (Tinker) loss, by name, with its scalar config (e.g. `clip_low_threshold`).
+
+    `graph`: a server-side custom loss (`eztinker.engine.loss_graph`) that travels with the op as data, so
+    whichever process computes it (an in-process worker, a Ray model worker, after a restart) runs the
+    same checked graph; `name` then only labels it in messages.
+    """
 
     name: str
     config: Mapping[str, float] = field(default_factory=dict)
+    graph: LossGraph | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from eztinker.engine.errors import ConflictError, NotFoundError
+from eztinker.service import identity
 from eztinker.service.errors import AuthenticationError
 from eztinker.store.facade import FacadeState
 
@@ -53,7 +54,10 @@ class Access:
         return bool(self.key_hashes)
 
     def owner_for_key(self, key: str | None) -> str | None:
-        """The owner id of a request: its key's hash (None when auth is off). Raises if the key is bad."""
+        """The owner id of a request: its key's hash (None when auth is off), or that of the key a Tinker JWT
+        was exchanged for (`identity`). Raises if the key or token is bad."""
+        if key is not None and key.startswith(identity.JWT_PREFIX) and hash_key(key) not in self.key_hashes:
+            return identity.owner_of(self, key)  # a token the SDK exchanged a key for
         if not self.enabled:
             return None
         if key is None or hash_key(key) not in self.key_hashes:

@@ -19,7 +19,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -46,6 +45,7 @@ from eztinker.engine.checkpoint import (
     parse_age_recipients,
     remove_stale_temp_dirs,
 )
+from eztinker.engine.checkpoint.disk import link_tree
 from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
 from eztinker.engine.optimizers import OptimizerName, check_step_params
 from eztinker.models import LossFunctionConfig, api
@@ -80,31 +80,6 @@ _COPY_IS_FROZEN = (
     "run {run_id!r} holds copied weights and cannot be trained; create a new run from its checkpoint "
     "(create_training_client_from_state) to train on"
 )
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    """Make `target` a copy of directory `source` whose files are hard links (copies across file systems),
-    atomically: built under a hidden name, then renamed into place."""
-    if os.path.lexists(target):
-        raise ConflictError(f"checkpoint {str(target)!r} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.copy-{uuid.uuid4().hex[:12]}")
-    try:
-        for file in source.rglob("*"):
-            dest = temp / file.relative_to(source)
-            if file.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(file, dest)
-            except OSError:  # another file system, or links not allowed: copy the bytes
-                shutil.copy2(file, dest)
-        temp.mkdir(exist_ok=True)
-        os.rename(temp, target)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 class Service:
@@ -213,8 +188,8 @@ class Service:
         self.active[run_id] = record
         return record
 
-    def create_run(self, request: api.CreateRunRequest, owner: str | None) -> api.Run:
-        """Create a run (loading its base model on first use). Blocking: call it off the event loop."""
+    def create_run(self, request: api.CreateRunRequest, owner: str | None, peft: str = "") -> api.Run:
+        """Create a run (loading its base model on first use), or from PEFT directory `peft`. Blocking."""
         if request.run_id is not None and self.store.get_run(request.run_id) is not None:
             raise ConflictError(f"run id {request.run_id!r} is already in use; choose another or omit run_id")
         self.limits.check_runs(sum(1 for record in list(self.active.values()) if record.owner == owner))
@@ -225,7 +200,7 @@ class Service:
                 request.lora_config,
                 request.loss_config,
                 run_id=request.run_id,
-                adapter_path=None
+                adapter_path=peft or None
                 if source is None
                 else self.access.readable_checkpoint(source.run_id, source.name, owner)[1].path,
                 optimizer=request.optimizer,
@@ -275,6 +250,7 @@ class Service:
         self.store.delete_run(run_id)
         self._durable.delete(RUN_OPTIMIZERS, run_id)
         self._optimizers.pop(run_id, None)
+        self.sampling.release(run_ids=[run_id])  # its sessions' snapshots, once no sample uses them
         self.forget(run_id)
 
     def copy_checkpoint(
@@ -289,7 +265,7 @@ class Service:
         if self.store.get_run(new_run_id) is not None:
             raise ConflictError(f"run id {new_run_id!r} is already in use; choose another")
         target = self.checkpoint_path(new_run_id, name)
-        _link_tree(Path(source.path), target)
+        link_tree(Path(source.path), target)
         now = time.time()
         self.store.add_run(
             RunRecord(

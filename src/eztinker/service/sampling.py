@@ -3,15 +3,30 @@
 A sampling job names its target (`ModelTarget`: a base model, a run's live adapter, or a snapshot) and
 engine requests (`SampleSpec`); it is checked against the server's limits when submitted, and its
 requests join the base model's continuous batch when it starts.
+
+Snapshots a facade takes for a session, not under a name (`save_sampler(..., ephemeral=True)`: Tinker's
+`save_weights_and_get_sampling_client`; `save_inflight`; `from_checkpoint(..., held=True)`) are *held*:
+freed (`Backend.delete_sampler`) once no sampling job uses them and
+
+- a later ephemeral save of the same run replaced them and they went unused for `superseded_grace`
+  seconds (an RL loop's older sampling clients may still finish their rollouts meanwhile);
+- a later inflight save moved the run's inflight target on (nothing names an old target any more);
+- or the caller released them (`release`: the Tinker session ended) or their run was deleted.
+
+A snapshot saved under a name (a checkpoint) is never freed here; one loaded from a checkpoint is loaded
+again when next named.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from eztinker.backend import RunSpec
 from eztinker.engine import SampleResult, SamplerInfo
@@ -24,6 +39,11 @@ from eztinker.service.results import SampleOutput, SamplerOutput
 
 if TYPE_CHECKING:
     from eztinker.service.core import Service
+
+log = logging.getLogger(__name__)
+
+SUPERSEDED_GRACE_SECONDS = 120.0  # a replaced ephemeral snapshot unused this long is freed
+_FREED_KEPT = 10_000  # why a freed snapshot is gone, for this many, to answer a late request with
 
 
 @dataclass(frozen=True)
@@ -56,11 +76,31 @@ class SampleSpec:
     prompt_field: str = "prompt"
 
 
+@dataclass
+class _Held:
+    """A held snapshot (see the module docstring) and what decides when it is freed."""
+
+    kind: Literal["snapshot", "inflight", "loaded"]
+    run_id: str | None  # the run it was taken from (None: loaded from a checkpoint)
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: int = 0  # sampling jobs submitted on it and not finished
+    superseded: bool = False
+    released: bool = False
+
+
 class Sampling:
     """Sampling jobs and sampler snapshots of one service."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self.superseded_grace = SUPERSEDED_GRACE_SECONDS
+        self._held: dict[str, _Held] = {}
+        self._latest: dict[str, str] = {}  # run -> its latest ephemeral snapshot
+        self._inflight: dict[str, str] = {}  # run -> the snapshot its inflight sampling clients sample
+        self._freed: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> why
+        self._held_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._reaper: threading.Thread | None = None
         # (owner, run, checkpoint) -> the snapshot `checkpoint_target` loaded from it (forgotten when the
         # checkpoint is deleted: a new checkpoint of that name is loaded afresh)
         self._checkpoint_samplers: dict[tuple[str, ...], str] = {}
@@ -167,17 +207,32 @@ class Sampling:
         deferred = Deferred(start)
         batch = Batchable(kind="sample", group="sample", request=None, finish=lambda _: deferred)
         tokens = sample_tokens(requests, spec.text_prompt)
-        # Shared: a run's samples generate together; its training ops wait for them, and they for those.
-        return self.service.submit(
-            "sample", target.run_id, lambda: deferred, owner, tokens=tokens, batch=batch, shared=True
-        )
+        adapter = target.adapter
+        self._use(adapter)  # a held snapshot stays until this job is over
+        try:
+            # Shared: a run's samples generate together; its training ops wait for them, and they for those.
+            job = self.service.submit(
+                "sample", target.run_id, lambda: deferred, owner, tokens=tokens, batch=batch, shared=True
+            )
+        except BaseException:
+            self._done_using(adapter)
+            raise
+        job.future.add_done_callback(lambda _: self._done_using(adapter))
+        return job
 
-    def save_sampler(self, run_id: str, sampler_id: str, owner: str | None) -> Job:
-        """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`."""
+    def save_sampler(
+        self, run_id: str, sampler_id: str, owner: str | None, *, ephemeral: bool = False
+    ) -> Job:
+        """Snapshot the run's adapter (in order with its other ops) as sampler `sampler_id`.
+
+        `ephemeral`: a snapshot taken for a session, not under a name: held (see the module docstring), and
+        it replaces the run's previous ephemeral snapshot."""
         self.service.live_run(run_id, owner)
         self.service.access.claim_sampler(sampler_id, owner)
 
         def taken(info: SamplerInfo) -> SamplerOutput:
+            if ephemeral:
+                self._hold(info.sampler_id, _Held("snapshot", run_id), latest=self._latest)
             return SamplerOutput(info.sampler_id, info.base_model, info.step)
 
         return self.service.submit(
@@ -187,8 +242,47 @@ class Sampling:
             owner,
         )
 
-    def from_checkpoint(self, run_id: str, name: str, sampler_id: str, owner: str | None) -> str:
-        """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking."""
+    def save_inflight(self, run_id: str, session_id: str, owner: str | None) -> Job:
+        """Publish the run's current weights as its *inflight* target (Tinker's `kind="inflight"`), in order
+        with its other ops; the result names `session_id`, the caller's new sampling session on it.
+
+        Every inflight session of a run samples the run's one target (`inflight_target`), and a later inflight
+        save moves it on for all of them: a snapshot of the newer weights takes its place, and the old one is
+        freed once the jobs sampling it are over (a job samples the target of when it was submitted: weights
+        saved when its session was created, or newer)."""
+        self.service.live_run(run_id, owner)
+        self.service.access.claim_sampler(session_id, owner)
+        snapshot = f"{run_id}:inflight:{uuid.uuid4().hex[:12]}"
+        self.service.access.claim_sampler(snapshot, owner)
+
+        def taken(info: SamplerInfo) -> SamplerOutput:
+            self._hold(info.sampler_id, _Held("inflight", run_id), latest=self._inflight)
+            return SamplerOutput(session_id, info.base_model, info.step)
+
+        return self.service.submit(
+            "save_sampler",
+            run_id,
+            lambda: when_done(self.service.backend.save_sampler(run_id, snapshot), taken),
+            owner,
+        )
+
+    def inflight_target(self, run_id: str, owner: str | None) -> ModelTarget:
+        """The snapshot run `run_id`'s inflight sampling sessions sample now."""
+        with self._held_lock:
+            sampler_id = self._inflight.get(run_id)
+        if sampler_id is None:
+            raise NotFoundError(
+                f"run {run_id!r} has no inflight weights (its run was deleted, its session ended, or the server "
+                "restarted since they were saved); save them again (save_weights_and_get_sampling_client)"
+            )
+        return self.target(owner, sampler_id=sampler_id)
+
+    def from_checkpoint(
+        self, run_id: str, name: str, sampler_id: str, owner: str | None, *, held: bool = False
+    ) -> str:
+        """Load a checkpoint's adapter as sampler snapshot `sampler_id`; returns its base model. Blocking.
+
+        `held`: freed when released (the caller loads it again from the checkpoint when next named)."""
         record, checkpoint = self.service.access.readable_checkpoint(run_id, name, owner)
         self.service.access.claim_sampler(sampler_id, owner)
         scratch = f"{sampler_id}.loading"
@@ -196,9 +290,132 @@ class Sampling:
             RunSpec(record.base_model, adapter_path=checkpoint.path, run_id=scratch)
         )
         try:
-            return self.service.backend.save_sampler(scratch, sampler_id).result().base_model
+            base_model = self.service.backend.save_sampler(scratch, sampler_id).result().base_model
         finally:
             self.service.backend.delete_run(scratch)
+        if held:
+            self._hold(sampler_id, _Held("loaded", None))
+        return base_model
+
+    # --- held snapshots: freed when nothing uses them (see the module docstring) ------------------------
+
+    def release(self, sampler_ids: Iterable[str] = (), run_ids: Iterable[str] = ()) -> None:
+        """Free these held snapshots, and the held snapshots of these runs, once no job uses them (a session
+        ended, a run was deleted). Snapshots not held are left alone."""
+        samplers, runs = set(sampler_ids), set(run_ids)
+        with self._held_lock:
+            for sampler_id, held in self._held.items():
+                if sampler_id in samplers or held.run_id in runs:
+                    held.released = True
+            for run_id in runs:
+                self._latest.pop(run_id, None)
+                self._inflight.pop(run_id, None)
+        self.reap()
+
+    def freed_reason(self, sampler_id: str) -> str | None:
+        """Why held snapshot `sampler_id` was freed, if it was (and is recent enough to remember)."""
+        with self._held_lock:
+            return self._freed.get(sampler_id)
+
+    def held_samplers(self) -> list[str]:
+        """The held snapshots not freed yet."""
+        with self._held_lock:
+            return list(self._held)
+
+    def reap(self) -> list[str]:
+        """Free the held snapshots due now; returns their ids."""
+        now, due = time.monotonic(), []
+        with self._held_lock:
+            for sampler_id, held in list(self._held.items()):
+                reason = self._due(held, now)
+                if reason is not None:
+                    del self._held[sampler_id]
+                    self._freed[sampler_id] = reason
+                    due.append(sampler_id)
+            while len(self._freed) > _FREED_KEPT:
+                self._freed.popitem(last=False)
+        for sampler_id in due:
+            try:
+                self.service.backend.delete_sampler(sampler_id)
+            except NotFoundError:  # gone already (its worker died)
+                pass
+            except Exception:
+                log.exception("could not free sampler snapshot %s", sampler_id)
+        return due
+
+    def _due(self, held: _Held, now: float) -> str | None:
+        """Why `held` is to be freed now, or None."""
+        if held.in_use:
+            return None
+        if held.released:
+            return "its session ended or its run was deleted"
+        if held.superseded and held.kind == "inflight":
+            return "a later inflight save replaced it"
+        if held.superseded and held.kind == "snapshot" and now - held.last_used >= self.superseded_grace:
+            return (
+                f"a later save_weights_and_get_sampling_client of its run replaced it and it went unused for "
+                f"{self.superseded_grace:g} s; save weights under a name (save_weights_for_sampler) to keep them"
+            )
+        return None
+
+    def _hold(self, sampler_id: str, held: _Held, latest: dict[str, str] | None = None) -> None:
+        """Hold snapshot `sampler_id`; with `latest`, it replaces its run's entry there."""
+        with self._held_lock:
+            self._held[sampler_id] = held
+            if latest is not None and held.run_id is not None:
+                previous = latest.get(held.run_id)
+                latest[held.run_id] = sampler_id
+                if previous is not None and previous in self._held:
+                    self._held[previous].superseded = True
+        self._start_reaper()
+        # Off this thread (the save's: a scheduler worker, or a Ray reply's callback): the reaper frees.
+        self._wake.set()
+
+    def _use(self, adapter: str | None) -> None:
+        """A job is about to sample `adapter`: a held snapshot stays until `_done_using`."""
+        if adapter is None:
+            return
+        with self._held_lock:
+            held = self._held.get(adapter)
+            if held is not None:
+                held.in_use += 1
+                held.last_used = time.monotonic()
+                return
+            reason = self._freed.get(adapter)
+        if reason is not None:
+            raise NotFoundError(f"sampler {adapter!r} was freed: {reason}")
+
+    def _done_using(self, adapter: str | None) -> None:
+        with self._held_lock:
+            held = self._held.get(adapter) if adapter is not None else None
+            if held is None:
+                return
+            held.in_use -= 1
+            held.last_used = time.monotonic()
+            if held.in_use or not (held.superseded or held.released):
+                return
+        self._wake.set()  # off this thread (a scheduler worker's): the reaper frees it
+
+    def _start_reaper(self) -> None:
+        with self._held_lock:
+            if self._reaper is not None and self._reaper.is_alive():
+                return
+            self._reaper = threading.Thread(target=self._reap_loop, name="sampler-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        """Free held snapshots as they fall due; ends when none is held (`_hold` starts it again)."""
+        while True:
+            self._wake.wait(timeout=max(0.05, min(self.superseded_grace / 4, 5.0)))
+            self._wake.clear()
+            try:
+                self.reap()
+            except Exception:
+                log.exception("freeing sampler snapshots failed")
+            with self._held_lock:
+                if not self._held:
+                    self._reaper = None
+                    return
 
     def expand_chunks(
         self,

@@ -236,3 +236,28 @@ def _fsync(path: Path) -> None:
 
 def _dir_size(root: Path) -> int:
     return sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Make `target` a copy of directory `source` whose files are hard links (copies across file systems),
+    atomically: built under a hidden name, then renamed into place."""
+    if os.path.lexists(target):
+        raise ConflictError(f"checkpoint {str(target)!r} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.copy-{uuid.uuid4().hex[:12]}")
+    try:
+        for file in source.rglob("*"):
+            dest = temp / file.relative_to(source)
+            if file.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, dest)
+            except OSError:  # another file system, or links not allowed: copy the bytes
+                shutil.copy2(file, dest)
+        temp.mkdir(exist_ok=True)
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise

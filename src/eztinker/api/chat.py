@@ -1,0 +1,307 @@
+"""What the OpenAI (`api/openai.py`) and Anthropic (`api/anthropic.py`) facades share: resolving `model`,
+the chat template, one generation's engine requests and the choices they fill, each choice's text
+(detokenised incrementally, cut at the first stop string), and the stream of tokens from the sampling
+thread to the event loop. Each facade only reads its body and writes its own JSON and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+
+from eztinker.api import tinker_wire as wire
+from eztinker.api.native import while_connected
+from eztinker.engine.errors import ComputeError, InvalidInputError
+from eztinker.engine.sampler import SampleRequest, TokenCallback
+from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
+from eztinker.scheduler import Job
+from eztinker.service import ModelTarget, SampleSpec, Service
+from eztinker.service.results import SampleOutput
+
+# --- errors in the facade's own shape (see `eztinker.api.errors`) ---------------------------------------
+
+
+class ErrorShapedRoute(APIRoute):
+    """A route whose every exception (validation and auth included) is answered by `answer`, a subclass's
+    error object (OpenAI's, Anthropic's)."""
+
+    @staticmethod
+    def answer(exc: BaseException) -> Response:
+        raise NotImplementedError
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        answer = self.answer
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return answer(exc)
+
+        return handle
+
+
+# --- the model and the prompt -------------------------------------------------------------------------
+
+
+def resolve_model(service: Service, model: str, owner: str | None) -> ModelTarget:
+    """What `model` names: a `tinker://<run>/sampler_weights|weights/<name>` checkpoint (loaded as a sampler
+    snapshot on first use), else a base model, a run id or a sampler snapshot id. Blocking: a checkpoint
+    may be loaded."""
+    if model.startswith("tinker://"):
+        try:
+            run_id, name, kind = wire.parse_tinker_path(model)
+        except InvalidInputError:
+            run_id = name = kind = ""
+        if kind not in ("weights", "sampler_weights"):
+            raise InvalidInputError(
+                "model",
+                f"{model!r} is not tinker://<run>/sampler_weights/<name> or tinker://<run>/weights/<name>",
+            )
+        return service.sampling.checkpoint_target(run_id, name, owner)
+    return service.sampling.resolve_model(model, owner)
+
+
+def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The messages through the tokenizer's chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+# --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
+
+
+@dataclass
+class Choice:
+    """One sample's completion as it grows: the text released so far and the tokens behind it.
+
+    Text is held back while it might be the start of a stop string, or ends in an incomplete UTF-8
+    character; `stopped` once a stop string appeared (the text ends before it, as OpenAI's does).
+    """
+
+    tokenizer: Any
+    stops: list[str]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[TopLogprobs | None] = field(default_factory=list)
+    released: int = 0  # characters of text released
+    released_tokens: int = 0  # tokens whose text is fully released
+    stopped: bool = False
+
+    def add(self, token: int, logprob: float, topk: TopLogprobs | None) -> None:
+        if not self.stopped:
+            self.tokens.append(token)
+            self.logprobs.append(logprob)
+            self.topk.append(topk)
+
+    def text(self) -> str:
+        return decode(self.tokenizer, self.tokens)
+
+    def take(self, final: bool) -> tuple[str, list[int]]:
+        """(new text to release, indices of the tokens it completes); all that is left when `final`."""
+        if self.stopped:
+            return "", []
+        text = self.text()
+        end = len(text)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            end, self.stopped, final = cut, True, True
+        elif not final:
+            while end > self.released and text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete UTF-8 character: wait for its other bytes
+            end -= _held_for_stop(text[:end], self.stops)
+        end = max(end, self.released)
+        new = text[self.released : end]
+        self.released = end
+        if self.stopped:  # the tokens with text before the stop string, the one it starts in included
+            done = self._tokens_within(end)
+            if done < len(self.tokens) and len(decode(self.tokenizer, self.tokens[:done])) < end:
+                done += 1
+        else:
+            done = len(self.tokens) if final else self._tokens_within(end)
+        indices = list(range(self.released_tokens, max(done, self.released_tokens)))
+        self.released_tokens = max(done, self.released_tokens)
+        return new, indices
+
+    def _tokens_within(self, chars: int) -> int:
+        """How many leading tokens decode to text no longer than `chars` characters."""
+        n = self.released_tokens
+        while n < len(self.tokens) and len(decode(self.tokenizer, self.tokens[: n + 1])) <= chars:
+            n += 1
+        return n
+
+
+def _held_for_stop(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could start a stop string (and so must wait)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+def decode(tokenizer: Any, tokens: list[int]) -> str:
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return text if isinstance(text, str) else "".join(text)
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    return decode(tokenizer, [token])
+
+
+# --- one generation: prompts, engine requests, and the choices they produce --------------------------
+
+
+@dataclass
+class Generation:
+    """A route's prompts on one model, each sampled `n` times; choice index = prompt · n + sample."""
+
+    target: ModelTarget
+    tokenizer: Any
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    top_logprobs: int
+    stops: list[str]
+    images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
+    choices: list[Choice] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.choices = [Choice(self.tokenizer, self.stops) for _ in range(len(self.prompts) * self.n)]
+
+    def requests(
+        self, on_token: TokenCallback | None, cancelled: Callable[[], bool] | None = None
+    ) -> list[SampleRequest]:
+        return [
+            SampleRequest(
+                prompt=prompt,
+                params=self.params,
+                num_samples=self.n,
+                topk_sample_logprobs=self.top_logprobs,
+                stop_at_eos=True,
+                on_token=None if on_token is None else _shifted(on_token, i * self.n),
+                cancelled=cancelled,
+                images=self.images[i] if self.images else (),
+            )
+            for i, prompt in enumerate(self.prompts)
+        ]
+
+    def submit(
+        self,
+        service: Service,
+        owner: str | None,
+        prompt_field: str,
+        on_token: TokenCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Job:
+        """Sample the requests through the service, checked before the job is queued (errors name
+        `prompt_field` for the prompt)."""
+        spec = SampleSpec(
+            self.target, self.requests(on_token, cancelled), check_now=True, prompt_field=prompt_field
+        )
+        return service.sampling.sample(spec, owner)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+    def fill(self, result: SampleOutput) -> list[str]:
+        """Put a finished job's sequences into the choices; return each choice's finish reason."""
+        reasons = []
+        for i, request_result in enumerate(result.results):
+            for j, sequence in enumerate(request_result.sequences):
+                choice = self.choices[i * self.n + j]
+                if not choice.tokens:
+                    topk = sequence.topk_logprobs or [None] * len(sequence.tokens)
+                    for token, logprob, top in zip(sequence.tokens, sequence.logprobs, topk, strict=True):
+                        choice.add(token, logprob, top)
+                reasons.append("stop" if sequence.stop_reason == "stop" else "length")
+        return reasons
+
+
+def _shifted(on_token: TokenCallback, offset: int) -> TokenCallback:
+    def call(sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
+        on_token(offset + sample, token, logprob, topk, done)
+
+    return call
+
+
+# --- the job: a whole answer, or a stream of tokens -------------------------------------------------------
+
+
+def job_result(job: Job) -> SampleOutput:
+    """A finished sampling job's output; its failure raised as the engine error it was."""
+    if job.status == "failed":
+        if job.error_category == "server":
+            raise ComputeError(job.error or "sampling failed")
+        raise InvalidInputError("request", job.error or "sampling failed")
+    assert isinstance(job.result, SampleOutput)
+    return job.result
+
+
+async def whole_result(request: Request, submit: Callable[[], Job]) -> SampleOutput | None:
+    """Submit the job, wait for it and return its output; None if the client hung up (the job runs on)."""
+    job = await run_in_threadpool(submit)
+    if not await while_connected(request, job.wait(None)):
+        return None
+    return job_result(job)
+
+
+Token = tuple[int, int, float, TopLogprobs | None, bool]  # (sample, token, logprob, top-k, finished?)
+
+
+class TokenStream:
+    """The tokens of a streamed job, from the sampling thread into the event loop, in order.
+
+    `await stream.start(submit)` submits the job with `on_token` and `cancelled` (set once the client
+    hangs up, so generation stops there); `async for token in stream` yields each token until the job is
+    done; `stream.response(events)` answers the route with the facade's server-sent events.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Token | None] = asyncio.Queue()
+        self._hung_up = threading.Event()
+
+    def on_token(self, sample: int, token: int, logprob: float, topk: TopLogprobs | None, done: bool) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (sample, token, logprob, topk, done))
+
+    async def start(self, submit: Callable[[TokenCallback, Callable[[], bool]], Job]) -> Job:
+        job = await run_in_threadpool(submit, self.on_token, self._hung_up.is_set)
+        # Set after the last token's callback on the same thread, so it reaches the queue after every token.
+        job.future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._queue.put_nowait, None))
+        return job
+
+    async def __aiter__(self) -> AsyncIterator[Token]:
+        while (token := await self._queue.get()) is not None:
+            yield token
+
+    def response(self, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(self._until_hung_up(events), media_type="text/event-stream")
+
+    async def _until_hung_up(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The stream's events; if the client leaves before the last one, generation is cancelled."""
+        finished = False
+        try:
+            async for event in events:
+                yield event
+            finished = True
+        finally:
+            if not finished:
+                self._hung_up.set()
