@@ -270,13 +270,17 @@ class Scheduler:
             with self._cond:
                 self._await_companions()
                 jobs = self._next_pass()
-                while not jobs and not self._background_ready():
+                # Background work another worker is stepping is not ours: wait (a worker that looped back
+                # here would spin on the lock and starve the stepping thread of the GIL).
+                while not jobs and not (self._background_ready() and not self._background_lock.locked()):
                     if self._stopping:
                         return
                     self._cond.wait()
                     jobs = self._next_pass()
                 if self._stopping and not jobs:
                     return
+                if jobs and self._background_ready():
+                    self._cond.notify()  # an idle worker steps the background while this one runs the pass
                 expected_end = self._pass_ends[-1] if jobs else 0.0
             if jobs:
                 self._run_pass(jobs, expected_end)
