@@ -175,6 +175,30 @@ def test_the_scheduler_tells_the_pager_what_is_queued() -> None:
 # --- results are those of an engine that never pages ----------------------------------------------------
 
 
+def test_a_pass_forms_only_of_runs_that_fit_the_budget_together(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from eztinker.backend.local import LocalBackend
+
+    size = _one_run_bytes(tiny_model_dir, tmp_path)
+    engine = _engine(tiny_model_dir, tmp_path, int(2.5 * size))  # room for two runs
+    for name in "abc":  # each holds `size`: weights, gradients and both moments
+        engine.create_run(str(tiny_model_dir), LORA, run_id=name)
+        engine.forward_backward_many([_op(name, 0)])
+        engine.optim_step(name)
+        engine.forward_backward_many([_op(name, 1)])
+    fit = engine.paging.fit_together
+    assert fit(["a"]) and fit(["a", "b"]) and fit(["a", "b", "a"]) and not fit(["a", "b", "c"])
+    backend = LocalBackend(engine)
+    try:
+        assert backend.scheduler.runs_fit == fit  # the scheduler asks it of every companion (test_scheduler)
+    finally:
+        backend.stop()
+    unbounded = LocalBackend(_engine(tiny_model_dir, tmp_path / "free", None))
+    try:
+        assert unbounded.scheduler.runs_fit is None
+    finally:
+        unbounded.stop()
+
+
 def test_bit_identical_to_no_budget_with_more_runs_than_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
     size = _one_run_bytes(tiny_model_dir, tmp_path)
     plain = _engine(tiny_model_dir, tmp_path / "plain", None)

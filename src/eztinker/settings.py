@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     checkpoint_sweep_seconds: float = Field(
         60.0, gt=0, description="How often checkpoints past their TTL (expires_at) are deleted."
     )
+    session_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A Tinker session with no heartbeat for this long expires; its sampling snapshots are freed.",
+    )
     max_jobs_per_key: int = Field(
         5_000, ge=1, description="Jobs one API key may have queued or running at once; beyond: 429."
     )

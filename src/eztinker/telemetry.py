@@ -7,6 +7,7 @@ never collide.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,62 +37,38 @@ class SamplingRows(Protocol):
 class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.ops = Counter(
-            "eztinker_ops", "Jobs finished, by op and final status.", ["op", "status"], registry=self.registry
-        )
-        self.compute_seconds = Histogram(
-            "eztinker_op_compute_seconds",
-            "Time a job spent executing.",
-            ["op"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.queue_seconds = Histogram(
-            "eztinker_op_queue_seconds",
-            "Time a job waited before it started.",
-            ["op"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.tokens_trained = Counter(
-            "eztinker_tokens_trained", "Tokens through forward/forward_backward.", registry=self.registry
-        )
-        self.tokens_sampled = Counter(
-            "eztinker_tokens_sampled", "Tokens generated (its rate() is tokens/s).", registry=self.registry
-        )
-        self.time_to_first_token = Histogram(
+        counter = partial(Counter, registry=self.registry)
+        gauge = partial(Gauge, registry=self.registry)
+        histogram = partial(Histogram, registry=self.registry)
+        op_latency = partial(histogram, labelnames=["op"], buckets=_LATENCY_BUCKETS)  # seconds, by op
+        self.ops = counter("eztinker_ops", "Jobs finished, by op and final status.", ["op", "status"])
+        self.compute_seconds = op_latency("eztinker_op_compute_seconds", "Time a job spent executing.")
+        self.queue_seconds = op_latency("eztinker_op_queue_seconds", "Time a job waited before it started.")
+        self.tokens_trained = counter("eztinker_tokens_trained", "Tokens through forward/forward_backward.")
+        self.tokens_sampled = counter("eztinker_tokens_sampled", "Tokens generated (its rate() is tokens/s).")
+        self.time_to_first_token = histogram(
             "eztinker_sample_time_to_first_token_seconds",
             "From a sample request reaching its sampling engine to its first token.",
             buckets=_TTFT_BUCKETS,
-            registry=self.registry,
         )
-        self.sampling_queue = Gauge(
-            "eztinker_sampling_queue_rows",
-            "Sample rows waiting for room in a running batch (the KV budget).",
-            registry=self.registry,
+        self.sampling_queue = gauge(
+            "eztinker_sampling_queue_rows", "Sample rows waiting for room in a running batch (the KV budget)."
         )
-        self.sampling_rows = Gauge(
-            "eztinker_sampling_running_rows", "Sample rows decoding now.", registry=self.registry
+        self.sampling_rows = gauge("eztinker_sampling_running_rows", "Sample rows decoding now.")
+        self.queue_depth = gauge("eztinker_queue_depth", "Jobs waiting to start.")
+        self.running = gauge("eztinker_jobs_running", "Jobs executing now.")
+        self.utilisation = gauge(
+            "eztinker_worker_utilisation", "Busy fraction of the workers over the last minute."
         )
-        self.queue_depth = Gauge("eztinker_queue_depth", "Jobs waiting to start.", registry=self.registry)
-        self.running = Gauge("eztinker_jobs_running", "Jobs executing now.", registry=self.registry)
-        self.utilisation = Gauge(
-            "eztinker_worker_utilisation",
-            "Busy fraction of the workers over the last minute.",
-            registry=self.registry,
-        )
-        self.pass_jobs = Histogram(
+        self.pass_jobs = histogram(
             "eztinker_pass_jobs",
             "Jobs (of different runs) executed together in one pass.",
             buckets=_PASS_SIZE_BUCKETS,
-            registry=self.registry,
         )
-        self.pass_tokens = Histogram(
-            "eztinker_pass_tokens", "Tokens in one pass.", buckets=_PASS_TOKEN_BUCKETS, registry=self.registry
+        self.pass_tokens = histogram(
+            "eztinker_pass_tokens", "Tokens in one pass.", buckets=_PASS_TOKEN_BUCKETS
         )
-        self.busy_seconds = Counter(
-            "eztinker_worker_busy_seconds", "Seconds workers spent executing passes.", registry=self.registry
-        )
+        self.busy_seconds = counter("eztinker_worker_busy_seconds", "Seconds workers spent executing passes.")
 
     def watch_scheduler(self, scheduler: Scheduler) -> None:
         self.queue_depth.set_function(lambda: scheduler.queue_depth)

@@ -31,7 +31,7 @@ from eztinker.api.chat import (
     whole_result,
 )
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
-from eztinker.api.errors import error_kind, error_message, retry_after
+from eztinker.api.errors import error_headers, error_kind, error_message
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import SamplingParams
 from eztinker.service import Service
@@ -44,7 +44,7 @@ def anthropic_response(exc: BaseException) -> JSONResponse:
     kind = error_kind(exc)
     message, _, _ = error_message(exc)
     body = {"type": "error", "error": {"type": kind.anthropic_type, "message": message}}
-    return JSONResponse(body, status_code=kind.status_for_openai, headers=retry_after(exc))
+    return JSONResponse(body, status_code=kind.status_for_openai, headers=error_headers(exc))
 
 
 class AnthropicRoute(ErrorShapedRoute):

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from eztinker.engine.errors import ComputeError, ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.models.api import ErrorBody, field_path
 from eztinker.scheduler import QueueFullError
-from eztinker.service.errors import AuthenticationError, QuotaExceededError
+from eztinker.service.errors import AuthenticationError, InvalidTokenError, QuotaExceededError
 
 Category = Literal["user", "server"]
 
@@ -104,10 +104,13 @@ def error_message(exc: BaseException) -> tuple[str, str | None, list[dict[str, A
     return str(exc), None, None
 
 
-def retry_after(exc: BaseException) -> dict[str, str]:
-    """The `Retry-After` header a full queue answers with (whole seconds, at least 1)."""
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """The headers an error answers with: a full queue's `Retry-After` (whole seconds, at least 1); a
+    rejected JWT's `WWW-Authenticate` (RFC 6750's invalid_token, on which the Tinker SDK gets a new token)."""
     if isinstance(exc, QueueFullError):
         return {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, InvalidTokenError):
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
     return {}
 
 
@@ -123,7 +126,7 @@ def native_response(exc: BaseException) -> JSONResponse:
     message, field, detail = error_message(exc)
     body = ErrorBody(error=message, field=field, category=kind.category, detail=detail)
     response = JSONResponse(body.model_dump(exclude_none=True), status_code=kind.status)
-    response.headers.update(retry_after(exc))
+    response.headers.update(error_headers(exc))
     if isinstance(exc, StarletteHTTPException):
         response.headers.update(exc.headers or {})
     return response
@@ -134,7 +137,7 @@ def openai_response(exc: BaseException) -> JSONResponse:
     kind = error_kind(exc)
     message, field, _ = error_message(exc)
     error = {"message": message, "type": kind.openai_type, "param": field, "code": kind.openai_code}
-    return JSONResponse({"error": error}, status_code=kind.status_for_openai, headers=retry_after(exc))
+    return JSONResponse({"error": error}, status_code=kind.status_for_openai, headers=error_headers(exc))
 
 
 _HANDLED: Sequence[type[Exception]] = (StarletteHTTPException, *(cls for cls, _ in ERROR_TABLE))

@@ -59,6 +59,10 @@ class CreateSession(_Body):
     display_name: str | None = None
 
 
+class SessionHeartbeat(_Body):
+    session_id: str | None = None
+
+
 class FinishReason(_Body):
     type: str | None = None
 

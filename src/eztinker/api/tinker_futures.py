@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -86,6 +87,9 @@ class TinkerState:
     answers: OrderedDict[tuple[str, ...], Answer] = field(default_factory=OrderedDict)  # resends
     making: dict[tuple[str, ...], threading.Lock] = field(default_factory=dict)  # answers being made
     sequencers: dict[tuple[str, ...], _Sequencer] = field(default_factory=dict)  # by (owner, model)
+    heartbeats: dict[str, float] = field(default_factory=dict)  # active session -> its last heartbeat
+    clock: Callable[[], float] = time.time  # of heartbeats and session expiry (a test moves it)
+    sessions_checked_at: float = 0.0  # when idle sessions were last looked for (`tinker_sessions`)
 
     def add(self, future: WireFuture, request_id: str) -> str:
         with self.lock:

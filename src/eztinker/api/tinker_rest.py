@@ -279,21 +279,15 @@ def replace_meta(
         state.durable.put(CHECKPOINT_META, key, {"user_metadata": user_metadata}, owner=owner)
 
 
-@authed.post(_CHECKPOINT + "/publish")
-def publish_checkpoint(
-    run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
+@authed.delete(_CHECKPOINT + "/publish", name="unpublish_checkpoint")
+@authed.post(_CHECKPOINT + "/publish", name="publish_checkpoint")
+def set_checkpoint_public(
+    run_id: str, checkpoint_id: str, request: Request, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> None:
-    """Makes the checkpoint readable by every key: sampled, trained from, described and downloaded."""
+    """POST makes the checkpoint readable by every key: sampled, trained from, described and downloaded.
+    DELETE makes it its owner's alone again."""
     name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
-    service.access.set_public(run_id, name, True, owner)
-
-
-@authed.delete(_CHECKPOINT + "/publish")
-def unpublish_checkpoint(
-    run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
-) -> None:
-    name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
-    service.access.set_public(run_id, name, False, owner)
+    service.access.set_public(run_id, name, request.method == "POST", owner)
 
 
 @authed.put(_CHECKPOINT + "/ttl")

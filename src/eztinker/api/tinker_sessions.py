@@ -1,10 +1,16 @@
 """The Tinker SDK's bootstrap calls and sessions: client config, capabilities, heartbeats, telemetry,
 and the durable session records (`list_sessions`, `get_session`) that its models and samplers are
-named after."""
+named after.
+
+A session ends when its client calls `finish`, or when it has sent no heartbeat for
+`session_timeout_seconds` (the SDK heartbeats every 10 s from a background task, so only a client that
+crashed, was killed or lost the network stops): its status becomes `expired` and its sampling snapshots
+are freed as `finish` frees them. Expiry is checked whenever a client creates a session or heartbeats
+(at most once per tenth of the timeout) — while no client is connected nothing needs the memory back.
+A heartbeat for an ended session is a 404 that says to start a new client."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -60,11 +66,27 @@ def get_server_capabilities(service: ServiceDep) -> dict[str, Any]:
 def create_session(body: bodies.CreateSession, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
     session_id = f"sess-{uuid.uuid4().hex[:12]}"
     state.durable.put(SESSIONS, session_id, {**body.model_dump(), "status": "active"}, owner=owner)
+    state.heartbeats[session_id] = state.clock()
+    expire_idle_sessions(state)
     return {"type": "create_session", "session_id": session_id}
 
 
 @authed.post("/session_heartbeat")
-def session_heartbeat() -> dict[str, Any]:
+def session_heartbeat(
+    owner: OwnerDep, state: StateDep, body: bodies.SessionHeartbeat | None = None
+) -> dict[str, Any]:
+    if (
+        body is not None
+        and body.session_id is not None
+        and state.durable.get(SESSIONS, body.session_id) is not None
+    ):
+        status = _session(state, body.session_id, owner).value.get("status")
+        if status != "active":
+            raise NotFoundError(
+                f"session {body.session_id!r} has ended ({status}): create a new ServiceClient to continue"
+            )
+        state.heartbeats[body.session_id] = state.clock()
+    expire_idle_sessions(state)
     return {"type": "session_heartbeat"}
 
 
@@ -74,15 +96,42 @@ def finish_session(
 ) -> dict[str, Any]:
     _session(state, session_id, owner)
     reason = body.reason.type if body.reason is not None else None
-    state.durable.update(SESSIONS, session_id, status=reason or "finished", finished_at=time.time())
-    # The session's snapshots and its models' inflight targets are freed once no sample uses them (named
-    # checkpoints stay; a session on a checkpoint loads it again if it is named later).
+    _end_session(state, session_id, owner, reason or "finished")
+    return {}
+
+
+def _end_session(state: TinkerState, session_id: str, owner: str | None, status: str) -> None:
+    """Mark the session ended and free its sampling snapshots and its models' inflight targets, once no
+    sample uses them (named checkpoints stay; a session on a checkpoint loads it again if it is named later)."""
+    service = state.service
+    state.durable.update(SESSIONS, session_id, status=status, finished_at=state.clock())
+    state.heartbeats.pop(session_id, None)
     samplers = state.durable.records(
         SAMPLERS, **service.access.listing(owner), prefix=f"{session_id}:sample:"
     )
     runs = [r.run_id for r in service.views.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
     service.sampling.release(sampler_ids=[s.key for s in samplers], run_ids=runs)
-    return {}
+
+
+def expire_idle_sessions(state: TinkerState) -> list[str]:
+    """End (status `expired`) every active session with no heartbeat for `session_timeout_seconds`, at most
+    once per tenth of the timeout; returns their ids. A session this process has not heard from yet (the
+    server restarted) counts from the first check."""
+    timeout = state.service.settings.session_timeout_seconds
+    now = state.clock()
+    with state.lock:
+        if now - state.sessions_checked_at < timeout / 10:
+            return []
+        state.sessions_checked_at = now
+    expired = []
+    for record in state.durable.records(SESSIONS, include_all=True):
+        if (
+            record.value.get("status") == "active"
+            and now - state.heartbeats.setdefault(record.key, now) > timeout
+        ):
+            _end_session(state, record.key, record.owner, "expired")
+            expired.append(record.key)
+    return expired
 
 
 @authed.post("/telemetry")

@@ -79,6 +79,7 @@ class LocalBackend:
         self.scheduler = options.scheduler(runners, background=self.sampling)
         # Adapter paging: a run with queued work stays resident, and pages in ahead of its op.
         self.scheduler.on_run_busy, self.scheduler.on_run_idle = engine.paging.expect, engine.paging.idle
+        self.scheduler.runs_fit = engine.paging.fit_together if engine.paging.enabled else None
 
     def start(self) -> set[str]:
         self.scheduler.start()

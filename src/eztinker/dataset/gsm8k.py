@@ -219,9 +219,14 @@ def _solution(draft: _Draft) -> tuple[str, int]:
     return "\n".join([*lines, f"#### {final}"]), final
 
 
-def _one_step(rng: random.Random, hi: int) -> _Draft:
+def _cast(rng: random.Random) -> tuple[str, str, str]:
+    """Who a problem is about (two different people) and what they count."""
     name, other = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
+    return name, other, rng.choice(_ITEMS)
+
+
+def _one_step(rng: random.Random, hi: int) -> _Draft:
+    name, other, item = _cast(rng)
     kind = rng.randrange(4)
     if kind == 0:
         a, b = rng.randint(2, hi), rng.randint(2, hi)
@@ -257,8 +262,7 @@ def _one_step(rng: random.Random, hi: int) -> _Draft:
 
 
 def _two_step(rng: random.Random, hi: int) -> _Draft:
-    name, other = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
+    name, other, item = _cast(rng)
     kind = rng.randrange(3)
     if kind == 0:
         a, b = rng.randint(2, hi), rng.randint(2, hi)

@@ -14,6 +14,7 @@ engine.optim_step(run.run_id, AdamParams(learning_rate=1e-4))
 ```
 """
 
+from eztinker.engine import types
 from eztinker.engine.engine import Engine, EngineConfig, RunInfo, SamplerInfo, TrainOp
 from eztinker.engine.errors import (
     ComputeError,
@@ -25,43 +26,23 @@ from eztinker.engine.errors import (
     UnknownLossError,
 )
 from eztinker.engine.losses import get_loss_function, list_losses, register_loss_function
-from eztinker.engine.types import (
-    AdamParams,
-    Datum,
-    DimuonParams,
-    ForwardBackwardResult,
-    ImageChunk,
-    OptimStepResult,
-    SampledSequence,
-    SampleResult,
-    SamplingParams,
-    TokenLoss,
-)
+from eztinker.engine.types import *  # noqa: F403 (the typed inputs and outputs: `types.__all__`)
 
 __all__ = [
-    "AdamParams",
     "ComputeError",
     "ConflictError",
-    "Datum",
-    "DimuonParams",
     "Engine",
     "EngineConfig",
     "EngineError",
-    "ForwardBackwardResult",
-    "ImageChunk",
     "InvalidInputError",
     "NonFiniteError",
     "NotFoundError",
-    "OptimStepResult",
     "RunInfo",
-    "SampleResult",
-    "SampledSequence",
     "SamplerInfo",
-    "SamplingParams",
-    "TokenLoss",
     "TrainOp",
     "UnknownLossError",
     "get_loss_function",
     "list_losses",
     "register_loss_function",
 ]
+__all__ += types.__all__

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,8 @@ class EngineConfig:
         return PagingConfig(self.adapter_memory, self.adapter_host_memory, self.page_dir)
 
     def pass_options(self) -> PassOptions:
-        return PassOptions(
-            token_budget=self.token_budget,
-            logits_budget=self.logits_budget,
-            checkpoint_tokens=self.checkpoint_tokens,
-            logits_chunk=self.logits_chunk,
-            memory_limit=self.memory_limit,
-        )
+        """The `PassOptions` of this config: its fields of the same names."""
+        return PassOptions(**{f.name: getattr(self, f.name) for f in fields(PassOptions)})
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ allocation (never a view into a read buffer), as the run's tensors were.
 Who may page out: a run with no op running (`pins`, held by `Pager.using` around every engine op that
 touches the run's tensors, and by the sampler while it decodes for the run) and, first, none queued
 (`wanted`, told by the scheduler through `expect` / `idle`). Least recently used first; queued runs go
-only if the idle ones are not enough (the budget bounds everything but the runs executing now).
+only if the idle ones are not enough. The runs executing at once are pinned; the scheduler forms passes
+only of runs that fit the budget together (`fit_together`), so only a single run larger than the whole
+budget — which still runs, alone — or passes running on several workers at once can go over it.
 
 Prefetch: when the scheduler queues an op for a paged-out run (`expect`), the pager's thread pages it
 in while earlier passes run — if it fits the budget once idle runs have made room — so the op rarely
@@ -37,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -171,11 +173,13 @@ def _take(run: TrainingRun, moved: Callable[[torch.Tensor], bool]) -> dict[str, 
             taken[f"{i}.grad"] = p.grad
             p.grad = None
         state = run.optimizer.state.get(p)
-        for stat in list(state or ()):
-            value = state[stat]  # type: ignore[index]
+        if state is None:
+            continue
+        for stat in list(state):
+            value = state[stat]
             if isinstance(value, torch.Tensor) and moved(value):
                 taken[f"{i}.state.{stat}"] = value
-                del state[stat]  # type: ignore[attr-defined]
+                del state[stat]
     return taken
 
 
@@ -279,7 +283,7 @@ class Pager:
     # --- ops -----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def using(self, runs: Sequence[TrainingRun | str | None]) -> Iterator[None]:
+    def using(self, runs: Sequence[TrainingRun | str | None]) -> Generator[None]:
         """Pin `runs` (none of them pages out meanwhile) and page in those that are out, for one op.
 
         A run, or an adapter name (a `SampleRequest.adapter`: a run id, a sampler snapshot — snapshots
@@ -343,6 +347,16 @@ class Pager:
             if page is not None and not page.wanted:
                 page.wanted, page.queued = True, next(self._clock)
                 self._cond.notify_all()
+
+    def fit_together(self, run_ids: Sequence[str]) -> bool:
+        """Whether these runs' state fits the budget at once (the scheduler forms passes with it: the runs
+        of one pass are pinned together, so a pass of more than the budget would overrun it)."""
+        if not self.enabled:
+            return True
+        assert self.config.device_bytes is not None
+        with self._cond:
+            held = sum(self._pages[r].bytes for r in dict.fromkeys(run_ids) if r in self._pages)
+        return held <= self.config.device_bytes
 
     def idle(self, run_id: str) -> None:
         """The scheduler has nothing left queued or running for `run_id`."""

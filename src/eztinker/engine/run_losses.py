@@ -63,9 +63,7 @@ class _Outputs:
         )
 
 
-def _scatter(
-    values: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor], shape: torch.Size
-) -> torch.Tensor:
+def _scatter(values: torch.Tensor, index: tuple[torch.Tensor, ...], shape: torch.Size) -> torch.Tensor:
     """A tensor of `shape`, `values` at the (row, column) positions of `index` and 0 elsewhere."""
     out = values.new_zeros(shape)
     return out.index_put(index, values) if values.numel() else out

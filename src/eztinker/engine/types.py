@@ -17,6 +17,22 @@ import torch
 if TYPE_CHECKING:
     from eztinker.engine.loss_graph import LossGraph
 
+__all__ = [  # all of them re-exported by `eztinker.engine`
+    "IGNORE_INDEX",
+    "AdamParams",
+    "Datum",
+    "DimuonParams",
+    "ForwardBackwardResult",
+    "ImageChunk",
+    "OptimStepResult",
+    "PromptAltTokens",
+    "SampleResult",
+    "SampledSequence",
+    "SamplingParams",
+    "TokenLoss",
+    "TopLogprobs",
+]
+
 IGNORE_INDEX = -100
 
 

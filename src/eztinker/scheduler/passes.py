@@ -46,13 +46,22 @@ def followers(queues: Mapping[str, deque[Job]], job: Job) -> list[Job]:
     return found
 
 
-def companions(first: Job, candidates: list[Job], max_pass_jobs: int, token_budget: int) -> list[Job]:
+def companions(
+    first: Job,
+    candidates: list[Job],
+    max_pass_jobs: int,
+    token_budget: int,
+    *,
+    runs_fit: Callable[[list[str]], bool] | None = None,
+) -> list[Job]:
     """The candidates that execute with `first`: its kind and group, in order, within the pass's size
-    and token budget; a queue whose job was left out contributes nothing after it (its order holds)."""
+    and token budget, and (with `runs_fit`) only while the pass's runs fit the device's run-state budget
+    together; a queue whose job was left out contributes nothing after it (its order holds)."""
     assert first.batch is not None
     kind, group = first.batch.kind, first.batch.group
     chosen: list[Job] = []
     tokens = first.tokens
+    runs = [first.queue_key]
     blocked: set[str] = set()
     for job in candidates:
         if len(chosen) + 1 >= max_pass_jobs:
@@ -60,11 +69,19 @@ def companions(first: Job, candidates: list[Job], max_pass_jobs: int, token_budg
         other = job.batch
         fits = tokens + job.tokens <= token_budget
         same = other is not None and other.kind == kind and other.group == group
-        if job.queue_key in blocked or not same or not fits:
+        new_run = job.queue_key not in runs
+        if (
+            job.queue_key in blocked
+            or not same
+            or not fits
+            or (new_run and runs_fit is not None and not runs_fit([*runs, job.queue_key]))
+        ):
             blocked.add(job.queue_key)
             continue
         chosen.append(job)
         tokens += job.tokens
+        if new_run:
+            runs.append(job.queue_key)
     return chosen
 
 

@@ -48,6 +48,9 @@ class Scheduler:
     jobs and duration (telemetry). `on_run_busy(run_id)` runs when a run gets queued work while it had
     none, `on_run_idle(run_id)` when it has none queued or running any more (adapter paging: keep a busy
     run resident, page a queued one in ahead); both with the queue's lock held, so they must be quick.
+    `runs_fit(run_ids)`, when set, says whether these runs' state fits the device together (adapter
+    paging's budget): a pass takes companions only while it does, so that the runs executing at once stay
+    within the budget (a first job always runs, even alone over it). Also called with the lock held.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class Scheduler:
         background: Background | None = None,
         on_run_busy: Callable[[str], None] | None = None,
         on_run_idle: Callable[[str], None] | None = None,
+        runs_fit: Callable[[list[str]], bool] | None = None,
     ) -> None:
         self.on_run_busy, self.on_run_idle = on_run_busy, on_run_idle
+        self.runs_fit = runs_fit
         self.max_queue = max_queue
         self.max_queue_per_run = max_queue_per_run or max_queue
         self.max_pass_jobs = max_pass_jobs
@@ -242,7 +247,9 @@ class Scheduler:
             candidates = followers(self._queues, first) + [
                 x for h in others for x in (h, *followers(self._queues, h))
             ]
-            chosen += passes.companions(first, candidates, self.max_pass_jobs, self.pass_token_budget)
+            chosen += passes.companions(
+                first, candidates, self.max_pass_jobs, self.pass_token_budget, runs_fit=self.runs_fit
+            )
         for job in chosen:
             self._queues[job.queue_key].popleft()
             if not self._queues[job.queue_key]:

@@ -8,13 +8,14 @@ snapshots), `results` (each op's typed result).
 
 from eztinker.service.access import Access
 from eztinker.service.core import Service
-from eztinker.service.errors import AuthenticationError, QuotaExceededError, RunLostError
+from eztinker.service.errors import AuthenticationError, InvalidTokenError, QuotaExceededError, RunLostError
 from eztinker.service.sampling import ModelTarget, SampleSpec, Sampling
 from eztinker.service.views import JobView
 
 __all__ = [
     "Access",
     "AuthenticationError",
+    "InvalidTokenError",
     "JobView",
     "ModelTarget",
     "QuotaExceededError",

@@ -267,16 +267,14 @@ class Service:
         target = self.checkpoint_path(new_run_id, name)
         link_tree(Path(source.path), target)
         now = time.time()
-        self.store.add_run(
-            RunRecord(
+        self.store.add_run(  # the source run's model, configs and size
+            dataclasses.replace(
+                source_run,
                 run_id=new_run_id,
-                base_model=source_run.base_model,
-                lora_config=source_run.lora_config,
-                loss_config=source_run.loss_config,
                 owner=owner,
                 step=source.step,
                 status="copy",
-                num_parameters=source_run.num_parameters,
+                last_loss=None,
                 created_at=now,
                 updated_at=now,
             )

@@ -22,7 +22,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from eztinker.service.errors import AuthenticationError
+from eztinker.service.errors import InvalidTokenError
 
 if TYPE_CHECKING:
     from eztinker.service.access import Access
@@ -93,9 +93,9 @@ def mint(access: Access, owner: str | None, now: float | None = None) -> str:
 
 
 def owner_of(access: Access, token: str) -> str | None:
-    """The owner a JWT of this server was minted for; `AuthenticationError` unless it is valid, unexpired
+    """The owner a JWT of this server was minted for; `InvalidTokenError` unless it is valid, unexpired
     and its key is still one of the server's."""
-    invalid = AuthenticationError("the token is invalid or has expired: exchange the API key for a new one")
+    invalid = InvalidTokenError("the token is invalid or has expired: exchange the API key for a new one")
     try:
         header, payload, signature = token.split(".")
         expected = hmac.new(_secret(access), f"{header}.{payload}".encode(), hashlib.sha256).digest()

@@ -15,17 +15,18 @@ from eztinker.engine.types import PromptAltTokens, SampledSequence, SampleResult
 from eztinker.models import api
 
 
+@dataclass(frozen=True)
 class _Fields:
     """A result whose JSON form is its fields by name (read back leniently: extra keys are ignored, and a
     field with a default may be missing, as in rows written before it existed)."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Self:
         values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
             if f.name in data:
                 values[f.name] = data[f.name]
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

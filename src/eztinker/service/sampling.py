@@ -431,7 +431,7 @@ class Sampling:
         A bad image, or an image for a model without a vision tower, is refused naming `where[i]`.
         Blocking (the model's image processor runs, and the model loads if it has not)."""
         if not any(isinstance(chunk, ImageChunk) for chunk in chunks):
-            return [int(t) for chunk in chunks for t in chunk], ()  # type: ignore[union-attr]
+            return [int(t) for chunk in chunks if not isinstance(chunk, ImageChunk) for t in chunk], ()
         return self.service.backend.expand_chunks(base_model, list(chunks), where, frame=frame)
 
     def default_base_model(self) -> str:

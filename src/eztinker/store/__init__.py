@@ -11,33 +11,9 @@ store.finish_job(job_id, status="completed", result={...}, started_at=..., finis
 `records.py` holds the values (frozen dataclasses) and errors, `models.py` the tables, `db.py` the `Store`.
 """
 
+from eztinker.store import records
 from eztinker.store.db import Store, sqlite_url
-from eztinker.store.records import (
-    CheckpointKind,
-    CheckpointRecord,
-    DuplicateError,
-    ErrorCategory,
-    JobRecord,
-    JobStatus,
-    RunRecord,
-    RunStatus,
-    StepMetricsRecord,
-    StoreError,
-    UnknownRunError,
-)
+from eztinker.store.records import *  # noqa: F403 (the records and errors: `records.__all__`)
 
-__all__ = [
-    "CheckpointKind",
-    "CheckpointRecord",
-    "DuplicateError",
-    "ErrorCategory",
-    "JobRecord",
-    "JobStatus",
-    "RunRecord",
-    "RunStatus",
-    "StepMetricsRecord",
-    "Store",
-    "StoreError",
-    "UnknownRunError",
-    "sqlite_url",
-]
+__all__ = ["Store", "sqlite_url"]
+__all__ += records.__all__

@@ -23,6 +23,21 @@ CheckpointKind = Literal["state", "weights"]
 
 INFLIGHT_JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running")
 
+# What `eztinker.store` re-exports from here (INFLIGHT_JOB_STATUSES is the store's own business).
+__all__ = [
+    "CheckpointKind",
+    "CheckpointRecord",
+    "DuplicateError",
+    "ErrorCategory",
+    "JobRecord",
+    "JobStatus",
+    "RunRecord",
+    "RunStatus",
+    "StepMetricsRecord",
+    "StoreError",
+    "UnknownRunError",
+]
+
 
 class StoreError(Exception):
     """Root of the errors the store raises on purpose."""

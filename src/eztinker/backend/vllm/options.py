@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from eztinker.engine.errors import ComputeError, InvalidInputError
@@ -57,14 +57,16 @@ def vllm_lora_rank(rank: int) -> int:
 
 
 def options_from_settings(settings: Settings) -> VllmOptions:
-    """The `VllmOptions` of a server's `Settings` (`--vllm-python`, `--vllm-url`, `--vllm-*`)."""
+    """The `VllmOptions` of a server's `Settings`: every option `<name>` that has a setting `vllm_<name>`
+    (`--vllm-python`, `--vllm-url`, `--vllm-max-loras`, ...) takes its value, `--vllm-args` is split into
+    `extra_args`, and the logs go to `<data_dir>/vllm`."""
+    given = {
+        f.name: getattr(settings, f"vllm_{f.name}")
+        for f in fields(VllmOptions)
+        if hasattr(settings, f"vllm_{f.name}")
+    }
     return VllmOptions(
-        python=settings.vllm_python,
-        url=settings.vllm_url,
-        max_loras=settings.vllm_max_loras,
-        max_lora_rank=settings.vllm_max_lora_rank,
-        kv_cache_gib=settings.vllm_kv_cache_gib,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        **given,
         extra_args=tuple(shlex.split(settings.vllm_args or "")),
         log_dir=str(settings.data_dir / "vllm"),
     )

@@ -51,6 +51,7 @@ The package, one step per module: `format` (file names, the records, module-name
 validating, listing), `restore` (into a run), `export` (merging into the base weights).
 """
 
+from eztinker.engine.checkpoint import format
 from eztinker.engine.checkpoint.disk import (
     MAX_AGE_RECIPIENTS,
     check_checkpoint_path,
@@ -76,24 +77,7 @@ from eztinker.engine.checkpoint.disk import (
 from eztinker.engine.checkpoint.export import (
     merge_into_base,
 )
-from eztinker.engine.checkpoint.format import (
-    ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    AGE_SUFFIX,
-    FORMAT_VERSION,
-    LEGACY_ADAPTER_WEIGHTS_FILE,
-    METADATA_FILE,
-    OPTIMIZER_FILE,
-    OPTIMIZER_STATS,
-    PEFT_PREFIX,
-    TINKER_UNEMBED,
-    CheckpointInfo,
-    LoadedCheckpoint,
-    ModuleNames,
-    PreparedCheckpoint,
-    translate_module_name,
-    with_model_names,
-)
+from eztinker.engine.checkpoint.format import *  # noqa: F403 (file names, records, naming: `format.__all__`)
 from eztinker.engine.checkpoint.read import (
     _read_json as _read_json,
 )
@@ -121,21 +105,7 @@ from eztinker.engine.checkpoint.save import (
 )
 
 __all__ = [
-    "ADAPTER_CONFIG_FILE",
-    "ADAPTER_WEIGHTS_FILE",
-    "AGE_SUFFIX",
-    "FORMAT_VERSION",
-    "LEGACY_ADAPTER_WEIGHTS_FILE",
     "MAX_AGE_RECIPIENTS",
-    "METADATA_FILE",
-    "OPTIMIZER_FILE",
-    "OPTIMIZER_STATS",
-    "PEFT_PREFIX",
-    "TINKER_UNEMBED",
-    "CheckpointInfo",
-    "LoadedCheckpoint",
-    "ModuleNames",
-    "PreparedCheckpoint",
     "check_checkpoint_path",
     "checkpoint_info",
     "delete_checkpoint",
@@ -149,8 +119,7 @@ __all__ = [
     "remove_stale_temp_dirs",
     "restore_into_run",
     "save_checkpoint",
-    "translate_module_name",
     "with_layer_paths",
-    "with_model_names",
     "write_checkpoint",
 ]
+__all__ += format.__all__

@@ -17,6 +17,25 @@ from eztinker.models import LoRAConfig, LossFunctionConfig
 if TYPE_CHECKING:
     pass
 
+__all__ = [  # all of them re-exported by `eztinker.engine.checkpoint`
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "AGE_SUFFIX",
+    "FORMAT_VERSION",
+    "LEGACY_ADAPTER_WEIGHTS_FILE",
+    "METADATA_FILE",
+    "OPTIMIZER_FILE",
+    "OPTIMIZER_STATS",
+    "PEFT_PREFIX",
+    "TINKER_UNEMBED",
+    "CheckpointInfo",
+    "LoadedCheckpoint",
+    "ModuleNames",
+    "PreparedCheckpoint",
+    "translate_module_name",
+    "with_model_names",
+]
+
 
 FORMAT_VERSION = 1
 """Version of the EZTinker part of the format (`eztinker.json`, `optimizer.safetensors`)."""

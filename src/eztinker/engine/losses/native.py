@@ -183,22 +183,13 @@ def native_weighted_cross_entropy(
     return _reduce_native(WEIGHTED_CROSS_ENTROPY_TERMS, logits, labels, weights, kwargs)
 
 
-def native_focal_loss(
-    logits: Tensor,
-    labels: Tensor,
-    weights: Tensor | None = None,
-    *,
-    focal_alpha: float | None = 0.25,
-    focal_gamma: float | None = 2.0,
-    **kwargs,
-) -> Tensor:
+def native_focal_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None, **kwargs) -> Tensor:
     """Focal loss (Lin et al., 2017): ``mean_t α · (1 − p_t)^γ · (−log p_t)``, p_t = p(y_t).
 
     `focal_alpha` α defaults to 0.25 and `focal_gamma` γ to 2.0 (None means the default). With weights,
     each token's term is multiplied by w_t; the mean runs over non-ignored targets (count normalizer).
     """
-    config = {"focal_alpha": focal_alpha, "focal_gamma": focal_gamma}
-    return _reduce_native(FOCAL_TERMS, logits, labels, weights, config)
+    return _reduce_native(FOCAL_TERMS, logits, labels, weights, kwargs)
 
 
 def _huber(x: Tensor, beta: float) -> Tensor:
@@ -206,30 +197,18 @@ def _huber(x: Tensor, beta: float) -> Tensor:
     return F.smooth_l1_loss(x, torch.zeros_like(x), reduction="none", beta=beta)
 
 
-def native_smooth_l1(
-    logits: Tensor,
-    labels: Tensor,
-    weights: Tensor | None = None,
-    *,
-    smooth_l1_beta: float | None = 1.0,
-    **kwargs,
-) -> Tensor:
+def native_smooth_l1(logits: Tensor, labels: Tensor, weights: Tensor | None = None, **kwargs) -> Tensor:
     """``mean_t Σ_v huber_β(softmax(z_t)_v − onehot(y_t)_v)`` with PyTorch's smooth_l1 definition
     (``0.5·x²/β`` if ``|x| < β`` else ``|x| − 0.5·β``); `smooth_l1_beta` β defaults to 1.0.
 
     Computed without a one-hot tensor: ``Σ_v huber(p_v) − huber(p_y) + huber(p_y − 1)``. With weights,
     each token's term is multiplied by w_t; the mean runs over non-ignored targets (count normalizer).
     """
-    return _reduce_native(SMOOTH_L1_TERMS, logits, labels, weights, {"smooth_l1_beta": smooth_l1_beta})
+    return _reduce_native(SMOOTH_L1_TERMS, logits, labels, weights, kwargs)
 
 
 def native_contrastive_loss(
-    logits: Tensor,
-    labels: Tensor,
-    weights: Tensor | None = None,
-    *,
-    contrastive_margin: float | None = 1.0,
-    **kwargs,
+    logits: Tensor, labels: Tensor, weights: Tensor | None = None, **kwargs
 ) -> Tensor:
     """A hinge on the target logit against the strongest negative:
     ``mean_t max(0, m − (z_{t,y} − max_{v≠y} z_{t,v}))``; `contrastive_margin` m defaults to 1.0.
@@ -238,5 +217,4 @@ def native_contrastive_loss(
     one there is no negative and the term is 0. With weights, each token's term is multiplied by w_t; the
     mean runs over non-ignored targets (count normalizer).
     """
-    config = {"contrastive_margin": contrastive_margin}
-    return _reduce_native(CONTRASTIVE_TERMS, logits, labels, weights, config)
+    return _reduce_native(CONTRASTIVE_TERMS, logits, labels, weights, kwargs)

@@ -44,14 +44,16 @@ def _rl_terms(
 
 
 def _clip_bounds(
-    inputs: Mapping[str, Tensor], lp: Tensor, low: float, high: float
+    inputs: Mapping[str, Tensor], lp: Tensor, config: Mapping[str, float]
 ) -> tuple[Tensor | float, Tensor | float]:
-    """Per-token threshold tensors from `inputs` take precedence over the scalar config values."""
-    lo: Tensor | float = inputs["clip_low_threshold"].to(lp.dtype) if "clip_low_threshold" in inputs else low
-    hi: Tensor | float = (
-        inputs["clip_high_threshold"].to(lp.dtype) if "clip_high_threshold" in inputs else high
-    )
-    return lo, hi
+    """The PPO thresholds (lo, hi) of `ppo`, `cispo` and `gspo`: per-token tensors named
+    `clip_low_threshold` / `clip_high_threshold` in `inputs` take precedence over the config values of
+    those names (default 0.8 / 1.2, ε = 0.2)."""
+
+    def threshold(name: str) -> Tensor | float:
+        return inputs[name].to(lp.dtype) if name in inputs else config.get(name, _CLIP_DEFAULTS[name])
+
+    return threshold("clip_low_threshold"), threshold("clip_high_threshold")
 
 
 def _clip(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
@@ -106,40 +108,24 @@ def token_importance_sampling(
     return _per_datum(-ratio * adv, mask)
 
 
-def token_ppo(
-    logprobs: Tensor,
-    inputs: Mapping[str, Tensor],
-    mask: Tensor,
-    *,
-    clip_low_threshold: float = PPO_CLIP_LOW,
-    clip_high_threshold: float = PPO_CLIP_HIGH,
-    **config: float,
-) -> Tensor:
+def token_ppo(logprobs: Tensor, inputs: Mapping[str, Tensor], mask: Tensor, **config: float) -> Tensor:
     """PPO-clip, token-wise: ``loss_b = Σ_t −min(r_t·A_t, clip(r_t, lo, hi)·A_t)``.
 
     lo/hi are `clip_low_threshold` (0.8) and `clip_high_threshold` (1.2), i.e. ε = 0.2 as documented;
     per-token tensors of those names in `inputs` take precedence over the config values.
     """
     mask, lp, q, adv = _rl_terms(logprobs, inputs, mask, "ppo")
-    lo, hi = _clip_bounds(inputs, lp, clip_low_threshold, clip_high_threshold)
+    lo, hi = _clip_bounds(inputs, lp, config)
     return _clipped_surrogate(torch.exp(lp - q), adv, mask, lo, hi)
 
 
-def token_cispo(
-    logprobs: Tensor,
-    inputs: Mapping[str, Tensor],
-    mask: Tensor,
-    *,
-    clip_low_threshold: float = PPO_CLIP_LOW,
-    clip_high_threshold: float = PPO_CLIP_HIGH,
-    **config: float,
-) -> Tensor:
+def token_cispo(logprobs: Tensor, inputs: Mapping[str, Tensor], mask: Tensor, **config: float) -> Tensor:
     """CISPO (MiniMax-M1): ``loss_b = Σ_t −sg(clip(r_t, lo, hi)) · lp_t · A_t``.
 
     Same thresholds as `ppo` (config or per-token inputs). Gradient per token: ``−clip(r_t, lo, hi)·A_t``.
     """
     mask, lp, q, adv = _rl_terms(logprobs, inputs, mask, "cispo")
-    lo, hi = _clip_bounds(inputs, lp, clip_low_threshold, clip_high_threshold)
+    lo, hi = _clip_bounds(inputs, lp, config)
     coeff = _clip(torch.exp(lp - q), lo, hi).detach()
     return _per_datum(-coeff * lp * adv, mask)
 
@@ -157,15 +143,7 @@ def token_dro(
     return _per_datum(-objective, mask)
 
 
-def token_gspo(
-    logprobs: Tensor,
-    inputs: Mapping[str, Tensor],
-    mask: Tensor,
-    *,
-    clip_low_threshold: float = PPO_CLIP_LOW,
-    clip_high_threshold: float = PPO_CLIP_HIGH,
-    **config: float,
-) -> Tensor:
+def token_gspo(logprobs: Tensor, inputs: Mapping[str, Tensor], mask: Tensor, **config: float) -> Tensor:
     """GSPO-token (Zheng et al., 2025), as tinker-docs' GSPO page defines it.
 
     * M = real positions where `sequence_ratio_mask` ≠ 0 (default: every real position); |M| = 0 gives
@@ -184,7 +162,7 @@ def token_gspo(
     count = in_ratio.sum(dim=-1).clamp_min(1).to(lp.dtype)
     log_ratio = torch.where(in_ratio, lp.detach() - q, torch.zeros_like(lp)).sum(dim=-1) / count
     ratio = torch.exp(log_ratio.unsqueeze(-1) + lp - lp.detach())
-    lo, hi = _clip_bounds(inputs, lp, clip_low_threshold, clip_high_threshold)
+    lo, hi = _clip_bounds(inputs, lp, config)
     return _clipped_surrogate(ratio, adv, mask, lo, hi)
 
 
