@@ -66,7 +66,7 @@ def data_for(i: int, step: int, vocab: int) -> list[Datum]:
 def one_run_bytes(model_dir: Path, rank: int) -> int:
     """Bytes of one run's whole state (weights, gradients, AdamW's two moments) on the tiny model."""
     from eztinker.engine import Engine, EngineConfig
-    from eztinker.engine.paging import state_bytes
+    from eztinker.engine.run_state import state_bytes
 
     engine = Engine(EngineConfig(device="cpu"))
     engine.create_run(str(model_dir), {"r": rank, "seed": 0}, run_id="probe")

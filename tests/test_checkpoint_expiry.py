@@ -40,22 +40,22 @@ def test_sweep_deletes_expired_checkpoints_and_keeps_the_others(served, tiny_mod
             f"{url}/api/v1/training_runs/{run_id}/checkpoints/weights/new/ttl", json={"ttl_seconds": 7200}
         )
         assert ttl.status_code == 200, ttl.text
-        service.set_checkpoint_expiry(run_id, "old", time.time() - 1, None)  # already past
+        service.checkpoints.set_expiry(run_id, "old", time.time() - 1, None)  # already past
         listed = _rest_checkpoints(url, run_id)
         assert listed["weights/new"]["expires_at"] is not None and listed["weights/old"]["expires_at"]
         assert listed["weights/kept"]["expires_at"] is None
 
-        assert service.sweep_expired_checkpoints() == [(run_id, "old")]
+        assert service.checkpoints.sweep_expired() == [(run_id, "old")]
         assert {c.name for c in client.get_checkpoints(run_id)} == {"new", "kept"}
         assert set(_rest_checkpoints(url, run_id)) == {"weights/new", "weights/kept"}
         assert not old.exists() and new.exists() and kept.exists()
-        assert (run_id, "old") not in service.checkpoint_expiries(run_id)
+        assert (run_id, "old") not in service.checkpoints.expiries(run_id)
 
         # Later, `new`'s TTL runs out too; nothing else is touched, and a second sweep finds nothing.
-        assert service.sweep_expired_checkpoints(now=time.time() + 7201) == [(run_id, "new")]
+        assert service.checkpoints.sweep_expired(now=time.time() + 7201) == [(run_id, "new")]
         assert not new.exists() and kept.exists()
         assert {c.name for c in client.get_checkpoints(run_id)} == {"kept"}
-        assert service.sweep_expired_checkpoints(now=time.time() + 10**9) == []
+        assert service.checkpoints.sweep_expired(now=time.time() + 10**9) == []
 
 
 def test_a_cleared_ttl_is_never_swept(served, tiny_model_dir) -> None:
@@ -66,20 +66,20 @@ def test_a_cleared_ttl_is_never_swept(served, tiny_model_dir) -> None:
         path = f"{url}/api/v1/training_runs/{run_id}/checkpoints/weights/c/ttl"
         httpx.put(path, json={"ttl_seconds": 3600}).raise_for_status()
         httpx.put(path, json={"ttl_seconds": None}).raise_for_status()
-        assert service.sweep_expired_checkpoints(now=time.time() + 10**9) == []
+        assert service.checkpoints.sweep_expired(now=time.time() + 10**9) == []
         assert [c.name for c in client.get_checkpoints(run_id)] == ["c"]
 
 
 def test_the_sweeper_thread_runs_with_the_service(tmp_path) -> None:
     service = Service(Settings(data_dir=tmp_path, checkpoint_sweep_seconds=0.01))
     swept = threading.Event()
-    sweep = service.sweep_expired_checkpoints
+    sweep = service.checkpoints.sweep_expired
 
     def noted(now: float | None = None) -> list[tuple[str, str]]:
         swept.set()
         return sweep(now)
 
-    service.sweep_expired_checkpoints = noted  # type: ignore[method-assign]
+    service.checkpoints.sweep_expired = noted  # type: ignore[method-assign]
     service.start()
     try:
         assert swept.wait(timeout=10)

@@ -13,8 +13,8 @@ import torch
 from pydantic import ValidationError
 
 from eztinker.engine import AdamParams, Datum, Engine, EngineConfig, NotFoundError, SamplingParams, TrainOp
-from eztinker.engine.paging import state_bytes
 from eztinker.engine.run import TrainingRun
+from eztinker.engine.run_state import state_bytes
 from eztinker.scheduler import Job, Scheduler
 from eztinker.settings import Settings, parse_size
 

@@ -282,7 +282,7 @@ def sample_base(body: api.SampleRequest, service: ServiceDep, owner: OwnerDep) -
 @router.post("/runs/{run_id}/save", status_code=status.HTTP_202_ACCEPTED)
 def save(run_id: str, body: api.SaveRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
     """Save a checkpoint: `state` (adapter + optimizer + step) or `weights` (the adapter alone)."""
-    return _ref(service.save(run_id, body, owner))
+    return _ref(service.checkpoints.save(run_id, body, owner))
 
 
 @router.post("/runs/{run_id}/load", status_code=status.HTTP_202_ACCEPTED)
@@ -314,7 +314,7 @@ def download_checkpoint(run_id: str, name: str, service: ServiceDep, owner: Owne
 
 @router.delete("/runs/{run_id}/checkpoints/{name}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_checkpoint(run_id: str, name: str, service: ServiceDep, owner: OwnerDep) -> Response:
-    service.delete_checkpoint(run_id, name, owner)
+    service.checkpoints.delete(run_id, name, owner)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

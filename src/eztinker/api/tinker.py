@@ -210,9 +210,11 @@ def _save(
         if export.get("age_recipients") is not None:  # refused naming the wire's field
             parse_age_recipients(export["age_recipients"], field="age_encryption_recipients")
         request = api.SaveRequest(name=native, kind=native_kind, overwrite=overwrite)
-        job = service.save(model_id, request, owner, **export)
+        job = service.checkpoints.save(model_id, request, owner, **export)
         if ttl is not None or overwrite:  # the service deletes the checkpoint once it expires (None: never)
-            service.set_checkpoint_expiry(model_id, native, None if ttl is None else time.time() + ttl, owner)
+            service.checkpoints.set_expiry(
+                model_id, native, None if ttl is None else time.time() + ttl, owner
+            )
         if overwrite:  # as the SDK documents: the new user_metadata replaces the old, none deletes it
             rest.replace_meta(state, f"{model_id}/{native}", owner, user_metadata=user_metadata)
         elif user_metadata is not None:

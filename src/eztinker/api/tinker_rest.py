@@ -139,7 +139,7 @@ def _rest_checkpoints(
     service: Service, state: TinkerState, checkpoints: list[api.Checkpoint], run_id: str | None
 ) -> list[dict[str, Any]]:
     """`expires_at` is the service's (it deletes the checkpoint then); the rest is what REST set."""
-    metas, expiries = _metas(state, run_id), service.checkpoint_expiries(run_id)
+    metas, expiries = _metas(state, run_id), service.checkpoints.expiries(run_id)
     return [
         rest_checkpoint(
             c.run_id,
@@ -260,7 +260,7 @@ def forget_deleted_checkpoints(service: Service) -> None:
     """Drop what REST set on a checkpoint when the service deletes it (by any route, or once it expired),
     so a later checkpoint of the same name starts without it."""
     durable = FacadeState(service.store)
-    service.on_checkpoint_deleted.append(
+    service.checkpoints.on_deleted.append(
         lambda run_id, name: durable.delete(CHECKPOINT_META, f"{run_id}/{name}")
     )
 
@@ -304,7 +304,7 @@ def set_checkpoint_ttl(
     name = _checkpoint_key(run_id, checkpoint_id, service, owner).split("/", 1)[1]
     ttl = body.ttl_seconds
     check_ttl(ttl)
-    service.set_checkpoint_expiry(run_id, name, None if ttl is None else time.time() + ttl, owner)
+    service.checkpoints.set_expiry(run_id, name, None if ttl is None else time.time() + ttl, owner)
 
 
 @authed.get(_CHECKPOINT + "/archive")
@@ -394,7 +394,7 @@ def copy_weights(
         if body.session_id is not None and body.model_seq_id is not None:
             sessions.check_new_object(state, body.session_id, owner)
             new_run_id = wire.model_id(body.session_id, body.model_seq_id)
-        copied = service.copy_checkpoint(run_id, name, owner, new_run_id=new_run_id)
+        copied = service.checkpoints.copy(run_id, name, owner, new_run_id=new_run_id)
         if body.destination_project_id is not None:
             state.durable.put(
                 RUN_META, copied.run_id, {"project_id": body.destination_project_id}, owner=owner
@@ -408,7 +408,7 @@ def copy_weights(
                 owner=owner,
             )
         if body.ttl_seconds is not None:
-            service.set_checkpoint_expiry(copied.run_id, name, time.time() + body.ttl_seconds, owner)
+            service.checkpoints.set_expiry(copied.run_id, name, time.time() + body.ttl_seconds, owner)
         return {"tinker_path": f"tinker://{copied.run_id}/{wire.checkpoint_id(name)}"}
 
     return once(state, key, copy)
@@ -419,5 +419,5 @@ def delete_checkpoint(
     run_id: str, checkpoint_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep
 ) -> None:
     key = _checkpoint_key(run_id, checkpoint_id, service, owner)
-    service.delete_checkpoint(run_id, key.split("/", 1)[1], owner)
+    service.checkpoints.delete(run_id, key.split("/", 1)[1], owner)
     state.durable.delete(CHECKPOINT_META, key)

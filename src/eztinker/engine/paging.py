@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -48,6 +48,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eztinker.engine.errors import ComputeError
+from eztinker.engine.run_state import (
+    copy_tensors,
+    put_state,
+    state_bytes,
+    state_tensors,
+    take_state,
+    tensor_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,92 +142,12 @@ class _Page:
     devices: dict[str, torch.device] = field(default_factory=dict)  # key -> where it lives when resident
 
 
-# --- a run's state as named tensors --------------------------------------------------------------------
-
-
-def _state(run: TrainingRun) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's state, by a stable key: `<i>.data`, `<i>.grad`, `<i>.state.<stat>` for
-    the i-th parameter (the optimizer's order)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for i, p in enumerate(run.params):
-        tensors[f"{i}.data"] = p.data
-        if p.grad is not None:
-            tensors[f"{i}.grad"] = p.grad
-        for stat, value in run.optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{i}.state.{stat}"] = value
-    return tensors
-
-
-def state_bytes(run: TrainingRun, device_only: bool = True) -> int:
-    """Bytes of the run's state (on a non-CPU device only, if `device_only` and the run is on one)."""
-    on_cpu = run.base.device.type == "cpu"
-    return sum(
-        t.numel() * t.element_size()
-        for t in _state(run).values()
-        if not device_only or on_cpu or t.device.type != "cpu"
-    )
-
-
-def _take(run: TrainingRun, moved: Callable[[torch.Tensor], bool]) -> dict[str, torch.Tensor]:
-    """Detach the run's tensors that `moved` selects from it (their storage is freed once the caller drops
-    them); what is left of a parameter is an empty tensor of its dtype and device."""
-    taken: dict[str, torch.Tensor] = {}
-    for i, p in enumerate(run.params):
-        if moved(p.data):
-            taken[f"{i}.data"] = p.data
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        if p.grad is not None and moved(p.grad):
-            taken[f"{i}.grad"] = p.grad
-            p.grad = None
-        state = run.optimizer.state.get(p)
-        if state is None:
-            continue
-        for stat in list(state):
-            value = state[stat]
-            if isinstance(value, torch.Tensor) and moved(value):
-                taken[f"{i}.state.{stat}"] = value
-                del state[stat]
-    return taken
-
-
-def _put(run: TrainingRun, tensors: dict[str, torch.Tensor]) -> None:
-    """Give the run back the tensors `_take` took (weights first: a gradient must match its parameter)."""
-    params = run.params
-    for key in sorted(tensors, key=lambda k: (k.split(".")[1] != "data", k)):
-        index, kind, *stat = key.split(".", 2)
-        p = params[int(index)]
-        if kind == "data":
-            p.data = tensors[key]
-        elif kind == "grad":
-            p.grad = tensors[key]
-        else:
-            run.optimizer.state[p][stat[0]] = tensors[key]
-
-
-def _copy_to(tensors: dict[str, torch.Tensor], devices: dict[str, torch.device], pin: bool) -> dict:
-    """Fresh copies of `tensors`, each on `devices[key]` (or the CPU, pinned if `pin`)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        device = devices.get(key, torch.device("cpu"))
-        copy = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin and device.type == "cpu")
-        copy.copy_(t, non_blocking=copy.is_pinned() or t.is_pinned())
-        out[key] = copy
-    if any(t.is_cuda for t in (*tensors.values(), *out.values())):
-        torch.cuda.synchronize()  # the non-blocking copies are done before the source is dropped
-    return out
-
-
 def _off_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
 def _any(tensor: torch.Tensor) -> bool:
     return True
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # --- the pager -----------------------------------------------------------------------------------------
@@ -394,7 +322,7 @@ class Pager:
                 host_runs=sum(p.tier == "host" for p in pages),
                 disk_runs=sum(p.tier == "disk" for p in pages),
                 resident_bytes=self._resident(),
-                host_bytes=sum(_nbytes(p.host) for p in pages if p.host is not None),
+                host_bytes=sum(tensor_bytes(p.host) for p in pages if p.host is not None),
                 disk_bytes=sum(p.disk_bytes for p in pages if p.tier == "disk"),
                 page_ins=self.page_ins,
                 page_in_seconds=self.page_in_seconds,
@@ -428,7 +356,7 @@ class Pager:
         hosted = [p for p in self._pages.values() if p.tier == "host" and not (p.moving or p.stuck)]
         if bound is None or not hosted:
             return None
-        if sum(_nbytes(p.host) for p in hosted if p.host is not None) <= bound:
+        if sum(tensor_bytes(p.host) for p in hosted if p.host is not None) <= bound:
             return None
         return min(hosted, key=lambda p: p.used)
 
@@ -526,10 +454,10 @@ class Pager:
                 tensors, devices = page.host, page.devices
             else:
                 on_device = run.base.device.type != "cpu"
-                devices = {k: t.device for k, t in _state(run).items()}
+                devices = {k: t.device for k, t in state_tensors(run).items()}
                 # The host tier takes what is on the device (the AdamW step counter stays on the CPU).
-                taken = _take(run, _off_cpu if on_device and not disk else _any)
-                tensors = taken if not on_device else _copy_to(taken, {}, pin=not disk)
+                taken = take_state(run, _off_cpu if on_device and not disk else _any)
+                tensors = taken if not on_device else copy_tensors(taken, {}, pin=not disk)
                 del taken
             path = None
             if disk:
@@ -548,7 +476,7 @@ class Pager:
         page.devices = devices
         if disk:
             page.tier, page.host, page.path = "disk", None, path
-            page.disk_bytes = _nbytes(tensors)
+            page.disk_bytes = tensor_bytes(tensors)
         else:
             page.tier, page.host = "host", tensors
         self.page_outs += 1
@@ -566,7 +494,7 @@ class Pager:
                 assert page.host is not None
                 stored = page.host
             # Fresh allocations where the run computes (never views into a read buffer).
-            _put(run, _copy_to(stored, page.devices, pin=False))
+            put_state(run, copy_tensors(stored, page.devices, pin=False))
             del stored
         except BaseException as exc:
             self._cond.acquire()

@@ -38,6 +38,18 @@ class Estimates:
             return job.tokens / rate  # (a run's own rate knows its loss is slow, or its sequences long)
         return self._op_seconds.get(job.op, DEFAULT_OP_SECONDS)
 
+    def starts(self, queued: Sequence[Job], pass_ends: Sequence[float], now: float) -> list[float]:
+        """When each of `queued` (in execution order) is expected to start, given when the running passes
+        are expected to end: each goes to the worker free first, which is then busy for its estimate."""
+        free_at = sorted(max(now, end) for end in pass_ends) or [now]
+        free_at += [now] * (self.workers - len(free_at))
+        starts = []
+        for job in queued:
+            free_at.sort()
+            starts.append(free_at[0])
+            free_at[0] += self.seconds(job)
+        return starts
+
     def drain_seconds(self, jobs: Sequence[Job]) -> float:
         """Rough seconds until a tenth of `jobs` has run: a Retry-After hint for a full queue."""
         total = sum(self.seconds(j) for j in list(jobs)[: max(1, len(jobs) // 10)])

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Any
 
-from eztinker.scheduler.jobs import Job
+from eztinker.scheduler.jobs import Job, PassRunner
+
+log = logging.getLogger(__name__)
 
 
 def leader(heads: list[Job], runners: Mapping[str, object], max_pass_jobs: int) -> Job:
@@ -44,6 +48,13 @@ def followers(queues: Mapping[str, deque[Job]], job: Job) -> list[Job]:
                 break
             found.append(other)
     return found
+
+
+def candidates(queues: Mapping[str, deque[Job]], heads: list[Job], first: Job) -> list[Job]:
+    """Who may join `first`'s pass, in order: the shared jobs behind it, then the heads of the other
+    queues, each followed by the shared jobs queued right behind it."""
+    others = [x for h in heads if h is not first for x in (h, *followers(queues, h))]
+    return followers(queues, first) + others
 
 
 def companions(
@@ -83,6 +94,24 @@ def companions(
         if new_run:
             runs.append(job.queue_key)
     return chosen
+
+
+def run_together(runner: PassRunner, jobs: list[Job]) -> list[Any] | None:
+    """The outcomes of executing `jobs` in one pass of `runner` (one per job, in order: a result or the
+    exception of that job), or None when the shared path itself failed — a bug, logged; the scheduler
+    then executes each job alone."""
+    batch = jobs[0].batch
+    assert batch is not None
+    try:
+        outcomes = list(runner([j.batch.request for j in jobs if j.batch is not None]))
+        if len(outcomes) != len(jobs):
+            raise RuntimeError(
+                f"the {batch.kind!r} runner gave {len(outcomes)} outcomes for {len(jobs)} jobs"
+            )
+    except Exception:
+        log.exception("a %s pass of %d jobs failed; running them one by one", batch.kind, len(jobs))
+        return None
+    return outcomes
 
 
 def linger(

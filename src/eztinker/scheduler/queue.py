@@ -97,7 +97,6 @@ class Scheduler:
             threading.Thread(target=self._work, name=f"eztinker-worker-{i}", daemon=True)
             for i in range(workers)
         ]
-        self._workers = workers
         self.passes = 0
         self.jobs_in_passes = 0
         self._pass_ends: list[float] = []  # expected end of each running pass
@@ -142,7 +141,7 @@ class Scheduler:
                     retry_after=self._drain_seconds(queue),
                 )
             if job.run_id is not None and queue is None and key not in self._busy:
-                self._tell(self.on_run_busy, key)
+                _tell(self.on_run_busy, key)
             job.seq = next(self._seq)
             job.start_tag = max(self._virtual_time, self._last_finish.get(key, 0.0))
             self._last_finish[key] = job.start_tag + max(job.tokens, 1)
@@ -170,17 +169,12 @@ class Scheduler:
     def snapshot(self) -> list[QueueEntry]:
         """Running jobs, then queued jobs in the order they are expected to start, with start estimates."""
         with self._cond:
-            now = time.time()
             running = [QueueEntry(job, None, None) for job in self._running]
-            free_at = sorted(max(now, end) for end in self._pass_ends) or [now]
-            free_at += [now] * (self._workers - len(free_at))
             queued = sorted((j for q in self._queues.values() for j in q), key=lambda j: (j.start_tag, j.seq))
-            entries = []
-            for position, job in enumerate(queued):
-                free_at.sort()
-                entries.append(QueueEntry(job, position, free_at[0]))
-                free_at[0] += self._estimates.seconds(job)
-            return running + entries
+            starts = self._estimates.starts(queued, self._pass_ends, time.time())
+            return running + [
+                QueueEntry(job, i, at) for i, (job, at) in enumerate(zip(queued, starts, strict=True))
+            ]
 
     def stats(self) -> SchedulerStats:
         with self._cond:
@@ -210,7 +204,7 @@ class Scheduler:
             pending = list(self._queues.pop(run_id, ()))
             self._depth -= len(pending)
             if pending and run_id not in self._busy:
-                self._tell(self.on_run_idle, run_id)
+                _tell(self.on_run_idle, run_id)
             self._cond.notify_all()
         for job in pending:
             self._finish(job, error=reason, category="server")
@@ -241,12 +235,7 @@ class Scheduler:
         chosen = [first]
         batch = first.batch
         if batch is not None and batch.kind in self.runners and self.max_pass_jobs > 1:
-            # Heads of other queues, each followed by the shared jobs queued right behind it.
-            others = [h for h in heads if h is not first]
-            followers = passes.followers
-            candidates = followers(self._queues, first) + [
-                x for h in others for x in (h, *followers(self._queues, h))
-            ]
+            candidates = passes.candidates(self._queues, heads, first)
             chosen += passes.companions(
                 first, candidates, self.max_pass_jobs, self.pass_token_budget, runs_fit=self.runs_fit
             )
@@ -320,7 +309,10 @@ class Scheduler:
             seconds = time.perf_counter() - start
             with self._cond:
                 self._pass_ends.remove(expected_end)
-                self._account([j for j in jobs if not j.deferred], seconds)
+                computed = [j for j in jobs if not j.deferred]  # behind the estimates and stats
+                self.passes += 1
+                self.jobs_in_passes += len(computed)
+                self._estimates.record(computed, seconds)
                 runs = {j.queue_key for j in jobs}
                 batch = jobs[0].batch
                 if len(runs) >= 2 and batch is not None and self.pass_linger > 0:
@@ -346,7 +338,7 @@ class Scheduler:
         if not running:
             self._busy.pop(job.queue_key, None)
             if job.run_id is not None and job.queue_key not in self._queues:
-                self._tell(self.on_run_idle, job.run_id)
+                _tell(self.on_run_idle, job.run_id)
         self._running.remove(job)
         # A tag the virtual time has passed means nothing: drop it (memory stays bounded).
         key = job.queue_key
@@ -354,14 +346,6 @@ class Scheduler:
         if key not in self._queues and (job.run_id is None or stale):
             self._last_finish.pop(key, None)
             self._estimates.forget(key)
-
-    @staticmethod
-    def _tell(hook: Callable[[str], None] | None, run_id: str) -> None:
-        if hook is not None:
-            try:
-                hook(run_id)
-            except Exception:
-                log.exception("a run hook failed for %s", run_id)
 
     def _defer(self, job: Job, deferred: Deferred, start: float) -> None:
         """Hand `job` to whoever completes it later (see `Deferred`)."""
@@ -385,29 +369,17 @@ class Scheduler:
         except Exception as exc:
             complete(exc)
 
-    def _account(self, jobs: list[Job], seconds: float) -> None:
-        """Update pass counts and the moving averages behind estimates and stats (lock held)."""
-        self.passes += 1
-        self.jobs_in_passes += len(jobs)
-        self._estimates.record(jobs, seconds)
-
     def _execute(self, jobs: list[Job]) -> None:
         for job in jobs:
-            self._started(job, len(jobs))
+            job.status, job.started_at, job.pass_size = "running", time.time(), len(jobs)
         start = time.perf_counter()
         batch = jobs[0].batch
         if len(jobs) == 1 or batch is None:
             for job in jobs:
                 self._run_alone(job, start)
             return
-        try:
-            outcomes = list(self.runners[batch.kind]([j.batch.request for j in jobs if j.batch is not None]))
-            if len(outcomes) != len(jobs):
-                raise RuntimeError(
-                    f"the {batch.kind!r} runner gave {len(outcomes)} outcomes for {len(jobs)} jobs"
-                )
-        except Exception:  # a bug in the shared path: fall back to executing each job alone
-            log.exception("a %s pass of %d jobs failed; running them one by one", batch.kind, len(jobs))
+        outcomes = passes.run_together(self.runners[batch.kind], jobs)
+        if outcomes is None:  # a bug in the shared path: fall back to executing each job alone
             for job in jobs:
                 self._run_alone(job, time.perf_counter())
             return
@@ -424,11 +396,6 @@ class Scheduler:
                 self._fail(job, exc)
             else:
                 self._done(job, result, start)
-
-    def _started(self, job: Job, pass_size: int) -> None:
-        job.status = "running"
-        job.started_at = time.time()
-        job.pass_size = pass_size
 
     def _run_alone(self, job: Job, start: float) -> None:
         try:
@@ -468,3 +435,12 @@ class Scheduler:
                 self._on_finish(job)
             except Exception:
                 log.exception("on_finish hook failed for %s", job.job_id)
+
+
+def _tell(hook: Callable[[str], None] | None, run_id: str) -> None:
+    """Call a run hook (`on_run_busy` / `on_run_idle`); a failing hook is logged, never raised."""
+    if hook is not None:
+        try:
+            hook(run_id)
+        except Exception:
+            log.exception("a run hook failed for %s", run_id)

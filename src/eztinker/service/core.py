@@ -4,8 +4,9 @@ Every facade (native REST, Tinker, OpenAI) calls the service — never the engin
 recorded as a job, ordered per run, persisted and accounted in exactly one way. It takes engine types
 and the shared schemas of `eztinker.models`, answers with jobs whose results are typed
 (`eztinker.service.results`), and knows nothing about HTTP. Its parts: `access` (keys and ownership),
-`limits` (what one request and one key may ask), `views` (listings, queue, metrics, health), and
-`sampling` (the one way to sample, and sampler snapshots).
+`limits` (what one request and one key may ask), `checkpoints` (saving, copying, deleting and expiring
+them), `views` (listings, queue, metrics, health), and `sampling` (the one way to sample, and sampler
+snapshots).
 
 Durability: a job is written to the store when it is submitted and when it finishes (two small writes);
 runs, checkpoints and per-step metrics are written as they change. Adapter tensors live in memory and in
@@ -15,18 +16,15 @@ checkpoints only — after a restart a run is `lost` until a checkpoint is loade
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eztinker.backend import BackendHooks, RunSpec, SaveOptions, SchedulerOptions, make_backend
+from eztinker.backend import BackendHooks, RunSpec, SchedulerOptions, make_backend
 from eztinker.engine import (
     AdamParams,
     Datum,
@@ -39,32 +37,27 @@ from eztinker.engine import (
     TrainOp,
 )
 from eztinker.engine.checkpoint import (
-    CheckpointInfo,
-    ModuleNames,
-    delete_checkpoint,
-    parse_age_recipients,
     remove_stale_temp_dirs,
 )
-from eztinker.engine.checkpoint.disk import link_tree
-from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
+from eztinker.engine.errors import ConflictError, NotFoundError
 from eztinker.engine.optimizers import OptimizerName, check_step_params
 from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Batchable, Deferred, Job, JobResult, QueueFullError, when_done
 from eztinker.service import restore
 from eztinker.service.access import Access
+from eztinker.service.checkpoints import Checkpoints
 from eztinker.service.errors import RunLostError
 from eztinker.service.limits import Limits, train_tokens
 from eztinker.service.results import (
     ForwardBackwardOutput,
     OptimStepOutput,
     RunOutput,
-    SaveOutput,
     to_json,
 )
 from eztinker.service.sampling import Sampling
 from eztinker.service.views import Views
 from eztinker.settings import Settings
-from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
+from eztinker.store import JobRecord, RunRecord, StepMetricsRecord, Store
 from eztinker.store.facade import FacadeState
 from eztinker.telemetry import Telemetry
 
@@ -72,8 +65,6 @@ log = logging.getLogger(__name__)
 
 FINISHED_JOBS_KEPT_SECONDS = 600.0  # in memory for fast polls; older results come from the store
 RUN_OPTIMIZERS = "run_optimizer"  # FacadeState namespace: run id -> {"type": its optimizer} (non-AdamW runs)
-# FacadeState namespace: "<run>/<name>" -> {"run_id", "name", "expires_at" (Unix seconds)}; swept by the service
-CHECKPOINT_EXPIRY = "checkpoint_expiry"
 
 
 _COPY_IS_FROZEN = (
@@ -112,11 +103,7 @@ class Service:
         self.telemetry.watch_scheduler(self.scheduler)
         self.telemetry.watch_sampling(self.backend)
         self.telemetry.watch_paging(self.backend.paging_stats)
-        # Called with (run id, name) after a checkpoint is deleted, by a route or when it expired (a
-        # facade, or `sampling`, drops what it kept about it).
-        self.on_checkpoint_deleted: list[Callable[[str, str], None]] = []
-        # Told (run id, name) when `save(overwrite=True)` has replaced a checkpoint's files with new ones.
-        self.on_checkpoint_replaced: list[Callable[[str, str], None]] = []
+        self.checkpoints = Checkpoints(self)
         self.views = Views(self)
         self.sampling = Sampling(self)
         self._pending_losses: dict[str, list[tuple[float, int]]] = {}  # run -> (loss, tokens) since last step
@@ -124,7 +111,7 @@ class Service:
         self.active: dict[str, RunRecord] = {}  # runs whose adapter is in memory (ownership checks)
         # Each run's optimizer, fixed when it is created: durable (a `lost` run resumes with it), and
         # recorded only for non-AdamW runs; `_optimizers` caches what was read.
-        self._durable = FacadeState(self.store)
+        self.durable = FacadeState(self.store)
         self._optimizers: dict[str, OptimizerName] = {}
         self._submitted = 0
         self.started_at = time.time()
@@ -165,7 +152,7 @@ class Service:
         """Every `checkpoint_sweep_seconds` until `stop`: delete the checkpoints that expired."""
         while not self._stopping.wait(self.settings.checkpoint_sweep_seconds):
             try:
-                self.sweep_expired_checkpoints()
+                self.checkpoints.sweep_expired()
             except Exception:  # a failed sweep (the database busy, a file in use) is tried again next time
                 log.exception("sweeping expired checkpoints failed")
 
@@ -207,7 +194,7 @@ class Service:
                 with_optimizer=source is None or source.with_optimizer,
             )
         )
-        self._set_run_optimizer(info.run_id, info.optimizer, owner)
+        self.record_run_optimizer(info.run_id, info.optimizer, owner)
         now = time.time()
         record = RunRecord(
             run_id=info.run_id,
@@ -230,16 +217,17 @@ class Service:
         """The run's optimizer ("adamw" or "dimuon"), fixed when it was created."""
         name = self._optimizers.get(run_id)
         if name is None:
-            record = self._durable.get(RUN_OPTIMIZERS, run_id)
+            record = self.durable.get(RUN_OPTIMIZERS, run_id)
             name = record.value["type"] if record is not None else "adamw"
             self._optimizers[run_id] = name
         return name
 
-    def _set_run_optimizer(self, run_id: str, name: OptimizerName, owner: str | None) -> None:
+    def record_run_optimizer(self, run_id: str, name: OptimizerName, owner: str | None) -> None:
+        """Fix run `run_id`'s optimizer (durably: a `lost` run resumes with it)."""
         if name == "adamw":  # the default: no record (and none left by an earlier run of this id)
-            self._durable.delete(RUN_OPTIMIZERS, run_id)
+            self.durable.delete(RUN_OPTIMIZERS, run_id)
         else:
-            self._durable.put(RUN_OPTIMIZERS, run_id, {"type": name}, owner=owner)
+            self.durable.put(RUN_OPTIMIZERS, run_id, {"type": name}, owner=owner)
         self._optimizers[run_id] = name
 
     def delete_run(self, run_id: str, owner: str | None) -> None:
@@ -248,44 +236,10 @@ class Service:
         with contextlib.suppress(NotFoundError):  # a lost run has nothing in memory
             self.backend.delete_run(run_id)
         self.store.delete_run(run_id)
-        self._durable.delete(RUN_OPTIMIZERS, run_id)
+        self.durable.delete(RUN_OPTIMIZERS, run_id)
         self._optimizers.pop(run_id, None)
         self.sampling.release(run_ids=[run_id])  # its sessions' snapshots, once no sample uses them
         self.forget(run_id)
-
-    def copy_checkpoint(
-        self, run_id: str, name: str, owner: str | None, *, new_run_id: str | None = None
-    ) -> CheckpointRecord:
-        """Copy a checkpoint the caller may read (its own, or a published one) into a new run of the caller's
-        (status `copy`: it holds the checkpoint and is never trained). The files are hard links where the
-        file system allows, so no bytes are duplicated, and each copy lives as long as its own run does.
-        Returns the copy's checkpoint record."""
-        source_run, source = self.access.readable_checkpoint(run_id, name, owner)
-        new_run_id = new_run_id or f"copy-{uuid.uuid4().hex[:16]}"
-        if self.store.get_run(new_run_id) is not None:
-            raise ConflictError(f"run id {new_run_id!r} is already in use; choose another")
-        target = self.checkpoint_path(new_run_id, name)
-        link_tree(Path(source.path), target)
-        now = time.time()
-        self.store.add_run(  # the source run's model, configs and size
-            dataclasses.replace(
-                source_run,
-                run_id=new_run_id,
-                owner=owner,
-                step=source.step,
-                status="copy",
-                last_loss=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        self._set_run_optimizer(new_run_id, self.run_optimizer(source_run.run_id), owner)
-        optimizer = None if source.optimizer_path is None else str(target / Path(source.optimizer_path).name)
-        copy = dataclasses.replace(
-            source, run_id=new_run_id, path=str(target), optimizer_path=optimizer, owner=owner, created_at=now
-        )
-        self.store.add_checkpoint(copy)
-        return copy
 
     def forget(self, run_id: str) -> None:
         """Drop what is kept in memory about the run (read again from the store on its next op)."""
@@ -413,81 +367,6 @@ class Service:
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
-    def checkpoint_path(self, run_id: str, name: str) -> Path:
-        return self.settings.checkpoint_dir / run_id / name
-
-    def save(
-        self,
-        run_id: str,
-        request: api.SaveRequest,
-        owner: str | None,
-        *,
-        module_names: ModuleNames = "peft",
-        age_recipients: list[str] | None = None,
-    ) -> Job:
-        """Save a checkpoint. `module_names="tinker"` (a Tinker export) names the output head as Tinker
-        does; `age_recipients` encrypts every file to them. Both: kind "weights" only.
-
-        `request.overwrite` replaces a checkpoint of that name: the new one is written beside it and swapped in
-        once complete (`_swap_in`), so a failed save leaves the old one as it was. The replacement starts
-        private (unpublished); its expiry stays the name's until changed."""
-        self.live_run(run_id, owner)
-        replacing = self.store.get_checkpoint(run_id, request.name) is not None
-        if replacing and not request.overwrite:
-            raise ConflictError(
-                f"run {run_id!r} already has a checkpoint named {request.name!r}; choose another name, "
-                "or save with overwrite"
-            )
-        if age_recipients is not None:
-            parse_age_recipients(age_recipients)  # a bad recipient is refused now, not as a failed job
-        options = SaveOptions(
-            request.kind, module_names, None if age_recipients is None else tuple(age_recipients)
-        )
-        if (module_names != "peft" or age_recipients is not None) and request.kind != "weights":
-            raise InvalidInputError("kind", "an export (Tinker names, encryption) saves kind 'weights' only")
-        final = self.checkpoint_path(run_id, request.name)
-        path = final.with_name(f".{request.name}.new-{uuid.uuid4().hex[:12]}") if replacing else final
-
-        def recorded(info: CheckpointInfo) -> SaveOutput:
-            if replacing:
-                info = self._swap_in(info, final)
-            optimizer_path = str(info.optimizer_path) if info.optimizer_path else None
-            (self.store.replace_checkpoint if replacing else self.store.add_checkpoint)(
-                CheckpointRecord(
-                    run_id=run_id,
-                    name=request.name,
-                    kind=request.kind,
-                    step=info.step,
-                    path=str(info.path),
-                    optimizer_path=optimizer_path,
-                    size_bytes=info.size_bytes,
-                    owner=owner,
-                    created_at=info.created_at,
-                )
-            )
-            if replacing:
-                self.access.forget_checkpoint(run_id, request.name)
-                for callback in self.on_checkpoint_replaced:
-                    callback(run_id, request.name)
-            return SaveOutput(request.name, info.step, str(info.path), optimizer_path, info.size_bytes)
-
-        return self.submit(
-            "save", run_id, lambda: when_done(self.backend.save(run_id, path, options), recorded), owner
-        )
-
-    @staticmethod
-    def _swap_in(info: CheckpointInfo, final: Path) -> CheckpointInfo:
-        """Put the complete new checkpoint `info` at `final` in place of the old one: the old directory is
-        renamed aside first (each rename is atomic), then removed."""
-        aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
-        if final.exists():
-            os.rename(final, aside)
-        os.rename(info.path, final)
-        if aside.exists():
-            delete_checkpoint(aside)
-        optimizer = None if info.optimizer_path is None else final / info.optimizer_path.name
-        return dataclasses.replace(info, path=final, optimizer_path=optimizer)
-
     def load(self, run_id: str, request: api.LoadRequest, owner: str | None) -> Job:
         """Load a checkpoint into a run — also the way a `lost` run resumes after a restart."""
         record = self.access.run(run_id, owner)
@@ -518,58 +397,3 @@ class Service:
             adapter_path=adapter_path,
             optimizer=self.run_optimizer(record.run_id),
         )
-
-    def delete_checkpoint(self, run_id: str, name: str, owner: str | None) -> None:
-        self._remove_checkpoint(self.access.checkpoint(run_id, name, owner))
-
-    def _remove_checkpoint(self, record: CheckpointRecord) -> None:
-        """Delete a checkpoint's files, its store record and its expiry, and tell the facades."""
-        if Path(record.path).exists():
-            delete_checkpoint(record.path)
-        self.store.delete_checkpoint(record.run_id, record.name)
-        self._durable.delete(CHECKPOINT_EXPIRY, f"{record.run_id}/{record.name}")
-        self.access.forget_checkpoint(record.run_id, record.name)
-        for callback in self.on_checkpoint_deleted:
-            try:
-                callback(record.run_id, record.name)
-            except Exception:
-                log.exception("a checkpoint-deleted callback failed for %s/%s", record.run_id, record.name)
-
-    # --- checkpoint expiry ---------------------------------------------------------------------------
-
-    def set_checkpoint_expiry(
-        self, run_id: str, name: str, expires_at: float | None, owner: str | None
-    ) -> None:
-        """When checkpoint `name` of the caller's run `run_id` expires (Unix seconds; None: never). Once it
-        has, the sweeper deletes it as `delete_checkpoint` would. The checkpoint may still be being saved."""
-        self.access.run(run_id, owner)
-        key = f"{run_id}/{name}"
-        if expires_at is None:
-            self._durable.delete(CHECKPOINT_EXPIRY, key)
-        else:
-            value = {"run_id": run_id, "name": name, "expires_at": float(expires_at)}
-            self._durable.put(CHECKPOINT_EXPIRY, key, value, owner=owner)
-
-    def checkpoint_expiries(self, run_id: str | None = None) -> dict[tuple[str, str], float]:
-        """(run id, name) -> when that checkpoint expires, for those with an expiry (of one run, or all)."""
-        records = self._durable.records(
-            CHECKPOINT_EXPIRY, include_all=True, prefix=None if run_id is None else f"{run_id}/"
-        )
-        return {(r.value["run_id"], r.value["name"]): r.value["expires_at"] for r in records}
-
-    def sweep_expired_checkpoints(self, now: float | None = None) -> list[tuple[str, str]]:
-        """Delete every checkpoint whose expiry is past (files and records, as `delete_checkpoint` does);
-        returns their (run id, name). Run by the sweeper thread; callable directly."""
-        now = time.time() if now is None else now
-        deleted = []
-        for (run_id, name), expires_at in self.checkpoint_expiries().items():
-            if expires_at > now:
-                continue
-            record = self.store.get_checkpoint(run_id, name)
-            if record is None:  # deleted already (or its save failed): only the expiry is left
-                self._durable.delete(CHECKPOINT_EXPIRY, f"{run_id}/{name}")
-                continue
-            self._remove_checkpoint(record)
-            log.info("checkpoint %s/%s expired and was deleted", run_id, name)
-            deleted.append((run_id, name))
-        return deleted

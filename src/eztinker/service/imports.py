@@ -123,7 +123,7 @@ def import_adapter(
             )
         request = api.CreateRunRequest(base_model=base_model, lora_config=config, run_id=run_id)
         run = service.create_run(request, owner, peft=str(staging))
-        final = service.checkpoint_path(run.run_id, IMPORTED)
+        final = service.checkpoints.path(run.run_id, IMPORTED)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(final)
         service.store.add_checkpoint(

@@ -105,8 +105,8 @@ class Sampling:
         # checkpoint is deleted: a new checkpoint of that name is loaded afresh)
         self._checkpoint_samplers: dict[tuple[str, ...], str] = {}
         self._loading = threading.Lock()
-        service.on_checkpoint_deleted.append(self._checkpoint_deleted)
-        service.on_checkpoint_replaced.append(self._checkpoint_deleted)  # new weights: loaded afresh
+        service.checkpoints.on_deleted.append(self._checkpoint_deleted)
+        service.checkpoints.on_replaced.append(self._checkpoint_deleted)  # new weights: loaded afresh
 
     def checkpoint_target(self, run_id: str, name: str, owner: str | None) -> ModelTarget:
         """Checkpoint `name` of the caller's run as a sampler snapshot of the caller's: loaded on first use
