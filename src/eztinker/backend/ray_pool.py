@@ -15,6 +15,7 @@ checkpoint) while new calls for them wait. A replacement worker is started in th
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import uuid
@@ -402,9 +403,6 @@ class RayBackend:
     ) -> concurrent.futures.Future[Any]:
         """`sample` for requests with `on_token` callbacks: the worker streams each token back (a Ray
         streaming call) and the callbacks run here, on a thread of their own."""
-        import ray
-        from ray.exceptions import RayActorError
-
         try:
             worker = self._sampling_worker(base_model, adapter)
         except EngineError as exc:
@@ -418,34 +416,9 @@ class RayBackend:
         stream = actor.sample_stream.options(num_returns="streaming").remote(
             base_model, stripped, [c is not None for c in callbacks], stream_id
         )
-        hung_up = False
-
-        def relay() -> None:
-            nonlocal hung_up
-            try:
-                for ref in stream:
-                    event = ray.get(ref)
-                    if isinstance(event, Reply):
-                        if event.error is not None:
-                            out.set_exception(event.error)
-                        else:
-                            out.set_result(event.value)
-                        return
-                    index, *token = event
-                    callback = callbacks[index]
-                    if callback is not None:
-                        callback(*token)
-                    if not hung_up and any(cancelled() for cancelled in cancels):
-                        hung_up = True  # the caller has gone: tell the worker to stop decoding
-                        actor.hang_up.remote(stream_id)
-                out.set_exception(ComputeError(f"model worker {worker} ended the stream without a result"))
-            except RayActorError as exc:
-                self._lost(worker, exc)
-                out.set_exception(WorkerLostError(f"model worker {worker} died while sampling"))
-            except Exception as exc:
-                if not out.done():
-                    out.set_exception(ComputeError(f"streaming from model worker {worker} failed: {exc}"))
-
+        hang_up = lambda: actor.hang_up.remote(stream_id)  # noqa: E731
+        lost = functools.partial(self._lost, worker)
+        relay = functools.partial(_relay, worker, stream, out, callbacks, cancels, hang_up, lost)
         threading.Thread(target=relay, name="eztinker-ray-stream", daemon=True).start()
         return out
 
@@ -469,3 +442,43 @@ class RayBackend:
     @property
     def running_rows(self) -> int:
         return sum(s.running_rows for s in self.workers())
+
+
+def _relay(
+    worker: str,
+    stream: Any,
+    out: concurrent.futures.Future[Any],
+    callbacks: list[Callable[..., None] | None],
+    cancels: list[Callable[[], bool]],
+    hang_up: Callable[[], object],
+    lost: Callable[[BaseException], None],
+) -> None:
+    """Relay a worker's token stream (`RayBackend._sample_streaming`): run each token's `on_token`
+    callback on this side, settle `out` with the final reply, and `hang_up` once when a caller is gone."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    hung_up = False
+    try:
+        for ref in stream:
+            event = ray.get(ref)
+            if isinstance(event, Reply):
+                if event.error is not None:
+                    out.set_exception(event.error)
+                else:
+                    out.set_result(event.value)
+                return
+            index, *token = event
+            callback = callbacks[index]
+            if callback is not None:
+                callback(*token)
+            if not hung_up and any(cancelled() for cancelled in cancels):
+                hung_up = True  # the caller has gone: tell the worker to stop decoding
+                hang_up()
+        out.set_exception(ComputeError(f"model worker {worker} ended the stream without a result"))
+    except RayActorError as exc:
+        lost(exc)
+        out.set_exception(WorkerLostError(f"model worker {worker} died while sampling"))
+    except Exception as exc:
+        if not out.done():
+            out.set_exception(ComputeError(f"streaming from model worker {worker} failed: {exc}"))
