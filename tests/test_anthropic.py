@@ -144,3 +144,51 @@ def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) 
         assert info.value.body["error"]["type"] == "not_found_error"
         answers.append(info.value.body["error"]["message"].replace(name, "ID"))
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"name": "get_weather", "input_schema": {"type": "object"}}]),
+        ("tool_choice", {"type": "any"}),
+        ("thinking", {"type": "enabled", "budget_tokens": 1024}),
+    ],
+)
+def test_tool_use_and_thinking_are_refused_naming_the_field(
+    server: str, model: str, field: str, value
+) -> None:
+    """Tool use and extended thinking are not served: a 400 naming the field, never a reply that ignored
+    them (a client would wait for a tool call that cannot come); count_tokens refuses them too."""
+    for route, extra in (("messages", {"max_tokens": 4}), ("messages/count_tokens", {})):
+        body = {"model": model, "messages": HI, field: value, **extra}
+        raw = httpx.post(
+            f"{server}/anthropic/api/v1/{route}", json=body, headers={"x-api-key": KEY}, timeout=60
+        )
+        assert raw.status_code == 400, raw.text
+        error = raw.json()["error"]
+        assert (
+            error["type"] == "invalid_request_error"
+            and field in error["message"]
+            and "not served" in error["message"]
+        )
+    off = {"tools": [], "tool_choice": {"type": "auto"}, "thinking": {"type": "disabled"}}[field]
+    fine = {"model": model, "messages": HI, "max_tokens": 2, field: off}
+    assert (
+        httpx.post(
+            f"{server}/anthropic/api/v1/messages", json=fine, headers={"x-api-key": KEY}, timeout=60
+        ).status_code
+        == 200
+    )
+
+
+def test_a_content_block_other_than_text_is_refused_naming_it(server: str, model: str) -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]}]
+    raw = httpx.post(
+        f"{server}/anthropic/api/v1/messages",
+        json={"model": model, "max_tokens": 2, "messages": messages},
+        headers={"x-api-key": KEY},
+        timeout=60,
+    )
+    assert raw.status_code == 400
+    assert raw.json()["error"]["message"].startswith("messages[0].content[1]: 'image' blocks are not served")

@@ -7,6 +7,7 @@ import time
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 import eztinker
 from eztinker import EZTinkerClient
@@ -185,3 +186,68 @@ def test_a_tokenizer_without_chat_template_is_a_clear_400(tmp_path, tiny_model_d
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="chat template"):
             client.chat.completions.create(model=str(plain), messages=[{"role": "user", "content": "x"}])
+
+
+def test_logit_bias_and_penalties_shape_the_completion(oai: openai.OpenAI, model: str) -> None:
+    """OpenAI's logit_bias (token id -> bias) and frequency / presence penalties reach the sampler: a
+    +100 bias makes greedy decoding say that token; a presence penalty keeps greedy from repeating."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt = [17, 250, 31]
+    forced = oai.completions.create(
+        model=model, prompt=prompt, max_tokens=5, temperature=0, logit_bias={"40": 100}
+    )
+    assert forced.choices[0].text == tokenizer.decode([40] * 5)
+    chat = oai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"40": 100},
+    )
+    assert chat.choices[0].message.content == tokenizer.decode([40] * 4)
+
+    def greedy_tokens(**shaping) -> list[str]:
+        out = oai.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=0, **shaping
+        )
+        return out.choices[0].logprobs.tokens
+
+    plain = greedy_tokens()
+    assert len(set(plain)) < len(plain)  # greedy repeats itself on this model
+    varied = greedy_tokens(presence_penalty=2.0)
+    assert varied != plain and len(set(varied)) > len(set(plain))
+    assert greedy_tokens(frequency_penalty=0.0, presence_penalty=0.0) == plain
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("min_p", 0.1),
+        ("repetition_penalty", 1.2),
+    ],
+)
+def test_what_is_not_served_is_refused_naming_the_field(server: str, model: str, field: str, value) -> None:
+    """A field that would change the output and that this server does not do is a 400 naming it, never
+    answered as if it had not been sent; the same field at its off value is fine."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    refused = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == field and "not served" in refused.json()["error"]["message"]
+    off = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0.0}
+    if field in off:
+        assert (
+            httpx.post(
+                f"{server}/v1/chat/completions", json={**body, field: off[field]}, timeout=60
+            ).status_code
+            == 200
+        )
+
+
+def test_a_bad_logit_bias_is_a_400_naming_it(oai: openai.OpenAI, model: str) -> None:
+    for bias in ({"forty": 1}, {"40": 101}, {"99999999": 1}):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.completions.create(model=model, prompt="x", max_tokens=2, logit_bias=bias)
+        assert "logit_bias" in str(info.value.body)

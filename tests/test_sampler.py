@@ -227,6 +227,60 @@ def test_top_k_samples_only_among_the_k_most_likely(engine: Engine, model: str) 
         assert all(tok in top3_TK[t].tolist() for t, tok in enumerate(seq.tokens))
 
 
+def penalized_argmax_continuation(
+    engine: Engine, model: str, prompt: list[int], steps: int, params: SamplingParams
+) -> list[int]:
+    """Greedy decoding by hand with OpenAI's logit bias and penalties over the generated tokens:
+    logit[j] + bias[j] - frequency · count[j] - presence · (count[j] > 0), full forward each step."""
+    base = engine.base_model(model)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits_V = base.model(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            for token, bias in (params.logit_bias or {}).items():
+                logits_V[token] += bias
+            generated = ids[len(prompt) :]
+            for token in set(generated):
+                count = generated.count(token)
+                logits_V[token] -= params.frequency_penalty * count + params.presence_penalty
+            ids.append(int(logits_V.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize(
+    "shaping",
+    [
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 1.5},
+        {"frequency_penalty": 0.7, "presence_penalty": -0.2},
+        {"logit_bias": {40: 5.0, 41: -100.0}},
+    ],
+)
+def test_penalties_and_logit_bias_shape_greedy_choices_as_openai_defines(
+    engine: Engine, model: str, shaping: dict
+) -> None:
+    params = replace(greedy(16), **shaping)
+    expected = penalized_argmax_continuation(engine, model, PROMPT, 16, params)
+    assert expected != argmax_continuation(engine, model, PROMPT, 16)  # the shaping changes the choice
+    got = engine.sample(PROMPT, params, num_samples=2, base_model=model).sequences
+    assert [s.tokens for s in got] == [expected, expected]
+    # batched beside a row without shaping, each row keeps its own rule
+    plain, shaped = sample_batch(
+        engine.base_model(model), [SampleRequest(PROMPT, greedy(16)), SampleRequest(PROMPT, params)]
+    )
+    assert plain.sequences[0].tokens == argmax_continuation(engine, model, PROMPT, 16)
+    assert shaped.sequences[0].tokens == expected
+
+
+def test_shaped_samples_report_the_models_own_logprobs(engine: Engine, model: str) -> None:
+    """A bias changes which token is drawn; its log-probability is still the model's (as training's)."""
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[], logit_bias={40: 100.0})
+    seq = engine.sample(PROMPT, params, base_model=model).sequences[0]
+    assert seq.tokens == [40] * 6
+    run_id = engine.create_run(model, {"r": 2, "seed": 0}, run_id="shaping-zero").run_id
+    assert seq.logprobs == pytest.approx(forward_logprobs(engine, run_id, PROMPT, seq.tokens), abs=1e-5)
+
+
 def test_inverse_cdf_follows_u_and_never_picks_an_impossible_token() -> None:
     probs_BV = torch.tensor([[0.5, 0.0, 0.25, 0.25]] * 5)
     u_B = torch.tensor([1e-9, 0.5, 0.5000001, 0.75, 1.0], dtype=torch.float64)
@@ -425,6 +479,11 @@ BAD_REQUESTS = [
     ({"params": SamplingParams(stop=[""])}, "sampling_params.stop"),
     ({"params": SamplingParams(stop=[-1])}, "sampling_params.stop"),
     ({"params": SamplingParams(seed="7")}, "sampling_params.seed"),  # type: ignore[arg-type]
+    ({"params": SamplingParams(frequency_penalty=2.5)}, "sampling_params.frequency_penalty"),
+    ({"params": SamplingParams(presence_penalty=float("nan"))}, "sampling_params.presence_penalty"),
+    ({"params": SamplingParams(logit_bias={1024: 1.0})}, "sampling_params.logit_bias"),
+    ({"params": SamplingParams(logit_bias={-1: 1.0})}, "sampling_params.logit_bias"),
+    ({"params": SamplingParams(logit_bias={5: 101.0})}, "sampling_params.logit_bias"),
 ]
 
 

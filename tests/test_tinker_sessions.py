@@ -104,3 +104,26 @@ def test_heartbeats_reach_only_the_callers_sessions(world) -> None:
     )
     assert other.status_code == 404 and state.heartbeats[session] == before  # answered as missing
     assert http.post("/api/v1/session_heartbeat", headers=HEADERS).status_code == 200  # no body: fine
+
+
+def test_a_session_from_before_a_restart_expires_from_the_first_check(world) -> None:
+    """The server restarted: a session its store says is active, that this process has never heard from,
+    counts from the first check and expires a timeout later unless its client heartbeats; sessions that
+    ended before the restart stay as they ended."""
+    http, _, _ = world
+    _post(http, "/session_heartbeat", {})  # the facade's state is made by the first Tinker request
+    state = http.app.state.tinker
+    state.durable.put("session", "sess-before-restart", {"tags": [], "status": "active"}, owner=KEY)
+    state.durable.put("session", "sess-finished-before", {"tags": [], "status": "finished"}, owner=KEY)
+    now = [time.time()]
+    state.clock, state.sessions_checked_at = (lambda: now[0]), 0.0  # as a fresh process
+
+    _post(http, "/session_heartbeat", {})  # the first check: the stored active session counts from now
+    assert state.heartbeats["sess-before-restart"] == now[0]
+    assert "sess-finished-before" not in state.heartbeats
+    now[0] += TIMEOUT + 1
+    _post(http, "/session_heartbeat", {})
+
+    assert state.durable.get("session", "sess-before-restart").value["status"] == "expired"
+    assert state.durable.get("session", "sess-finished-before").value["status"] == "finished"
+    assert "sess-before-restart" not in state.heartbeats

@@ -80,7 +80,12 @@ def test_body_maps_every_sampling_field() -> None:
     assert body["logprobs"] == 5 and body["prompt_logprobs"] == 2
     assert body["return_token_ids"] and body["return_tokens_as_token_ids"]
     assert body["repetition_penalty"] == 1.0 and body["min_p"] == 0.0 and not body["skip_special_tokens"]
+    assert body["frequency_penalty"] == body["presence_penalty"] == 0.0 and "logit_bias" not in body
     assert "stop" not in body
+    shaped = SamplingParams(frequency_penalty=0.5, presence_penalty=-1.0, logit_bias={40: 3.0, 7: -100})
+    shaped_body = completion_body(_request(params=shaped), model="base", eos_token_ids=[EOS])
+    assert (shaped_body["frequency_penalty"], shaped_body["presence_penalty"]) == (0.5, -1.0)
+    assert shaped_body["logit_bias"] == {"40": 3.0, "7": -100.0}  # OpenAI's shape: ids as strings
 
 
 def test_body_stop_rules_and_defaults() -> None:
@@ -358,6 +363,23 @@ def test_base_sampling_and_logprobs(sampler: VllmSampler, trained: dict[str, Any
     delta = max(abs(a - b) for a, b in zip(got, expected[1:], strict=True))  # type: ignore[operator]
     print(f"base: max |vLLM - engine| logprob = {delta:.2e}")
     assert delta <= LOGPROB_TOLERANCE
+
+
+@needs_vllm
+def test_penalties_and_logit_bias_choose_as_the_engine_does(
+    sampler: VllmSampler, trained: dict[str, Any]
+) -> None:
+    """Greedy under frequency / presence penalties and a logit bias: vLLM picks the engine's tokens (both
+    count the generated tokens only), and reports the model's own logprobs as the engine does."""
+    engine, name = trained["engine"], trained["name"]
+    for shaping in ({"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"logit_bias": {40: 100.0}}):
+        params = SamplingParams(max_tokens=10, temperature=0.0, stop=[], **shaping)
+        [ours] = engine.sample(PROMPT, params, base_model=name).sequences
+        [[theirs]] = [r.sequences for r in sampler.sample_sync([_request(params=params)])]
+        assert theirs.tokens == ours.tokens, shaping
+        assert (
+            max(abs(a - b) for a, b in zip(theirs.logprobs, ours.logprobs, strict=True)) <= LOGPROB_TOLERANCE
+        )
 
 
 @needs_vllm

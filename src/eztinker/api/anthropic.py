@@ -58,12 +58,13 @@ router = APIRouter(tags=["anthropic"], route_class=AnthropicRoute, dependencies=
 
 def _prompt(service: Service, body: CountTokensRequest, owner: str | None) -> tuple[Any, Any, list[int]]:
     """(target, tokenizer, prompt tokens): the system prompt and messages through the chat template."""
+    body.refuse_not_served()
     target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInputError("messages", f"the tokenizer of {target.base_model!r} has no chat template")
     messages = [{"role": "system", "content": body.system_text()}] if body.system else []
-    messages += [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages += [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
     return target, tokenizer, chat_template_ids(tokenizer, messages)
 
 

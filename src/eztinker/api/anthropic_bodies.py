@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,24 +18,61 @@ class TextBlock(BaseModel):
     text: str
 
 
+class ContentBlock(BaseModel):
+    """A message's content block of any type: only `text` ones are served (`Message.text` says so)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["user", "assistant"]
-    content: str | list[TextBlock]
+    content: str | list[ContentBlock]
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
+    def text(self, where: str) -> str:
+        """The message's text; a block of another type (image, tool_use, tool_result, document...) is
+        refused naming it, never dropped."""
+        if isinstance(self.content, str):
+            return self.content
+        for j, block in enumerate(self.content):
+            if block.type != "text":
+                raise InvalidInputError(
+                    f"{where}.content[{j}]", f"{block.type!r} blocks are not served: send text"
+                )
+            if block.text is None:
+                raise InvalidInputError(f"{where}.content[{j}].text", "is missing")
+        return "".join(block.text or "" for block in self.content)
+
+
+# Fields of Anthropic's that change what is generated (or counted) and that this server does not do: set to
+# anything but their off value, they are a 400 naming them, never ignored. Other unknown fields
+# (`metadata`, `service_tier`...) change nothing and are ignored.
+NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "tool use is not served: describe the tools in the system prompt"),
+    "tool_choice": ((None, {"type": "auto"}, {"type": "none"}), "tool use is not served"),
+    "thinking": ((None, {"type": "disabled"}), "extended thinking is not served"),
+}
 
 
 class CountTokensRequest(BaseModel):
-    """What `count_tokens` reads; unknown fields Anthropic defines (`metadata`, `tools`...) are ignored."""
+    """What `count_tokens` reads (`NOT_SERVED` lists the fields refused; other unknown ones are kept aside)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
+
+    def refuse_not_served(self) -> None:
+        """A 400 naming the first `NOT_SERVED` field the request sets to anything but its off value."""
+        sent = self.model_extra or {}
+        for name, (off, reason) in NOT_SERVED.items():
+            if name in sent and sent[name] not in off:
+                raise InvalidInputError(name, reason)
 
     def system_text(self) -> str:
         if isinstance(self.system, list):

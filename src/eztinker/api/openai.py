@@ -68,8 +68,12 @@ def _params(body: Sampling, max_tokens: int | None, stops: list[str]) -> Samplin
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k or -1,  # vLLM's 0 is no limit too
         stop=stops or None,
         seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        logit_bias=body.biases(),
     )
 
 
@@ -163,8 +167,7 @@ async def completions(
     body: CompletionRequest, request: Request, service: ServiceDep, owner: OwnerDep
 ) -> dict[str, Any] | Response:
     """Text completions of a prompt (text, texts, token ids or lists of ids), `n` each."""
-    if body.echo:
-        raise InvalidInputError("echo", "is not supported")
+    body.refuse_not_served()
 
     def prepare() -> Generation:
         target = resolve_model(service, body.model, owner)
@@ -189,6 +192,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep, owner: OwnerDep
 ) -> dict[str, Any] | Response:
     """A chat turn: the messages through the tokenizer's chat template, then `n` completions."""
+    body.refuse_not_served()
     if body.top_logprobs and not body.logprobs:
         raise InvalidInputError("top_logprobs", "needs logprobs: true")
 

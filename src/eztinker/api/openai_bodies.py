@@ -20,19 +20,75 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """Fields both routes share. Unknown fields OpenAI defines (`user`, penalties at 0...) are ignored."""
+# Fields of OpenAI's (or vLLM's, whose extras clients send through `extra_body`) that change what is
+# generated and that this server does not do: a request setting one to anything but its off value is a
+# 400 naming it, never answered as if it had not been sent. Other unknown fields (`user`, `metadata`,
+# `store`, `parallel_tool_calls`...) do not change the output and are ignored.
+NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "tool calling is not served: describe the tools in the prompt and parse the reply"),
+    "functions": ((None, []), "function calling is not served: describe the functions in the prompt"),
+    "tool_choice": ((None, "none", "auto"), "tool calling is not served"),
+    "function_call": ((None, "none", "auto"), "function calling is not served"),
+    "response_format": (
+        (None, {"type": "text"}),
+        "structured output (json_object, json_schema) is not served: only text",
+    ),
+    "suffix": ((None, ""), "insertion (a suffix after the completion) is not served"),
+    "best_of": ((None, 1), "best_of is not served: ask for n samples and rank them yourself"),
+    "echo": ((None, False), "echo is not served: the prompt's tokens are what you sent"),
+    "min_p": ((None, 0, 0.0), "min_p is not served: use top_p or top_k"),
+    "repetition_penalty": (
+        (None, 1, 1.0),
+        "repetition_penalty is not served: use frequency_penalty or presence_penalty",
+    ),
+    "min_tokens": ((None, 0), "min_tokens is not served"),
+    "use_beam_search": ((None, False), "beam search is not served"),
+    "ignore_eos": ((None, False), "ignore_eos is not served"),
+    "guided_json": ((None,), "guided decoding is not served"),
+    "guided_regex": ((None,), "guided decoding is not served"),
+    "guided_choice": ((None,), "guided decoding is not served"),
+    "guided_grammar": ((None,), "guided decoding is not served"),
+    "structured_outputs": ((None,), "structured output is not served"),
+}
 
-    model_config = ConfigDict(extra="ignore")
+
+class Sampling(BaseModel):
+    """Fields both routes share (`NOT_SERVED` lists those refused; other unknown fields are kept aside)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     n: int = Field(1, ge=1)  # (at most the server's `max_samples`)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="vLLM's extra: -1 or 0 for no limit")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def refuse_not_served(self) -> None:
+        """A 400 naming the first `NOT_SERVED` field the request sets to anything but its off value."""
+        sent = self.model_extra or {}
+        for name, (off, reason) in NOT_SERVED.items():
+            if name in sent and sent[name] not in off:
+                raise InvalidInputError(name, reason)
+
+    def biases(self) -> dict[int, float] | None:
+        """`logit_bias` with its keys as token ids (their range is checked against the model's vocabulary)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidInputError("logit_bias", f"key {key!r} is not a token id") from None
+            out[token] = bias
+        return out
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -47,7 +103,6 @@ class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
 
 
 class ChatMessage(BaseModel):

@@ -75,17 +75,16 @@ def create_session(body: bodies.CreateSession, owner: OwnerDep, state: StateDep)
 def session_heartbeat(
     owner: OwnerDep, state: StateDep, body: bodies.SessionHeartbeat | None = None
 ) -> dict[str, Any]:
-    if (
-        body is not None
-        and body.session_id is not None
-        and state.durable.get(SESSIONS, body.session_id) is not None
-    ):
-        status = _session(state, body.session_id, owner).value.get("status")
+    session_id = body.session_id if body is not None else None
+    record = state.durable.get(SESSIONS, session_id) if session_id is not None else None
+    if record is not None:  # an unknown id is answered as before sessions existed: the SDK only logs it
+        state.service.access.require(record.owner, owner, f"no session {record.key!r}")
+        status = record.value.get("status")
         if status != "active":
             raise NotFoundError(
-                f"session {body.session_id!r} has ended ({status}): create a new ServiceClient to continue"
+                f"session {record.key!r} has ended ({status}): create a new ServiceClient to continue"
             )
-        state.heartbeats[body.session_id] = state.clock()
+        state.heartbeats[record.key] = state.clock()
     expire_idle_sessions(state)
     return {"type": "session_heartbeat"}
 
@@ -115,22 +114,25 @@ def _end_session(state: TinkerState, session_id: str, owner: str | None, status:
 
 def expire_idle_sessions(state: TinkerState) -> list[str]:
     """End (status `expired`) every active session with no heartbeat for `session_timeout_seconds`, at most
-    once per tenth of the timeout; returns their ids. A session this process has not heard from yet (the
-    server restarted) counts from the first check."""
+    once per tenth of the timeout; returns their ids. `state.heartbeats` holds every active session: the first
+    check adds those this process has not heard from (the server restarted), counted from then, and later
+    checks look only there, not at every session ever stored."""
     timeout = state.service.settings.session_timeout_seconds
     now = state.clock()
     with state.lock:
         if now - state.sessions_checked_at < timeout / 10:
             return []
-        state.sessions_checked_at = now
+        first_check, state.sessions_checked_at = state.sessions_checked_at == 0.0, now
+    if first_check:
+        for record in state.durable.records(SESSIONS, include_all=True):
+            if record.value.get("status") == "active":
+                state.heartbeats.setdefault(record.key, now)
     expired = []
-    for record in state.durable.records(SESSIONS, include_all=True):
-        if (
-            record.value.get("status") == "active"
-            and now - state.heartbeats.setdefault(record.key, now) > timeout
-        ):
-            _end_session(state, record.key, record.owner, "expired")
-            expired.append(record.key)
+    for session_id, last in list(state.heartbeats.items()):
+        if now - last > timeout and state.heartbeats.pop(session_id, None) is not None:  # once, if raced
+            record = state.durable.get(SESSIONS, session_id)
+            _end_session(state, session_id, record.owner if record else None, "expired")
+            expired.append(session_id)
     return expired
 
 

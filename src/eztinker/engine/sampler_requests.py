@@ -161,7 +161,7 @@ def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple
         raise InvalidInputError(f"{where}num_samples", f"{num_samples!r} is not in 1..{MAX_NUM_SAMPLES}")
     _check_adapter(base, request.adapter, f"{where}adapter")
     params = request.params
-    _check_sampling_params(params, f"{where}sampling_params")
+    _check_sampling_params(params, f"{where}sampling_params", base.vocab_size)
     _check_extras(base, request, len(prompt), where)
     vision.check_images(base, prompt, tuple(request.images), where.rstrip("."), tokens_field="prompt")
     max_new = _max_new_tokens(base, len(prompt), params.max_tokens, where)
@@ -193,7 +193,11 @@ def _check_adapter(base: BaseModel, adapter: str | None, field: str) -> None:
         raise NotFoundError(f"{field}: no run or sampler {adapter!r} on base model {base.name!r}")
 
 
-def _check_sampling_params(params: SamplingParams, where: str) -> None:
+MAX_PENALTY = 2.0  # OpenAI's range for frequency and presence penalties: [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # and for a logit bias: [-100, 100]
+
+
+def _check_sampling_params(params: SamplingParams, where: str, vocab_size: int) -> None:
     temperature, top_p, top_k = params.temperature, params.top_p, params.top_k
     if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature < 0:
         raise InvalidInputError(f"{where}.temperature", f"{temperature!r} must be a finite number >= 0")
@@ -203,6 +207,19 @@ def _check_sampling_params(params: SamplingParams, where: str) -> None:
         raise InvalidInputError(f"{where}.top_k", f"{top_k!r} must be -1 (no limit) or >= 1")
     if params.seed is not None and not isinstance(params.seed, int):
         raise InvalidInputError(f"{where}.seed", f"{params.seed!r} must be an integer or null")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(params, name)
+        if not isinstance(value, int | float) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise InvalidInputError(f"{where}.{name}", f"{value!r} must be in [-2, 2]")
+    for token, bias in (params.logit_bias or {}).items():
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise InvalidInputError(
+                f"{where}.logit_bias", f"token id {token!r} is not in the vocabulary (size {vocab_size})"
+            )
+        if not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise InvalidInputError(
+                f"{where}.logit_bias", f"the bias of token {token}, {bias!r}, must be in [-100, 100]"
+            )
 
 
 def _check_extras(base: BaseModel, request: SampleRequest, prompt_len: int, where: str) -> None:

@@ -30,7 +30,9 @@ def _temperature(params: SamplingParams) -> float:
 
 
 def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) -> torch.Tensor:
-    """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution."""
+    """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution
+    (both after the row's logit bias and penalties)."""
+    logits_BV = _biased(logits_BV, batch.rows)
     greedy_B = logits_BV.argmax(dim=-1)
     if all(_temperature(r.params) == 0 for r in batch.rows):
         return greedy_B
@@ -40,6 +42,48 @@ def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) ->
         scaled_BV = _filter_top_k_top_p(scaled_BV, batch.top_k, batch.top_p)
     sampled_B = _inverse_cdf(torch.softmax(scaled_BV, dim=-1), u_B)
     return torch.where(is_greedy_B, greedy_B, sampled_B)
+
+
+def _biased(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+    """The logits with each row's `logit_bias` added and its frequency and presence penalties taken off
+    (`SamplingParams`), over the tokens the row has generated; the input itself when no row has any.
+
+    The counts are rebuilt each step from the rows' tokens (one small copy to the device, only for the
+    rows that penalize): rows join and leave the continuous batch, so a kept count table would have to
+    follow every reorder."""
+    biased = [b for b, r in enumerate(rows) if r.params.logit_bias]
+    penalized = [
+        b
+        for b, r in enumerate(rows)
+        if r.tokens and (r.params.frequency_penalty or r.params.presence_penalty)
+    ]
+    if not biased and not penalized:
+        return logits_BV
+    logits_BV = logits_BV.clone()
+    device, V = logits_BV.device, logits_BV.shape[-1]
+    if biased:
+        where = [
+            (b, token, bias) for b in biased for token, bias in (rows[b].params.logit_bias or {}).items()
+        ]
+        rows_N, tokens_N, bias_N = (torch.tensor(column) for column in zip(*where, strict=True))
+        logits_BV.index_put_(
+            (rows_N.to(device), tokens_N.to(device)), bias_N.to(device, logits_BV.dtype), accumulate=True
+        )
+    if penalized:
+        longest = max(len(rows[b].tokens) for b in penalized)
+        tokens_PL = torch.full((len(penalized), longest), V, dtype=torch.long)  # V: padding, dropped below
+        for i, b in enumerate(penalized):
+            tokens_PL[i, : len(rows[b].tokens)] = torch.tensor(rows[b].tokens)
+        counts_PV = torch.zeros(len(penalized), V + 1, device=device, dtype=logits_BV.dtype)
+        counts_PV.scatter_add_(1, tokens_PL.to(device), torch.ones_like(counts_PV[:, :1]).expand(-1, longest))
+        counts_PV = counts_PV[:, :V]
+        params = [rows[b].params for b in penalized]
+        frequency_P1 = torch.tensor([[float(q.frequency_penalty)] for q in params], dtype=logits_BV.dtype)
+        presence_P1 = torch.tensor([[float(q.presence_penalty)] for q in params], dtype=logits_BV.dtype)
+        frequency_P1, presence_P1 = frequency_P1.to(device), presence_P1.to(device)
+        index_P = torch.tensor(penalized).to(device)
+        logits_BV[index_P] -= frequency_P1 * counts_PV + presence_P1 * (counts_PV > 0)
+    return logits_BV
 
 
 def _filter_top_k_top_p(

@@ -149,7 +149,14 @@ class OptimStepResult:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. `stop=None` stops at the tokenizer's EOS; `stop=[]` never stops early (not even EOS)."""
+    """How to sample. `stop=None` stops at the tokenizer's EOS; `stop=[]` never stops early (not even EOS).
+
+    The penalties and `logit_bias` are OpenAI's, counted over the tokens this sample has generated (as vLLM
+    counts them, not the prompt): at every step a token's logit gets `logit_bias[token]`, minus
+    `frequency_penalty` times how often it was generated, minus `presence_penalty` if it was at all; then
+    temperature, top-k and top-p apply. They shape which token is drawn, not the reported log-probabilities
+    (the model's own, as training computes them).
+    """
 
     max_tokens: int | None = 16
     temperature: float = 1.0  # 0 = greedy
@@ -157,6 +164,9 @@ class SamplingParams:
     top_k: int = -1  # -1 = no limit
     stop: Sequence[str] | Sequence[int] | str | None = None
     seed: int | None = None
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    presence_penalty: float = 0.0  # in [-2, 2]
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability) pairs, most likely first

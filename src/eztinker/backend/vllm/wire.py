@@ -64,6 +64,8 @@ def completion_body(
     | temperature (< 1e-5: greedy)                | temperature (0: greedy)                                 |
     | top_p, top_k (-1: no limit)                 | top_p, top_k                                            |
     | seed                                        | seed (hashed: see `_vllm_seed`), unseeded: none         |
+    | frequency_penalty, presence_penalty         | frequency_penalty, presence_penalty (output tokens too) |
+    | logit_bias {id: bias}                       | logit_bias {"id": bias}                                 |
     | stop None (EOS)                             | stop_token_ids = EOS ids, ignore_eos                    |
     | stop [] (never)                             | stop_token_ids = [], ignore_eos                         |
     | stop ids                                    | stop_token_ids (+ EOS with stop_at_eos), ignore_eos     |
@@ -74,8 +76,8 @@ def completion_body(
     | prompt_logprobs_last_n                      | (all positions are scored; the earlier ones dropped)    |
     | (token ids out)                             | return_token_ids, return_tokens_as_token_ids            |
 
-    Penalties are sent as off and special tokens kept in the text (stop strings then match what the engine
-    matches, which decodes with special tokens).
+    vLLM's other knobs (min_p, repetition_penalty, min_tokens) are sent as off, and special tokens kept in
+    the text (stop strings then match what the engine matches, which decodes with special tokens).
     """
     prompt = _prompt_ids(request.prompt)
     num_samples = request.num_samples
@@ -100,8 +102,8 @@ def completion_body(
         "top_k": int(params.top_k),
         "min_p": 0.0,
         "repetition_penalty": 1.0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
+        "presence_penalty": float(params.presence_penalty),
+        "frequency_penalty": float(params.frequency_penalty),
         "min_tokens": 0,
         "ignore_eos": True,  # the EOS rule is ours: sent as stop ids below
         "skip_special_tokens": False,
@@ -113,6 +115,8 @@ def completion_body(
     }
     if params.seed is not None:
         body["seed"] = _vllm_seed(operator.index(params.seed))
+    if params.logit_bias:
+        body["logit_bias"] = {str(token): float(bias) for token, bias in params.logit_bias.items()}
     eos = sorted(set(eos_token_ids))
     stop = params.stop
     items = [stop] if isinstance(stop, str | int) else list(stop) if stop is not None else None
@@ -354,6 +358,9 @@ _FIELDS = {  # vLLM's `param` names -> the engine request's
     "top_p": "sampling_params.top_p",
     "top_k": "sampling_params.top_k",
     "seed": "sampling_params.seed",
+    "frequency_penalty": "sampling_params.frequency_penalty",
+    "presence_penalty": "sampling_params.presence_penalty",
+    "logit_bias": "sampling_params.logit_bias",
     "stop": "sampling_params.stop",
     "stop_token_ids": "sampling_params.stop",
     "logprobs": "topk_sample_logprobs",
