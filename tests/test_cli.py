@@ -145,6 +145,36 @@ def test_sample_prints_text_reproducibly_with_a_seed(server: str, trained_run: s
     assert "sample 0" in two and "sample 1" in two
 
 
+def test_sample_chat_renders_the_chat_template_on_the_server(
+    server: str, client: EZTinkerClient, tiny_model_dir
+) -> None:
+    """`--chat` (and `--system`) send the prompt as chat turns; the server renders the base model's
+    template, so the reply is the one a client gets for the template's token ids."""
+    from transformers import AutoTokenizer
+
+    turns = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hello"}]
+    rendered = AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(
+        turns, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    by_ids = client.generate(list(rendered), 8, 0.0)
+    by_chat = client.generate(turns, 8, 0.0)
+    assert by_chat.prompt_tokens == list(rendered) and by_chat.samples[0].tokens == by_ids.samples[0].tokens
+    args = (
+        "sample",
+        "Hello",
+        "--chat",
+        "--system",
+        "Be terse.",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+    )
+    assert ok(cli(server, *args)) == by_ids.samples[0].text + "\n"
+    refused = cli(server, "sample", "Hello", "--system", "Be terse.")
+    assert refused.exit_code != 0 and "--system needs --chat" in refused.output
+
+
 # --- train-sft -----------------------------------------------------------------------------------------------
 
 

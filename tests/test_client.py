@@ -431,6 +431,20 @@ def test_sample_from_a_named_base_model(client: EZTinkerClient, server: FakeServ
     assert body["base_model"] == "gpt2" and body["top_k"] == 5 and body["prompt"] == "Hi"
 
 
+def test_a_chat_is_sent_as_messages_and_shaping_only_when_set(
+    client: EZTinkerClient, server: FakeServer
+) -> None:
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    client.sample(chat, run_id="r", presence_penalty=0.5, logit_bias={7: -100})
+    body = server.bodies("POST", "/v1/runs/r/sample")[-1]
+    assert body["messages"] == chat and "prompt" not in body and "prompt_tokens" not in body
+    assert body["presence_penalty"] == 0.5 and body["logit_bias"] == {"7": -100.0}
+    assert "frequency_penalty" not in body  # unset: a server from before the penalties takes the request
+    client.sample("Hi", run_id="r")
+    plain = server.bodies("POST", "/v1/runs/r/sample")[-1]
+    assert not {"frequency_penalty", "presence_penalty", "logit_bias"} & set(plain)
+
+
 def test_checkpoint_methods(client: EZTinkerClient, server: FakeServer) -> None:
     run_id = client.create_run("gpt2")
     client.save_checkpoint(run_id, "w1", kind="weights")

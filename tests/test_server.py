@@ -56,8 +56,9 @@ def test_the_seed_quick_start_works(client: EZTinkerClient, tiny_model_dir, tiny
         loss_config=LossFunctionConfig(loss_type="focal_loss", focal_alpha=0.3, focal_gamma=2.5),
     )
     text = client.sample("Hello world", max_new_tokens=50, temperature=0.8)
+    reply = client.sample([{"role": "user", "content": "Hi"}], presence_penalty=0.5)
     runs = client.get_runs()
-    assert isinstance(text, str)
+    assert isinstance(text, str) and isinstance(reply, str)
     focal = next(r for r in runs if r.run_id == run_id)
     assert focal.loss_config.loss_type == "focal_loss"
     assert focal.loss_config.params == {"focal_alpha": 0.3, "focal_gamma": 2.5}

@@ -427,13 +427,20 @@ def sample(
     top_k: int = -1,
     seed: Annotated[int | None, typer.Option(help="Same seed, same samples.")] = None,
     n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 1,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Send PROMPT as a user turn through the model's chat template.")
+    ] = False,
+    system: Annotated[str | None, typer.Option(help="With --chat: a system turn before PROMPT.")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Sample continuations of PROMPT."""
+    """Sample continuations of PROMPT (or, with --chat, the assistant's reply to it)."""
+    if system is not None and not chat:
+        raise typer.BadParameter("--system needs --chat", param_hint="--system")
+    turns = [{"role": "system", "content": system}] if system is not None else []
     with _client(url, api_key) as client:
         out = client.generate(
-            prompt,
+            [*turns, {"role": "user", "content": prompt}] if chat else prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -447,6 +454,8 @@ def sample(
         if n > 1:
             console.rule(f"sample {i} ({s.stop_reason})")
         typer.echo(s.text)  # verbatim: no markup, emoji codes or wrapping
+        if not s.text and s.stop_reason == "stop" and not chat:
+            typer.echo("(the model stopped at once; a chat model may answer PROMPT with --chat)", err=True)
 
 
 # --- a small SFT loop --------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ _POLL_MARGIN = 10.0  # a long-poll's read timeout is its wait plus this
 _TERMINAL = ("completed", "failed")
 
 TokenIds = Sequence[int]
+Chat = Sequence[
+    Mapping[str, str]
+]  # [{"role": "user", "content": "..."}, ...]: the base model's template renders it
 DatumLike = NativeDatum | TokenDatum | Mapping[str, Any]
 CustomLossFn = Callable[[list[Any], list["torch.Tensor"]], tuple["torch.Tensor", Mapping[str, Any]]]
 """`loss_fn(data, logprobs_list) -> (loss, metrics)` for `forward_backward_custom`."""
@@ -223,14 +226,18 @@ def _optim_call(run_id: str, **params: float | None) -> _Call:
     return _Call("POST", f"/v1/runs/{_seg(run_id)}/optim_step", json=_dump(OptimStepRequest, **params))
 
 
-def _sample_call(prompt_or_tokens: str | TokenIds, run_id: str | None, **params: Any) -> _Call:
-    if isinstance(prompt_or_tokens, str):
-        prompt, tokens = prompt_or_tokens, None
+def _sample_call(prompt: str | TokenIds | Chat, run_id: str | None, **params: Any) -> _Call:
+    """A text prompt, token ids, or a chat (a sequence of role/content mappings)."""
+    prompt = _plain(prompt)
+    if isinstance(prompt, str):
+        params["prompt"] = prompt
+    elif _is_seq(prompt) and prompt and all(isinstance(turn, Mapping) for turn in prompt):
+        params["messages"] = [dict(turn) for turn in prompt]
     else:
-        prompt, tokens = None, list(_plain(prompt_or_tokens))
+        params["prompt_tokens"] = list(prompt)
     if _is_seq(params.get("stop")):  # a tuple of stop strings or token ids travels as a list
         params["stop"] = list(params["stop"])
-    body = _dump(SampleRequest, prompt=prompt, prompt_tokens=tokens, **params)
+    body = _dump(SampleRequest, **params)
     return _Call("POST", "/v1/sample" if run_id is None else f"/v1/runs/{_seg(run_id)}/sample", json=body)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, Self, TypeVar, overload
 
 from eztinker.client_core import (
+    Chat,
     CustomLossFn,
     DatumLike,
     Plan,
@@ -273,7 +274,7 @@ def optim_step(
 
 def sample(
     client: _ClientBase,
-    prompt: str | TokenIds,
+    prompt: str | TokenIds | Chat,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -283,8 +284,15 @@ def sample(
     stop: str | Sequence[str] | Sequence[int] | None = None,
     seed: int | None = None,
     base_model: str | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Plan[str]:
-    """Generate from `run_id`'s adapter (or a base model when None), wait, and return the text."""
+    """Generate from `run_id`'s adapter (or a base model when None), wait, and return the text.
+
+    `prompt`: text, token ids, or a chat (`[{"role": "user", "content": "Hi"}]`, rendered by the base
+    model's chat template, ready for the assistant's turn). The penalties and `logit_bias` are OpenAI's,
+    over the tokens generated so far."""
     output = yield from generate(
         client,
         prompt,
@@ -296,13 +304,16 @@ def sample(
         stop=stop,
         seed=seed,
         base_model=base_model,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        logit_bias=logit_bias,
     )
     return output.samples[0].text
 
 
 def generate(
     client: _ClientBase,
-    prompt_or_tokens: str | TokenIds,
+    prompt_or_tokens: str | TokenIds | Chat,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -314,6 +325,9 @@ def generate(
     stop: str | Sequence[str] | Sequence[int] | None = None,
     seed: int | None = None,
     base_model: str | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Plan[SampleOutput]:
     """As `sample`, returning all `n` samples with their tokens and logprobs (and the prompt's, if asked)."""
     call = _sample_call(
@@ -328,9 +342,16 @@ def generate(
         n=n,
         prompt_logprobs=prompt_logprobs,
         base_model=base_model,
+        **_shaping(frequency_penalty, presence_penalty, logit_bias),
     )
     future = yield from client._submit(call)
     return SampleOutput.model_validate((yield from future._wait(None)))
+
+
+def _shaping(frequency: float, presence: float, bias: Mapping[int, float] | None) -> dict[str, Any]:
+    """The penalties and bias that are set: a server from before them still takes a request without."""
+    given = {"frequency_penalty": frequency, "presence_penalty": presence, "logit_bias": dict(bias or {})}
+    return {name: value for name, value in given.items() if value}
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

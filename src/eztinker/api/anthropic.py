@@ -27,12 +27,12 @@ from eztinker.api.chat import (
     TokenStream,
     chat_template_ids,
     job_result,
+    require_chat_template,
     resolve_model,
     whole_result,
 )
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import error_headers, error_kind, error_message
-from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import SamplingParams
 from eztinker.service import Service
 
@@ -61,8 +61,7 @@ def _prompt(service: Service, body: CountTokensRequest, owner: str | None) -> tu
     body.refuse_not_served()
     target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidInputError("messages", f"the tokenizer of {target.base_model!r} has no chat template")
+    require_chat_template(tokenizer, target.base_model, "messages", "this route renders chats with it")
     messages = [{"role": "system", "content": body.system_text()}] if body.system else []
     messages += [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
     return target, tokenizer, chat_template_ids(tokenizer, messages)

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
-from eztinker.api.native import while_connected
+from eztinker.api.deps import while_connected
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest, TokenCallback
 from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
@@ -69,6 +69,12 @@ def resolve_model(service: Service, model: str, owner: str | None) -> ModelTarge
             )
         return service.sampling.checkpoint_target(run_id, name, owner)
     return service.sampling.resolve_model(model, owner)
+
+
+def require_chat_template(tokenizer: Any, base_model: str, field: str, instead: str) -> None:
+    """A 400 naming `field` when the base model's tokenizer has no chat template (`instead`: what to use)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError(field, f"the tokenizer of {base_model!r} has no chat template: {instead}")
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

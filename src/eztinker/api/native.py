@@ -7,18 +7,17 @@ here from the job's typed result (`result_json`). Native bodies become engine ty
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from eztinker.api.deps import OwnerDep, ServiceDep
+from eztinker.api.chat import chat_template_ids, require_chat_template
+from eztinker.api.deps import OwnerDep, ServiceDep, while_connected
 from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams, TokenLoss
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.optimizers import OptimizerName
@@ -33,32 +32,6 @@ from eztinker.service.imports import import_adapter
 router = APIRouter(prefix="/v1", tags=["native"])
 
 MAX_WAIT_SECONDS = 60.0
-
-T = TypeVar("T")
-
-
-async def while_connected(request: Request, waiting: Awaitable[T]) -> T | None:
-    """Await `waiting` unless the client hangs up first: then cancel it and return None.
-
-    A long-poll whose client has gone has nobody to answer, so it ends at once, instead of keeping its
-    task (and its request) alive until the job finishes or the wait runs out, once per abandoned poll.
-    Only the waiting stops: the job itself runs on. Call it once the request body has been read.
-    """
-    work = asyncio.ensure_future(waiting)
-    hang_up = asyncio.ensure_future(_hung_up(request))
-    try:
-        await asyncio.wait((work, hang_up), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hang_up.cancel()
-        work.cancel()  # nothing if it is done
-    return work.result() if work.done() and not work.cancelled() else None
-
-
-async def _hung_up(request: Request) -> None:
-    """Return when the client disconnects. After the body, the server's next message is only that
-    (sent when the connection closes, or when the response is complete)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _ref(job: Job) -> api.JobRef:
@@ -140,15 +113,31 @@ def _sample_spec(
         target = service.sampling.target(owner, sampler_id=body.sampler_id)
     else:
         target = service.sampling.target(owner, base_model=body.base_model)
-    same = body.model_dump(include={"temperature", "top_p", "top_k", "stop", "seed"})
+    same = body.model_dump(
+        include={
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop",
+            "seed",
+            "frequency_penalty",
+            "presence_penalty",
+            "logit_bias",
+        }
+    )
     params = SamplingParams(max_tokens=body.max_new_tokens, **same)
+    prompt = list(body.prompt_tokens or [])
+    if body.messages is not None:  # rendered now: a chat template is the tokenizer's, which loads alone
+        tokenizer = service.backend.tokenizer(target.base_model)
+        require_chat_template(tokenizer, target.base_model, "messages", "send `prompt` or `prompt_tokens`")
+        prompt = chat_template_ids(tokenizer, [turn.model_dump() for turn in body.messages])
     request = SampleRequest(
-        prompt=list(body.prompt_tokens or []),
+        prompt=prompt,
         params=params,
         num_samples=body.n,
         prompt_logprobs=body.prompt_logprobs,
     )
-    text = body.prompt if body.prompt_tokens is None else None
+    text = body.prompt  # (None for ids or a chat)
     return SampleSpec(target, [request], text_prompt=text, decode=True)
 
 

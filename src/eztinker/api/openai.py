@@ -38,6 +38,7 @@ from eztinker.api.chat import (
     chat_template_ids,
     decode,
     job_result,
+    require_chat_template,
     resolve_model,
     token_text,
     whole_result,
@@ -106,10 +107,7 @@ def _chat_prompt(
 ) -> tuple[Any, list[int], tuple[ImageChunk, ...]]:
     """The chat's prompt tokens through the tokenizer's chat template, and its images (`image_url` parts)."""
     tokenizer = service.backend.tokenizer(target.base_model)
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidInputError(
-            "messages", f"the tokenizer of {target.base_model!r} has no chat template: use /v1/completions"
-        )
+    require_chat_template(tokenizer, target.base_model, "messages", "use /v1/completions")
     messages, images = [], []
     for i, m in enumerate(body.messages):
         text = ""

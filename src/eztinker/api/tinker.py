@@ -28,9 +28,8 @@ from eztinker.api import tinker_bodies as bodies
 from eztinker.api import tinker_rest as rest
 from eztinker.api import tinker_sessions as sessions
 from eztinker.api import tinker_wire as wire
-from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
+from eztinker.api.deps import OwnerDep, ServiceDep, get_owner, while_connected
 from eztinker.api.errors import failure
-from eztinker.api.native import while_connected
 from eztinker.api.tinker_futures import (
     CHECKPOINT_META,
     SAMPLERS,

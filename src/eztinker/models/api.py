@@ -162,11 +162,21 @@ class OptimStepOutput(BaseModel):
 # --- sampling ----------------------------------------------------------------------------------------
 
 
+class ChatTurn(_Strict):
+    role: str  # system, user, assistant... as the chat template knows them
+    content: str
+
+
 class SampleRequest(_Strict):
     prompt: str | None = Field(
         None, description="Text, tokenized by the server with the base model's tokenizer."
     )
     prompt_tokens: list[int] | None = Field(None, min_length=1)
+    messages: list[ChatTurn] | None = Field(
+        None,
+        min_length=1,
+        description="A chat, rendered by the base model's chat template, ready for the assistant's turn.",
+    )
     base_model: str | None = Field(
         None, description="For POST /v1/sample: the base model (default: the server's)."
     )
@@ -177,13 +187,18 @@ class SampleRequest(_Strict):
     top_k: int = Field(-1, ge=-1)
     stop: list[str] | list[int] | str | None = None
     seed: int | None = None
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's, over the generated tokens.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's, over the generated tokens.")
+    logit_bias: dict[int, float] | None = Field(None, description="Token id -> added to its logit (±100).")
     n: int = Field(1, ge=1, description="Number of samples (at most the server's `max_samples`).")
     prompt_logprobs: bool = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> SampleRequest:
-        if (self.prompt is None) == (self.prompt_tokens is None):
-            raise ValueError("give exactly one of `prompt` (text) or `prompt_tokens` (ids)")
+        if sum(x is not None for x in (self.prompt, self.prompt_tokens, self.messages)) != 1:
+            raise ValueError(
+                "give exactly one of `prompt` (text), `prompt_tokens` (ids) or `messages` (a chat)"
+            )
         return self
 
 

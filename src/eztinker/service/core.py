@@ -57,7 +57,7 @@ from eztinker.service.results import (
 from eztinker.service.sampling import Sampling
 from eztinker.service.views import Views
 from eztinker.settings import Settings
-from eztinker.store import JobRecord, RunRecord, StepMetricsRecord, Store
+from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
 from eztinker.store.facade import FacadeState
 from eztinker.telemetry import Telemetry
 
@@ -167,10 +167,17 @@ class Service:
         if record.status == "copy":
             raise ConflictError(_COPY_IS_FROZEN.format(run_id=run_id))
         if record.status == "lost":
+            latest = self.latest_checkpoint(run_id)
+            resume = (
+                f"resume it by loading a checkpoint: its latest is {latest.name!r} (step {latest.step}), "
+                f'POST /v1/runs/{run_id}/load {{"name": "{latest.name}"}}, or '
+                f"client.load_checkpoint({run_id!r}, {latest.name!r})"
+                if latest is not None
+                else "it has no checkpoint: load one of another run's into it (source_run_id), or start a new run"
+            )
             raise RunLostError(
                 f"run {run_id!r} lost its in-memory adapter (the server restarted, or its model worker "
-                f"died before the run had a checkpoint); resume it by loading a checkpoint "
-                f"(POST /v1/runs/{run_id}/load)"
+                f"died before the run had a checkpoint); {resume}"
             )
         self.active[run_id] = record
         return record
@@ -386,6 +393,11 @@ class Service:
             return when_done(future, loaded)
 
         return self.submit("load", run_id, work, owner)
+
+    def latest_checkpoint(self, run_id: str) -> CheckpointRecord | None:
+        """The run's newest checkpoint (what a restored run resumes from), or None."""
+        checkpoints = self.store.list_checkpoints(run_id=run_id, include_all=True)
+        return max(checkpoints, key=lambda c: (c.created_at, c.step)) if checkpoints else None
 
     def spec(self, record: RunRecord, adapter_path: str | None = None) -> RunSpec:
         """Run `record` to create again, with its configs and optimizer (and `adapter_path`'s weights)."""

@@ -32,12 +32,11 @@ def restore_run(service: Service, run_id: str) -> None:
         record = service.store.get_run(run_id)
         if record is None:  # deleted meanwhile
             return
-        checkpoints = service.store.list_checkpoints(run_id=run_id, include_all=True)
-        if not checkpoints:
+        latest = service.latest_checkpoint(run_id)
+        if latest is None:
             log.error("run %s had no checkpoint when its worker died; it is lost", run_id)
             service.store.update_run(run_id, status="lost")
             return
-        latest = max(checkpoints, key=lambda c: (c.created_at, c.step))
         info = service.backend.create_run(service.spec(record, latest.path))
         service.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
         log.warning("run %s restored from checkpoint %r at step %d", run_id, latest.name, info.step)
