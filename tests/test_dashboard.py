@@ -415,6 +415,15 @@ def test_the_playground_returns_text_with_per_token_logprobs(
         assert "tokens" in page.inner_text("#sample-meta")
         page.evaluate("document.querySelector('#sample-output').hidden = true")
     assert page.inner_text("#sample-status") == ""
+    # As a chat: the prompt goes through the chat template; the reply is the template's continuation.
+    page.check("#sample-chat")
+    page.fill("#sample-temperature", "0")
+    page.click("#sample-button")
+    page.wait_for_function("!document.querySelector('#sample-button').disabled")
+    assert page.is_visible("#sample-output"), page.inner_text("#sample-status")
+    with EZTinkerClient(base_url=server, api_key=KEY_A) as client:
+        expected = client.generate([{"role": "user", "content": "Hello"}], 12, 0.0, run_id=trained_run)
+    assert page.inner_text("#sample-tokens") == "Hello" + expected.samples[0].text
     assert page.errors == []
 
 

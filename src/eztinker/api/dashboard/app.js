@@ -505,8 +505,9 @@ async function sample(event) {
   const { path, extra, baseModel } = sourceTarget(source);
   const prompt = $("sample-prompt").value;
   const seed = $("sample-seed").value;
+  const chat = $("sample-chat").checked; // a user turn, rendered by the model's chat template on the server
   const body = {
-    prompt,
+    ...(chat ? { messages: [{ role: "user", content: prompt }] } : { prompt }),
     temperature: Number($("sample-temperature").value),
     top_p: Number($("sample-top-p").value),
     max_new_tokens: Number($("sample-max-tokens").value),
