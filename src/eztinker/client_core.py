@@ -71,9 +71,8 @@ _POLL_MARGIN = 10.0  # a long-poll's read timeout is its wait plus this
 _TERMINAL = ("completed", "failed")
 
 TokenIds = Sequence[int]
-Chat = Sequence[
-    Mapping[str, str]
-]  # [{"role": "user", "content": "..."}, ...]: the base model's template renders it
+# A chat, `[{"role": "user", "content": "..."}, ...]`: the base model's chat template renders it.
+Chat = Sequence[Mapping[str, str]]
 DatumLike = NativeDatum | TokenDatum | Mapping[str, Any]
 CustomLossFn = Callable[[list[Any], list["torch.Tensor"]], tuple["torch.Tensor", Mapping[str, Any]]]
 """`loss_fn(data, logprobs_list) -> (loss, metrics)` for `forward_backward_custom`."""

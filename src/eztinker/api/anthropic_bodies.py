@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eztinker.api.not_served import RefusesNotServed
 from eztinker.engine.errors import InvalidInputError
 
 MAX_STOP_SEQUENCES = 16
@@ -48,9 +49,8 @@ class Message(BaseModel):
         return "".join(block.text or "" for block in self.content)
 
 
-# Fields of Anthropic's that change what is generated (or counted) and that this server does not do: set to
-# anything but their off value, they are a 400 naming them, never ignored. Other unknown fields
-# (`metadata`, `service_tier`...) change nothing and are ignored.
+# Fields of Anthropic's that change what is generated (or counted) and that this server does not do
+# (`RefusesNotServed`). Other unknown fields (`metadata`, `service_tier`...) change nothing.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": ((None, []), "tool use is not served: describe the tools in the system prompt"),
     "tool_choice": ((None, {"type": "auto"}, {"type": "none"}), "tool use is not served"),
@@ -58,21 +58,14 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
-class CountTokensRequest(BaseModel):
-    """What `count_tokens` reads (`NOT_SERVED` lists the fields refused; other unknown ones are kept aside)."""
+class CountTokensRequest(RefusesNotServed):
+    """What `count_tokens` reads (`NOT_SERVED` lists the fields refused)."""
 
-    model_config = ConfigDict(extra="allow")
+    NOT_SERVED = NOT_SERVED
 
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-
-    def refuse_not_served(self) -> None:
-        """A 400 naming the first `NOT_SERVED` field the request sets to anything but its off value."""
-        sent = self.model_extra or {}
-        for name, (off, reason) in NOT_SERVED.items():
-            if name in sent and sent[name] not in off:
-                raise InvalidInputError(name, reason)
 
     def system_text(self) -> str:
         if isinstance(self.system, list):

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eztinker.api.not_served import RefusesNotServed
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk
 
@@ -21,9 +22,8 @@ class StreamOptions(BaseModel):
 
 
 # Fields of OpenAI's (or vLLM's, whose extras clients send through `extra_body`) that change what is
-# generated and that this server does not do: a request setting one to anything but its off value is a
-# 400 naming it, never answered as if it had not been sent. Other unknown fields (`user`, `metadata`,
-# `store`, `parallel_tool_calls`...) do not change the output and are ignored.
+# generated and that this server does not do (`RefusesNotServed`). Other unknown fields (`user`,
+# `metadata`, `store`, `parallel_tool_calls`...) do not change the output.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": ((None, []), "tool calling is not served: describe the tools in the prompt and parse the reply"),
     "functions": ((None, []), "function calling is not served: describe the functions in the prompt"),
@@ -52,10 +52,10 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
-class Sampling(BaseModel):
-    """Fields both routes share (`NOT_SERVED` lists those refused; other unknown fields are kept aside)."""
+class Sampling(RefusesNotServed):
+    """Fields both routes share (`NOT_SERVED` lists those refused)."""
 
-    model_config = ConfigDict(extra="allow")
+    NOT_SERVED = NOT_SERVED
 
     model: str
     n: int = Field(1, ge=1)  # (at most the server's `max_samples`)
@@ -69,13 +69,6 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    def refuse_not_served(self) -> None:
-        """A 400 naming the first `NOT_SERVED` field the request sets to anything but its off value."""
-        sent = self.model_extra or {}
-        for name, (off, reason) in NOT_SERVED.items():
-            if name in sent and sent[name] not in off:
-                raise InvalidInputError(name, reason)
 
     def biases(self) -> dict[int, float] | None:
         """`logit_bias` with its keys as token ids (their range is checked against the model's vocabulary)."""
