@@ -149,16 +149,16 @@ def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"name": "get_weather", "input_schema": {"type": "object"}}]),
         ("tool_choice", {"type": "any"}),
         ("thinking", {"type": "enabled", "budget_tokens": 1024}),
     ],
 )
-def test_tool_use_and_thinking_are_refused_naming_the_field(
+def test_a_forced_tool_call_and_thinking_are_refused_naming_the_field(
     server: str, model: str, field: str, value
 ) -> None:
-    """Tool use and extended thinking are not served: a 400 naming the field, never a reply that ignored
-    them (a client would wait for a tool call that cannot come); count_tokens refuses them too."""
+    """Forcing a tool call and extended thinking are not served: a 400 naming the field, never a reply
+    that ignored them (a client would wait for a call that may not come); count_tokens refuses them too.
+    (Tool use itself: `test_tool_use.py`.)"""
     for route, extra in (("messages", {"max_tokens": 4}), ("messages/count_tokens", {})):
         body = {"model": model, "messages": HI, field: value, **extra}
         raw = httpx.post(
@@ -171,7 +171,7 @@ def test_tool_use_and_thinking_are_refused_naming_the_field(
             and field in error["message"]
             and "not served" in error["message"]
         )
-    off = {"tools": [], "tool_choice": {"type": "auto"}, "thinking": {"type": "disabled"}}[field]
+    off = {"tool_choice": {"type": "auto"}, "thinking": {"type": "disabled"}}[field]
     fine = {"model": model, "messages": HI, "max_tokens": 2, field: off}
     assert (
         httpx.post(

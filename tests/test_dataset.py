@@ -422,3 +422,78 @@ def test_batches_cover_the_dataset_once() -> None:
     assert sorted(x for b in got for x in b) == data
     assert got == list(batches(data, 3, seed=1))
     assert list(batches(data, 4, shuffle=False, drop_last=True)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TOOL_USE_RECORD = {
+    "tools": [WEATHER_TOOL],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ],
+}
+
+
+def test_tool_use_records_train_on_the_calls_in_the_templates_format(tiny_tokenizer_dir: Path) -> None:
+    """OpenAI's fine-tuning format with tools: the template renders the tools and the assistant's call in
+    the model's own format (here `<tool_call>` JSON), and the call is trained on like any assistant text."""
+    from eztinker.testing import TOOLS_JSON_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = TOOLS_JSON_TEMPLATE
+    chat = parse_conversation(TOOL_USE_RECORD)
+    assert chat.tools == [WEATHER_TOOL]
+    assert chat[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    }
+    example = render_chat(tokenizer, chat)
+    assert example is not None
+    full = tokenizer.apply_chat_template(list(chat), tools=[WEATHER_TOOL], tokenize=False)
+    assert tokenizer.decode(example.tokens) == full and "<tools>" in full
+    trained = tokenizer.decode([t for t, w in zip(example.tokens, example.weights, strict=True) if w])
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert trained == f"{call}<|im_end|>\nIt is sunny.<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tools": "get_weather"}, "tools"),
+        ({"arguments": "{city"}, "messages[1].tool_calls[0].function.arguments"),
+        ({"arguments": "[1, 2]"}, "messages[1].tool_calls[0].function.arguments"),
+    ],
+)
+def test_a_malformed_tool_use_record_names_the_field(change: dict, field: str) -> None:
+    record = json.loads(json.dumps(TOOL_USE_RECORD))
+    if "arguments" in change:
+        record["messages"][1]["tool_calls"][0]["function"]["arguments"] = change["arguments"]
+    else:
+        record.update(change)
+    with pytest.raises(DatasetFormatError, match=re.escape(field)):
+        parse_conversation(record, "chats.jsonl line 1")

@@ -222,7 +222,7 @@ def test_logit_bias_and_penalties_shape_the_completion(oai: openai.OpenAI, model
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("functions", [{"name": "f", "parameters": {}}]),
         ("tool_choice", "required"),
         ("response_format", {"type": "json_object"}),
         ("min_p", 0.1),
@@ -236,7 +236,7 @@ def test_what_is_not_served_is_refused_naming_the_field(server: str, model: str,
     refused = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == field and "not served" in refused.json()["error"]["message"]
-    off = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0.0}
+    off = {"functions": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0.0}
     if field in off:
         assert (
             httpx.post(

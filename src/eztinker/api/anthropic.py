@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -33,6 +33,7 @@ from eztinker.api.chat import (
 )
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import error_headers, error_kind, error_message
+from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.types import SamplingParams
 from eztinker.service import Service
 
@@ -56,21 +57,25 @@ class AnthropicRoute(ErrorShapedRoute):
 router = APIRouter(tags=["anthropic"], route_class=AnthropicRoute, dependencies=[Depends(get_owner)])
 
 
-def _prompt(service: Service, body: CountTokensRequest, owner: str | None) -> tuple[Any, Any, list[int]]:
-    """(target, tokenizer, prompt tokens): the system prompt and messages through the chat template."""
+def _prompt(
+    service: Service, body: CountTokensRequest, owner: str | None
+) -> tuple[Any, Any, list[int], ToolUse | None]:
+    """(target, tokenizer, prompt tokens, tool use): the system prompt, messages and tools through the
+    chat template."""
     body.refuse_not_served()
     target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
     require_chat_template(tokenizer, target.base_model, "messages", "this route renders chats with it")
-    messages = [{"role": "system", "content": body.system_text()}] if body.system else []
-    messages += [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
-    return target, tokenizer, chat_template_ids(tokenizer, messages)
+    tools = body.tool_use(tokenizer, target.base_model)
+    messages, wheres = body.template_messages()
+    complete_history(tokenizer, target.base_model, messages, wheres)
+    return target, tokenizer, chat_template_ids(tokenizer, messages, tools), tools
 
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
     """The prompt's length in tokens, as `messages` would render it."""
-    _, _, prompt = await run_in_threadpool(_prompt, service, body, owner)
+    _, _, prompt, _ = await run_in_threadpool(_prompt, service, body, owner)
     return {"input_tokens": len(prompt)}
 
 
@@ -80,7 +85,52 @@ def _stop(choice: Choice, reason: str) -> tuple[str, str | None]:
         rest = choice.text()[choice.released :]
         met = next((s for s in choice.stops if rest.startswith(s)), None)
         return "stop_sequence", met
-    return ("end_turn" if reason == "stop" else "max_tokens"), None
+    if reason == "stop":
+        return ("tool_use" if choice.calls else "end_turn"), None
+    return "max_tokens", None
+
+
+def _block(piece: str | ToolCall) -> dict[str, Any]:
+    if isinstance(piece, str):
+        return {"type": "text", "text": piece}
+    return {"type": "tool_use", "id": piece.id, "name": piece.name, "input": piece.arguments}
+
+
+class _BlockEvents:
+    """A streamed answer's content blocks, opened as text and calls arrive: text deltas into an open text
+    block; each call its own `tool_use` block, its input as one `input_json_delta`."""
+
+    def __init__(self, event: Callable[[str, dict[str, Any]], str]) -> None:
+        self.event = event
+        self.index = -1
+        self.text_open = False
+
+    def _start(self, block: dict[str, Any]) -> list[str]:
+        self.index += 1
+        started = [self.event("content_block_start", {"index": self.index, "content_block": block})]
+        return started + ([self.event("ping", {})] if self.index == 0 else [])
+
+    def _stop(self) -> str:
+        self.text_open = False
+        return self.event("content_block_stop", {"index": self.index})
+
+    def piece(self, piece: str | ToolCall) -> list[str]:
+        if isinstance(piece, str):
+            out = [] if self.text_open else self._start({"type": "text", "text": ""})
+            self.text_open = True
+            delta = {"type": "text_delta", "text": piece}
+            return [*out, self.event("content_block_delta", {"index": self.index, "delta": delta})]
+        out = [self._stop()] if self.text_open else []
+        out += self._start({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
+        delta = {"type": "input_json_delta", "partial_json": piece.arguments_json}
+        out.append(self.event("content_block_delta", {"index": self.index, "delta": delta}))
+        return [*out, self.event("content_block_stop", {"index": self.index})]
+
+    def close(self) -> list[str]:
+        """The last block's stop; an empty text block when the answer had none (as without tools)."""
+        if self.index < 0:
+            return [*self._start({"type": "text", "text": ""}), self._stop()]
+        return [self._stop()] if self.text_open else []
 
 
 @router.post("/messages", response_model=None)
@@ -90,7 +140,7 @@ async def messages(
     """One assistant turn: the system prompt and messages through the chat template, then one sample."""
 
     def prepare() -> Generation:
-        target, tokenizer, prompt = _prompt(service, body, owner)
+        target, tokenizer, prompt, tools = _prompt(service, body, owner)
         stops = body.stops()
         params = SamplingParams(
             max_tokens=body.max_tokens,
@@ -99,20 +149,22 @@ async def messages(
             top_k=body.top_k or -1,
             stop=stops or None,
         )
-        return Generation(target, tokenizer, [prompt], params, 1, 0, stops)
+        return Generation(target, tokenizer, [prompt], params, 1, 0, stops, tools=tools)
 
     generation = await run_in_threadpool(prepare)
     message_id = "msg_" + uuid.uuid4().hex
 
     submit = functools.partial(generation.submit, service, owner, "messages")
 
-    def message(text: str | None, stop_reason: str | None, stop_sequence: str | None) -> dict[str, Any]:
+    def message(
+        content: list[dict[str, Any]], stop_reason: str | None, stop_sequence: str | None
+    ) -> dict[str, Any]:
         return {
             "id": message_id,
             "type": "message",
             "role": "assistant",
             "model": body.model,
-            "content": [] if text is None else [{"type": "text", "text": text}],
+            "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {
@@ -127,8 +179,9 @@ async def messages(
             return Response(status_code=499)
         reasons = generation.fill(result)
         choice = generation.choices[0]
-        text, _ = choice.take(final=True)
-        return message(text, *_stop(choice, reasons[0]))
+        pieces, _ = choice.pieces(final=True)
+        blocks = [_block(p) for p in pieces if not (choice.calls and isinstance(p, str) and not p.strip())]
+        return message(blocks or [_block("")], *_stop(choice, reasons[0]))
 
     stream = TokenStream()
     job = await stream.start(submit)
@@ -136,30 +189,27 @@ async def messages(
     def event(name: str, data: dict[str, Any]) -> str:
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
 
-    def delta(text: str) -> str:
-        return event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
-
     async def events() -> AsyncIterator[str]:
-        start = message(None, None, None)
+        start = message([], None, None)
         start["usage"]["output_tokens"] = 0
         yield event("message_start", {"message": start})
-        yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
-        yield event("ping", {})
+        blocks = _BlockEvents(event)
         choice = generation.choices[0]
         async for _, token, logprob, topk, done in stream:
             choice.add(token, logprob, topk)
-            text, _ = choice.take(final=done)
-            if text:
-                yield delta(text)
+            for piece in choice.pieces(final=done)[0]:
+                for out in blocks.piece(piece):
+                    yield out
         if job.status == "failed":
             kind = "api_error" if job.error_category == "server" else "invalid_request_error"
             yield event("error", {"error": {"type": kind, "message": job.error}})
             return
         reasons = generation.fill(job_result(job))
-        text, _ = choice.take(final=True)
-        if text:
-            yield delta(text)
-        yield event("content_block_stop", {"index": 0})
+        for piece in choice.pieces(final=True)[0]:
+            for out in blocks.piece(piece):
+                yield out
+        for out in blocks.close():
+            yield out
         stop_reason, stop_sequence = _stop(choice, reasons[0])
         yield event(
             "message_delta",

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.not_served import RefusesNotServed
+from eztinker.api.tool_calls import ToolUse, call_format, refuse_forced_call
 from eztinker.engine.errors import InvalidInputError
 
 MAX_STOP_SEQUENCES = 16
@@ -20,12 +21,31 @@ class TextBlock(BaseModel):
 
 
 class ContentBlock(BaseModel):
-    """A message's content block of any type: only `text` ones are served (`Message.text` says so)."""
+    """A message's content block of any type: `text`, and `tool_use` (assistant) / `tool_result` (user)
+    are served; any other is refused naming it (`Message.for_template`)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: str
     text: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None  # tool_use
+    input: Any = None  # tool_use
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[ContentBlock] | None = None  # tool_result
+    is_error: bool = False  # tool_result (its content says what went wrong; templates have no flag for it)
+
+    def result_text(self, where: str) -> str:
+        """A tool_result's content as text (a string or text blocks; other blocks refused naming them)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for k, block in enumerate(self.content):
+            if block.type != "text" or block.text is None:
+                raise InvalidInputError(
+                    f"{where}.content[{k}]",
+                    f"{block.type!r} blocks are not served in a tool result: send text",
+                )
+        return "".join(block.text or "" for block in self.content)
 
 
 class Message(BaseModel):
@@ -34,26 +54,82 @@ class Message(BaseModel):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
-    def text(self, where: str) -> str:
-        """The message's text; a block of another type (image, tool_use, tool_result, document...) is
-        refused naming it, never dropped."""
+    def for_template(self, where: str) -> list[dict[str, Any]]:
+        """The message as chat templates read it: a user turn's `tool_result` blocks become `tool`
+        messages (before its text, as Anthropic orders them), an assistant's `tool_use` blocks its
+        `tool_calls`. A block of another type (image, document, thinking...) is refused naming it."""
         if isinstance(self.content, str):
-            return self.content
+            return [{"role": self.role, "content": self.content}]
+        text, calls, results = "", [], []
         for j, block in enumerate(self.content):
-            if block.type != "text":
-                raise InvalidInputError(
-                    f"{where}.content[{j}]", f"{block.type!r} blocks are not served: send text"
+            name = f"{where}.content[{j}]"
+            if block.type == "text":
+                if block.text is None:
+                    raise InvalidInputError(f"{name}.text", "is missing")
+                text += block.text
+            elif block.type == "tool_use" and self.role == "assistant":
+                if not block.id or not block.name or not isinstance(block.input, dict):
+                    raise InvalidInputError(name, "a tool_use block needs an id, a name and an input object")
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": block.input},
+                    }
                 )
-            if block.text is None:
-                raise InvalidInputError(f"{where}.content[{j}].text", "is missing")
-        return "".join(block.text or "" for block in self.content)
+            elif block.type == "tool_result" and self.role == "user":
+                if not block.tool_use_id:
+                    raise InvalidInputError(f"{name}.tool_use_id", "is missing")
+                results.append(
+                    {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.result_text(name)}
+                )
+            else:
+                raise InvalidInputError(
+                    name, f"{block.type!r} blocks are not served in a {self.role} message"
+                )
+        if self.role == "assistant":
+            return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
+        return results + ([{"role": "user", "content": text}] if text or not results else [])
+
+
+class Tool(BaseModel):
+    """A client tool the model may call: a name, a description and the JSON schema of its input."""
+
+    model_config = ConfigDict(extra="allow")  # cache_control... change nothing
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+
+    def for_template(self, where: str) -> dict[str, Any]:
+        """The tool as chat templates take it (an OpenAI-style function)."""
+        if self.type not in (None, "custom"):
+            raise InvalidInputError(
+                f"{where}.type",
+                f"{self.type!r}: Anthropic-defined and server tools (bash, text editor, web search, "
+                "computer...) are not served; define it as a custom tool with an input_schema",
+            )
+        if self.input_schema is None:
+            raise InvalidInputError(f"{where}.input_schema", "is missing")
+        function: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            function["description"] = self.description
+        function["parameters"] = self.input_schema
+        return {"type": "function", "function": function}
+
+
+class ToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
 
 
 # Fields of Anthropic's that change what is generated (or counted) and that this server does not do
 # (`RefusesNotServed`). Other unknown fields (`metadata`, `service_tier`...) change nothing.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tools": ((None, []), "tool use is not served: describe the tools in the system prompt"),
-    "tool_choice": ((None, {"type": "auto"}, {"type": "none"}), "tool use is not served"),
     "thinking": ((None, {"type": "disabled"}), "extended thinking is not served"),
 }
 
@@ -66,11 +142,42 @@ class CountTokensRequest(RefusesNotServed):
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
 
     def system_text(self) -> str:
         if isinstance(self.system, list):
             return "".join(b.text for b in self.system)
         return self.system or ""
+
+    def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
+        """The tools to render and the calls to read; None without tools or with `tool_choice` none
+        (then the model sees no tools). Forcing a call (`any`, `tool`) would need constrained decoding,
+        which is not served: a 400, never an unforced call."""
+        choice = self.tool_choice or ToolChoice(type="auto")
+        if choice.type in ("any", "tool"):
+            refuse_forced_call("tool_choice.type", choice.type)
+        if not self.tools or choice.type == "none":
+            return None
+        return ToolUse(
+            [tool.for_template(f"tools[{i}]") for i, tool in enumerate(self.tools)],
+            call_format(tokenizer, base_model, "tools"),
+            "toolu_",
+            max_calls=1 if choice.disable_parallel_tool_use else None,
+        )
+
+    def template_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the system prompt and messages as chat templates read them, the request field of each)."""
+        messages: list[dict[str, Any]] = []
+        wheres: list[str] = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system_text()})
+            wheres.append("system")
+        for i, message in enumerate(self.messages):
+            rendered = message.for_template(f"messages[{i}]")
+            messages += rendered
+            wheres += [f"messages[{i}]"] * len(rendered)
+        return messages, wheres
 
 
 class MessagesRequest(CountTokensRequest):

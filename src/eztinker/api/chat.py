@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import while_connected
+from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest, TokenCallback
 from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
@@ -77,12 +78,33 @@ def require_chat_template(tokenizer: Any, base_model: str, field: str, instead: 
         raise InvalidInputError(field, f"the tokenizer of {base_model!r} has no chat template: {instead}")
 
 
-def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The messages through the tokenizer's chat template, ready for the assistant's turn."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: ToolUse | None = None, *, tokenize: bool = True
+) -> Any:
+    """The messages (and tools) through the tokenizer's chat template, ready for the assistant's turn:
+    token ids, or the text with `tokenize=False`. A template that refuses them (`raise_exception`, e.g.
+    roles that do not alternate) is a 400 naming `messages`, with the template's own words."""
+    import jinja2
+
+    schemas = tools.schemas if tools is not None else None
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tools=schemas, add_generation_prompt=True, tokenize=tokenize
+        )
+    except jinja2.TemplateError as exc:
+        raise InvalidInputError("messages", f"the model's chat template refused them: {exc}") from None
+    if not tokenize:
+        return out
+    if isinstance(out, dict) or hasattr(out, "keys"):  # a BatchEncoding in newer transformers
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def chat_template_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: ToolUse | None = None
+) -> list[int]:
+    """The messages (and tools) through the tokenizer's chat template, as token ids."""
+    return render_chat(tokenizer, messages, tools)
 
 
 # --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
@@ -104,6 +126,18 @@ class Choice:
     released: int = 0  # characters of text released
     released_tokens: int = 0  # tokens whose text is fully released
     stopped: bool = False
+    reader: CallReader | None = None  # with tools: splits the text into text and calls
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return self.reader.calls if self.reader is not None else []
+
+    def pieces(self, final: bool) -> tuple[list[str | ToolCall], list[int]]:
+        """`take`'s new text as text and tool calls, in order (the text alone without tools)."""
+        text, indices = self.take(final)
+        if self.reader is None:
+            return ([text] if text else []), indices
+        return self.reader.feed(text, final), indices
 
     def add(self, token: int, logprob: float, topk: TopLogprobs | None) -> None:
         if not self.stopped:
@@ -183,10 +217,14 @@ class Generation:
     top_logprobs: int
     stops: list[str]
     images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
+    tools: ToolUse | None = None  # the tools the model may call (chat routes)
     choices: list[Choice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.choices = [Choice(self.tokenizer, self.stops) for _ in range(len(self.prompts) * self.n)]
+        self.choices = [
+            Choice(self.tokenizer, self.stops, reader=None if self.tools is None else self.tools.reader())
+            for _ in range(len(self.prompts) * self.n)
+        ]
 
     def requests(
         self, on_token: TokenCallback | None, cancelled: Callable[[], bool] | None = None

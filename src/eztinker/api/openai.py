@@ -35,9 +35,9 @@ from eztinker.api.chat import (
     ErrorShapedRoute,
     Generation,
     TokenStream,
-    chat_template_ids,
     decode,
     job_result,
+    render_chat,
     require_chat_template,
     resolve_model,
     token_text,
@@ -46,6 +46,7 @@ from eztinker.api.chat import (
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import openai_response
 from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk, SamplingParams
 from eztinker.scheduler import Job
@@ -104,10 +105,12 @@ _CHUNK_FIELD = re.compile(r"^chunks\[([0-9]+)\](.*)$")
 
 def _chat_prompt(
     service: Service, target: ModelTarget, body: ChatCompletionRequest
-) -> tuple[Any, list[int], tuple[ImageChunk, ...]]:
-    """The chat's prompt tokens through the tokenizer's chat template, and its images (`image_url` parts)."""
+) -> tuple[Any, list[int], tuple[ImageChunk, ...], ToolUse | None]:
+    """The chat's prompt tokens through the tokenizer's chat template (with the tools the model may call),
+    its images (`image_url` parts) and its tool use."""
     tokenizer = service.backend.tokenizer(target.base_model)
     require_chat_template(tokenizer, target.base_model, "messages", "use /v1/completions")
+    tools = body.tool_use(tokenizer, target.base_model)
     messages, images = [], []
     for i, m in enumerate(body.messages):
         text = ""
@@ -117,12 +120,13 @@ def _chat_prompt(
                 images.append((name, part))
             else:
                 text += part
-        messages.append({"role": m.role, "content": text})
+        messages.append(m.for_template(text, f"messages[{i}]"))
+    complete_history(tokenizer, target.base_model, messages, [f"messages[{i}]" for i in range(len(messages))])
     if not images:
-        return tokenizer, chat_template_ids(tokenizer, messages), ()
+        return tokenizer, render_chat(tokenizer, messages, tools), (), tools
     # Images: the template renders each one's mark; the text between marks is tokenized, and the engine
     # puts each image in, as the model's vision start / placeholder run / end tokens.
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    rendered = render_chat(tokenizer, messages, tools, tokenize=False)
     pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
     chunks: list[wire.Chunk] = []
     names: list[str] = []
@@ -141,7 +145,7 @@ def _chat_prompt(
         if match is None:
             raise
         raise InvalidInputError(names[int(match.group(1))] + match.group(2), exc.message) from None
-    return tokenizer, tokens, found
+    return tokenizer, tokens, found, tools
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -196,12 +200,20 @@ async def chat_completions(
 
     def prepare() -> Generation:
         target = resolve_model(service, body.model, owner)
-        tokenizer, prompt, images = _chat_prompt(service, target, body)
+        tokenizer, prompt, images, tools = _chat_prompt(service, target, body)
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(body, max_tokens, stops)
         return Generation(
-            target, tokenizer, [prompt], params, body.n, body.top_logprobs or 0, stops, images=[images]
+            target,
+            tokenizer,
+            [prompt],
+            params,
+            body.n,
+            body.top_logprobs or 0,
+            stops,
+            images=[images],
+            tools=tools,
         )
 
     generation = await run_in_threadpool(prepare)
@@ -284,9 +296,9 @@ async def _events(
     async for index, token, logprob, topk, done in stream:
         choice = generation.choices[index]
         choice.add(token, logprob, topk)
-        text, indices = choice.take(final=done)
-        if text or indices:
-            yield chunk([_chunk_choice(generation, index, text, indices, None, kind, body)])
+        pieces, indices = choice.pieces(final=done)
+        if pieces or indices:
+            yield chunk([_chunk_choice(generation, index, pieces, indices, None, kind, body)])
         if done:
             finished.add(index)
     if job.status == "failed":
@@ -301,8 +313,8 @@ async def _events(
         return
     reasons = generation.fill(job_result(job))
     for index, reason in enumerate(reasons):
-        text, indices = generation.choices[index].take(final=True)
-        yield chunk([_chunk_choice(generation, index, text, indices, reason, kind, body)])
+        pieces, indices = generation.choices[index].pieces(final=True)
+        yield chunk([_chunk_choice(generation, index, pieces, indices, reason, kind, body)])
     if body.stream_options is not None and body.stream_options.include_usage:
         yield chunk([], usage=_usage(generation))
     yield "data: [DONE]\n\n"
@@ -312,16 +324,16 @@ def _final_choice(
     generation: Generation, index: int, reason: str, kind: Kind, body: Sampling
 ) -> dict[str, Any]:
     choice = generation.choices[index]
-    text, _ = choice.take(final=True)
+    pieces, _ = choice.pieces(final=True)
     return _chunk_choice(
-        generation, index, text, list(range(choice.released_tokens)), reason, kind, body, final=True
+        generation, index, pieces, list(range(choice.released_tokens)), reason, kind, body, final=True
     )
 
 
 def _chunk_choice(
     generation: Generation,
     index: int,
-    text: str,
+    pieces: list[str | ToolCall],
     indices: list[int],
     reason: str | None,
     kind: Kind,
@@ -329,17 +341,39 @@ def _chunk_choice(
     *,
     final: bool = False,
 ) -> dict[str, Any]:
-    """One choice of a response (`final`: the whole text, as a `message`) or of a stream chunk (a `delta`)."""
+    """One choice of a response (`final`: the whole answer, as a `message`) or of a stream chunk (a
+    `delta`): its new text, and its new tool calls on the chat route."""
     choice = generation.choices[index]
+    text = "".join(p for p in pieces if isinstance(p, str))
     if kind == "text_completion":
         logprobs = _completion_logprobs(generation, choice, indices, body)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    calls = [p for p in pieces if isinstance(p, ToolCall)]
+    if reason == "stop" and choice.calls:
+        reason = "tool_calls"
     if final:
-        content: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["content"] = text if text.strip() else None
+            message["tool_calls"] = [_call_json(call) for call in calls]
+        content: dict[str, Any] = {"message": message}
     else:
-        content = {"delta": {"content": text} if text or reason is None else {}}
+        delta: dict[str, Any] = {}
+        if text or (reason is None and not calls):
+            delta["content"] = text
+        if calls:  # each call whole, in one delta (`index`: its place among the choice's calls)
+            delta["tool_calls"] = [{"index": choice.calls.index(call), **_call_json(call)} for call in calls]
+        content = {"delta": delta}
     logprobs = _chat_logprobs(generation, choice, indices, body)
     return {"index": index, **content, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
 
 
 def _completion_logprobs(

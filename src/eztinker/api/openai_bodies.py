@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.not_served import RefusesNotServed
+from eztinker.api.tool_calls import ToolUse, call_format, refuse_forced_call
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk
 
@@ -23,12 +25,13 @@ class StreamOptions(BaseModel):
 
 # Fields of OpenAI's (or vLLM's, whose extras clients send through `extra_body`) that change what is
 # generated and that this server does not do (`RefusesNotServed`). Other unknown fields (`user`,
-# `metadata`, `store`, `parallel_tool_calls`...) do not change the output.
+# `metadata`, `store`...) do not change the output. Chat completions declare `tools` and `tool_choice`
+# (served there, so never extras); on /v1/completions they stay refused.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "tools": ((None, []), "tool calling is not served: describe the tools in the prompt and parse the reply"),
-    "functions": ((None, []), "function calling is not served: describe the functions in the prompt"),
-    "tool_choice": ((None, "none", "auto"), "tool calling is not served"),
-    "function_call": ((None, "none", "auto"), "function calling is not served"),
+    "tools": ((None, []), "tools are served on /v1/chat/completions, not on text completions"),
+    "tool_choice": ((None, "none", "auto"), "tools are served on /v1/chat/completions"),
+    "functions": ((None, []), "the legacy `functions` are not served: send them as `tools`"),
+    "function_call": ((None, "none", "auto"), "the legacy `function_call` is not served: use `tool_choice`"),
     "response_format": (
         (None, {"type": "text"}),
         "structured output (json_object, json_schema) is not served: only text",
@@ -98,11 +101,80 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    """A tool the model may call: `{"type": "function", "function": {name, description, parameters}}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+    def for_template(self) -> dict[str, Any]:
+        """The tool as chat templates take it."""
+        function: dict[str, Any] = {"name": self.function.name}
+        if self.function.description is not None:
+            function["description"] = self.function.description
+        function["parameters"] = self.function.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+class CalledFunction(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON, as OpenAI writes it
+
+
+class AssistantToolCall(BaseModel):
+    """A tool call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
+
+    def for_template(self, text: str, where: str) -> dict[str, Any]:
+        """This message as chat templates read it, with `text` as its content: tool calls with decoded
+        arguments (a template writes them as JSON or as parameters), a tool result with its call's id."""
+        message: dict[str, Any] = {"role": self.role, "content": text}
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise InvalidInputError(f"{where}.tool_calls", "only assistant messages carry tool calls")
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _decoded_arguments(
+                            call.function.arguments, f"{where}.tool_calls[{j}].function.arguments"
+                        ),
+                    },
+                }
+                for j, call in enumerate(self.tool_calls)
+            ]
+        if self.role == "tool":
+            if not self.tool_call_id:
+                raise InvalidInputError(f"{where}.tool_call_id", "a tool message needs the id of its call")
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: the text ones
@@ -126,6 +198,16 @@ class ChatMessage(BaseModel):
             else:
                 raise InvalidInputError(f"{name}.type", f"{kind!r} parts are not supported (text, image_url)")
         return out
+
+
+def _decoded_arguments(arguments: str, where: str) -> dict[str, Any]:
+    try:
+        decoded = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        raise InvalidInputError(where, "is not JSON: send the call's arguments as a JSON object") from None
+    if not isinstance(decoded, dict):
+        raise InvalidInputError(where, "must be a JSON object")
+    return decoded
 
 
 _DATA_URL = re.compile(r"^data:image/([A-Za-z0-9.+-]+)(;[^,]*)?,(.*)$", re.DOTALL)
@@ -163,3 +245,27 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[FunctionTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
+        """The tools to render and the calls to read; None without tools or with `tool_choice: "none"`
+        (then the model sees no tools, so it answers in text). Forcing a call (`"required"`, a named
+        function) would need constrained decoding, which is not served: a 400, never an unforced call."""
+        if isinstance(self.tool_choice, dict) or self.tool_choice not in (None, "auto", "none"):
+            refuse_forced_call("tool_choice", self.tool_choice)
+        if not self.tools or self.tool_choice == "none":
+            return None
+        for i, tool in enumerate(self.tools):
+            if tool.function.strict:
+                raise InvalidInputError(
+                    f"tools[{i}].function.strict",
+                    "strict schema adherence needs constrained decoding, which is not served: send false",
+                )
+        return ToolUse(
+            [tool.for_template() for tool in self.tools],
+            call_format(tokenizer, base_model, "tools"),
+            "call_",
+            max_calls=None if self.parallel_tool_calls else 1,
+        )

@@ -33,13 +33,21 @@ from eztinker.dataset.gsm8k import (
     split_problems,
     write_jsonl,
 )
-from eztinker.dataset.sharegpt import ChatDataset, Message, load_sharegpt, parse_conversation, render_chat
+from eztinker.dataset.sharegpt import (
+    Chat,
+    ChatDataset,
+    Message,
+    load_sharegpt,
+    parse_conversation,
+    render_chat,
+)
 
 __all__ = [
     "DEMONSTRATION",
     "GSM8K_HUB_ID",
     "IGNORE_INDEX",
     "SYSTEM_PROMPT",
+    "Chat",
     "ChatDataset",
     "Dataset",
     "DatasetFormatError",

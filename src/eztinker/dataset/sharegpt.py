@@ -8,6 +8,10 @@ Three record shapes are read, from JSONL or from a JSON array, and may be mixed 
 - OpenAI's chat fine-tuning format: the same `messages`, where `content` may also be a list of text
   parts (`[{"type": "text", "text": "..."}]`), `developer` is a system role, and an assistant message
   may carry `"weight": 0` to be kept as context but not trained on. A bare list of messages is accepted too.
+  Tool use as that format writes it: the record's `tools` (function schemas), an assistant's
+  `tool_calls` (arguments as a JSON string or an object) and `tool` messages with their `tool_call_id`;
+  the chat template renders them in the model's own call format, which the OpenAI and Anthropic routes
+  read back (`api/tool_calls.py`), so a run trained here calls tools there.
 
 ```python
 conversations = load_sharegpt("chats.jsonl")                     # list[list[{"role", "content"}]]
@@ -24,6 +28,7 @@ A malformed record raises `DatasetFormatError` naming the file, the line and the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +39,23 @@ from eztinker.dataset.base import DatasetFormatError, SupervisedExample, read_js
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ChatDataset", "Message", "load_sharegpt", "parse_conversation", "render_chat"]
+__all__ = ["Chat", "ChatDataset", "Message", "load_sharegpt", "parse_conversation", "render_chat"]
 
 Message = dict[str, Any]
 """`{"role": "system" | "user" | "assistant" | "tool", "content": str}`, plus `"weight": 0 | 1` on an
-assistant message that should not (0) be trained on."""
+assistant message that should not (0) be trained on; an assistant's `tool_calls`
+(`[{"id", "type": "function", "function": {"name", "arguments": {...}}}]`) and a tool message's
+`tool_call_id` where the record has them."""
+
+
+class Chat(list[Message]):
+    """A parsed conversation: its messages (it is the list), and `tools`, the function schemas its
+    assistant could call (the record's `tools`; None without)."""
+
+    def __init__(self, messages: Sequence[Message] = (), tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(messages)
+        self.tools = tools
+
 
 _SPEAKERS = {
     "system": "system",
@@ -60,7 +77,7 @@ _SPEAKERS = {
 # --- reading -------------------------------------------------------------------------------------------
 
 
-def load_sharegpt(path: str | os.PathLike[str], *, limit: int | None = None) -> list[list[Message]]:
+def load_sharegpt(path: str | os.PathLike[str], *, limit: int | None = None) -> list[Chat]:
     """Read a JSONL or JSON file of chat records (any dialect above) as lists of `{"role", "content"}`.
 
     `limit` keeps the first N conversations. Raises `DatasetFormatError` naming the line and field of the
@@ -74,8 +91,10 @@ def load_sharegpt(path: str | os.PathLike[str], *, limit: int | None = None) -> 
     return conversations
 
 
-def parse_conversation(record: Any, where: str = "record") -> list[Message]:
-    """One record, in any supported dialect, as a list of `{"role", "content"}` (plus `weight` if given)."""
+def parse_conversation(record: Any, where: str = "record") -> Chat:
+    """One record, in any supported dialect, as a list of `{"role", "content"}` (plus `weight` and tool
+    use if given), with the record's `tools`."""
+    tools = None
     if isinstance(record, list):
         key, turns, system = "", record, None
     elif isinstance(record, dict):
@@ -85,15 +104,17 @@ def parse_conversation(record: Any, where: str = "record") -> list[Message]:
             key = "messages"
         else:
             raise DatasetFormatError(where, "", "expected a `conversations` or `messages` list")
-        turns, system = record[key], record.get("system")
+        turns, system, tools = record[key], record.get("system"), record.get("tools")
         if not isinstance(turns, list):
             raise DatasetFormatError(where, key, f"expected a list, got {type(turns).__name__}")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise DatasetFormatError(where, "tools", "expected a list of function schemas")
     else:
         raise DatasetFormatError(where, "", f"expected an object or a list, got {type(record).__name__}")
     if not turns:
         raise DatasetFormatError(where, key, "is empty")
 
-    messages: list[Message] = []
+    messages = Chat(tools=tools or None)
     if system is not None:
         if not isinstance(system, str):
             raise DatasetFormatError(where, "system", f"expected a string, got {type(system).__name__}")
@@ -123,10 +144,18 @@ def _parse_message(turn: Any, where: str, field: str) -> Message:
             f"{field}.{speaker_key}",
             f"unknown speaker {speaker!r} (expected one of {sorted(_SPEAKERS)})",
         )
-    if content_key not in turn:
+    calls = turn.get("tool_calls")
+    if content_key not in turn and not calls:
         raise DatasetFormatError(where, f"{field}.{content_key}", "is missing")
-    content = _text_content(turn[content_key], where, f"{field}.{content_key}")
+    content = turn.get(content_key)
+    content = "" if content is None and calls else _text_content(content, where, f"{field}.{content_key}")
     message: Message = {"role": role, "content": content}
+    if calls:
+        if role != "assistant":
+            raise DatasetFormatError(where, f"{field}.tool_calls", "only assistant messages carry tool calls")
+        message["tool_calls"] = _tool_calls(calls, where, f"{field}.tool_calls")
+    if role == "tool" and isinstance(turn.get("tool_call_id"), str):
+        message["tool_call_id"] = turn["tool_call_id"]
     if "weight" in turn:
         weight = turn["weight"]
         if weight not in (0, 1) or isinstance(weight, bool):
@@ -135,6 +164,36 @@ def _parse_message(turn: Any, where: str, field: str) -> Message:
             raise DatasetFormatError(where, f"{field}.weight", "is only allowed on assistant messages")
         message["weight"] = int(weight)
     return message
+
+
+def _tool_calls(calls: Any, where: str, field: str) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls`, arguments decoded to objects (templates write them in their own format)."""
+    if not isinstance(calls, list):
+        raise DatasetFormatError(where, field, f"expected a list, got {type(calls).__name__}")
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DatasetFormatError(
+                where, f"{field}[{k}].function", "expected {'name': ..., 'arguments': ...}"
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise DatasetFormatError(where, f"{field}[{k}].function.arguments", "is not JSON") from None
+        if not isinstance(arguments, dict):
+            raise DatasetFormatError(where, f"{field}[{k}].function.arguments", "must be a JSON object")
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{k}"
+        out.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
+    return out
 
 
 def _text_content(content: Any, where: str, field: str) -> str:
@@ -159,16 +218,30 @@ def _text_content(content: Any, where: str, field: str) -> str:
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    plain = [{k: m[k] for k in _TEMPLATE_KEYS if k in m} for m in messages]
+    schemas: Any = tools  # transformers types them as a list of dicts or callables
+    text = tokenizer.apply_chat_template(
+        plain, tools=schemas, tokenize=False, add_generation_prompt=generation_prompt
+    )
     if not isinstance(text, str):  # pragma: no cover - tokenize=False always gives text
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
 
 
 def _assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], full: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    full: str,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of `full` to train on: each trained assistant message, up to its end of turn.
 
@@ -181,8 +254,8 @@ def _assistant_spans(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i > 0 else ""
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False, tools=tools)
+        before = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i > 0 else ""
         if i > 0 and full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
         else:
@@ -203,17 +276,24 @@ def _assistant_spans(
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    *,
+    max_length: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> SupervisedExample | None:
-    """Render `messages` with the tokenizer's chat template; weight 1 on assistant tokens, 0 elsewhere.
+    """Render `messages` (and the tools, `tools` or a `Chat`'s own) with the tokenizer's chat template;
+    weight 1 on assistant tokens (tool calls included), 0 elsewhere.
 
     With `max_length`, the example keeps its first `max_length` tokens. Returns None when nothing is
     left to train on (every assistant token was cut, or the conversation has fewer than 2 tokens).
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template first")
-    full = _render(tokenizer, messages, generation_prompt=False)
-    spans = _assistant_spans(tokenizer, messages, full)
+    if tools is None:
+        tools = getattr(messages, "tools", None)
+    full = _render(tokenizer, messages, generation_prompt=False, tools=tools)
+    spans = _assistant_spans(tokenizer, messages, full, tools)
     tokens, weights = _tokenize_with_spans(tokenizer, full, spans)
     if max_length is not None:
         tokens, weights = tokens[:max_length], weights[:max_length]

