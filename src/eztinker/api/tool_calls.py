@@ -201,6 +201,7 @@ class CallReader:
     _in_call: bool = False
     _gap: str = ""  # whitespace right after a call, released only if text follows it
     _text_since_call: bool = False
+    _scanned: int = 0  # how much of a held block is known to hold no closing tag
     _done: bool = False
 
     def feed(self, text: str, final: bool) -> list[str | ToolCall]:
@@ -211,9 +212,11 @@ class CallReader:
         out: list[str | ToolCall] = []
         while not self._done:
             if self._in_call:
-                end = self._held.find(CALL_END)
+                end = self._held.find(CALL_END, self._scanned)  # a long block is not searched again
                 if end < 0 and not final:
+                    self._scanned = max(0, len(self._held) - len(CALL_END) + 1)
                     break
+                self._scanned = 0
                 body = self._held if end < 0 else self._held[:end]
                 self._held = "" if end < 0 else self._held[end + len(CALL_END) :]
                 self._in_call = False
