@@ -7,6 +7,7 @@ thread to the event loop. Each facade only reads its body and writes its own JSO
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import while_connected
-from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse
+from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse, template_source
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest, TokenCallback
 from eztinker.engine.types import ImageChunk, SamplingParams, TopLogprobs
@@ -78,20 +79,84 @@ def require_chat_template(tokenizer: Any, base_model: str, field: str, instead: 
         raise InvalidInputError(field, f"the tokenizer of {base_model!r} has no chat template: {instead}")
 
 
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat is rendered beyond its messages and tools (vLLM's extras on the OpenAI route):
+    `variables` for the template (e.g. Qwen3's `enable_thinking`), and whether the prompt opens the
+    assistant's turn (`generation_prompt`) or continues the chat's final assistant message
+    (`continue_final`, a prefill)."""
+
+    variables: dict[str, Any] = field(default_factory=dict)
+    generation_prompt: bool = True
+    continue_final: bool = False
+
+
+# apply_chat_template's own arguments: never template variables.
+_RENDER_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def template_variables(
+    tokenizer: Any, base_model: str, variables: dict[str, Any], field_name: str
+) -> dict[str, Any]:
+    """`variables` checked against the chat template: a 400 naming `field_name.<key>` for one the
+    template never reads (it would change nothing, silently) or one that is a rendering argument."""
+    source = template_source(tokenizer, with_tools=True)
+    for key in variables:
+        if key in _RENDER_ARGUMENTS:
+            raise InvalidInputError(
+                f"{field_name}.{key}", "is an argument of the rendering, not a template variable"
+            )
+        if not re.search(rf"\b{re.escape(key)}\b", source):
+            raise InvalidInputError(
+                f"{field_name}.{key}", f"the chat template of {base_model!r} does not read it"
+            )
+    return variables
+
+
 def render_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: ToolUse | None = None, *, tokenize: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: ToolUse | None = None,
+    options: TemplateOptions | None = None,
+    *,
+    tokenize: bool = True,
 ) -> Any:
-    """The messages (and tools) through the tokenizer's chat template, ready for the assistant's turn:
-    token ids, or the text with `tokenize=False`. A template that refuses them (`raise_exception`, e.g.
-    roles that do not alternate) is a 400 naming `messages`, with the template's own words."""
+    """The messages (and tools) through the tokenizer's chat template, ready for the assistant's turn
+    (or continuing its final message, per `options`): token ids, or the text with `tokenize=False`. A
+    template that refuses them (`raise_exception`, e.g. roles that do not alternate) is a 400 naming
+    `messages`, with the template's own words."""
     import jinja2
 
+    options = options or TemplateOptions()
     schemas = tools.schemas if tools is not None else None
     try:
         out = tokenizer.apply_chat_template(
-            messages, tools=schemas, add_generation_prompt=True, tokenize=tokenize
+            messages,
+            tools=schemas,
+            add_generation_prompt=options.generation_prompt and not options.continue_final,
+            continue_final_message=options.continue_final,
+            tokenize=tokenize,
+            **options.variables,
         )
-    except jinja2.TemplateError as exc:
+    except (jinja2.TemplateError, ValueError) as exc:
         raise InvalidInputError("messages", f"the model's chat template refused them: {exc}") from None
     if not tokenize:
         return out

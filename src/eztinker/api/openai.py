@@ -111,6 +111,7 @@ def _chat_prompt(
     tokenizer = service.backend.tokenizer(target.base_model)
     require_chat_template(tokenizer, target.base_model, "messages", "use /v1/completions")
     tools = body.tool_use(tokenizer, target.base_model)
+    options = body.template_options(tokenizer, target.base_model)
     messages, images = [], []
     for i, m in enumerate(body.messages):
         text = ""
@@ -123,10 +124,10 @@ def _chat_prompt(
         messages.append(m.for_template(text, f"messages[{i}]"))
     complete_history(tokenizer, target.base_model, messages, [f"messages[{i}]" for i in range(len(messages))])
     if not images:
-        return tokenizer, render_chat(tokenizer, messages, tools), (), tools
+        return tokenizer, render_chat(tokenizer, messages, tools, options), (), tools
     # Images: the template renders each one's mark; the text between marks is tokenized, and the engine
     # puts each image in, as the model's vision start / placeholder run / end tokens.
-    rendered = render_chat(tokenizer, messages, tools, tokenize=False)
+    rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
     pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
     chunks: list[wire.Chunk] = []
     names: list[str] = []

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eztinker.api.chat import TemplateOptions, template_variables
 from eztinker.api.not_served import RefusesNotServed
 from eztinker.api.tool_calls import ToolUse, call_format, refuse_forced_call
 from eztinker.engine.errors import InvalidInputError
@@ -239,7 +240,18 @@ def image_from_url(image_url: Any, where: str) -> ImageChunk:
     return ImageChunk(data=data, format=fmt)
 
 
+# What the chat route refuses: the above, and vLLM's extras that change the prompt and are not served.
+CHAT_NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
+    **NOT_SERVED,
+    "chat_template": ((None, ""), "a chat_template of your own is not served: the model's template renders"),
+    "documents": ((None, []), "documents are not served: put them in a message"),
+    "mm_processor_kwargs": ((None, {}), "mm_processor_kwargs are not served: the model's processor's own"),
+}
+
+
 class ChatCompletionRequest(Sampling):
+    NOT_SERVED = CHAT_NOT_SERVED
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -248,6 +260,26 @@ class ChatCompletionRequest(Sampling):
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    # vLLM's extras for the rendering (`TemplateOptions`):
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # continue the final assistant message (a prefill)
+
+    def template_options(self, tokenizer: Any, base_model: str) -> TemplateOptions:
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise InvalidInputError(
+                    "continue_final_message", "needs add_generation_prompt: false (the turn is already open)"
+                )
+            if self.messages[-1].role != "assistant":
+                raise InvalidInputError(
+                    f"messages[{len(self.messages) - 1}].role",
+                    "must be assistant to continue the final message",
+                )
+        variables = template_variables(
+            tokenizer, base_model, self.chat_template_kwargs or {}, "chat_template_kwargs"
+        )
+        return TemplateOptions(variables, self.add_generation_prompt, self.continue_final_message)
 
     def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
         """The tools to render and the calls to read; None without tools or with `tool_choice: "none"`
