@@ -192,3 +192,10 @@ def test_a_content_block_other_than_text_is_refused_naming_it(server: str, model
     )
     assert raw.status_code == 400
     assert raw.json()["error"]["message"].startswith("messages[0].content[1]: 'image' blocks are not served")
+
+
+def test_a_sampling_error_names_the_routes_own_field(server: str, model: str) -> None:
+    body = {"model": model, "max_tokens": 100_000, "messages": HI}
+    raw = httpx.post(f"{server}/anthropic/api/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60)
+    assert raw.status_code == 400
+    assert raw.json()["error"]["message"].startswith("max_tokens: prompt (")

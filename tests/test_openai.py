@@ -251,3 +251,15 @@ def test_a_bad_logit_bias_is_a_400_naming_it(oai: openai.OpenAI, model: str) -> 
         with pytest.raises(openai.BadRequestError) as info:
             oai.completions.create(model=model, prompt="x", max_tokens=2, logit_bias=bias)
         assert "logit_bias" in str(info.value.body)
+
+
+def test_a_sampling_error_names_the_routes_own_field(server: str, model: str) -> None:
+    """The engine's check of max_tokens against the context is reported under the field the client sent."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], field: 100_000}
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == field, answer.text
+        assert "exceeds the model's context" in answer.json()["error"]["message"]
+    body = {"model": model, "prompt": ["a", "b"], "max_tokens": 100_000}
+    answer = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "max_tokens", answer.text

@@ -149,7 +149,8 @@ async def messages(
             top_k=body.top_k or -1,
             stop=stops or None,
         )
-        return Generation(target, tokenizer, [prompt], params, 1, 0, stops, tools=tools)
+        names = {"stop": "stop_sequences"}
+        return Generation(target, tokenizer, [prompt], params, 1, 0, stops, tools=tools, field_names=names)
 
     generation = await run_in_threadpool(prepare)
     message_id = "msg_" + uuid.uuid4().hex

@@ -283,6 +283,7 @@ class Generation:
     stops: list[str]
     images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
     tools: ToolUse | None = None  # the tools the model may call (chat routes)
+    field_names: dict[str, str] = field(default_factory=dict)  # engine's sampling parameter -> the route's
     choices: list[Choice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -316,12 +317,26 @@ class Generation:
         on_token: TokenCallback | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> Job:
-        """Sample the requests through the service, checked before the job is queued (errors name
-        `prompt_field` for the prompt)."""
+        """Sample the requests through the service, checked before the job is queued. Errors name the
+        route's own fields: `prompt_field` for the prompt, `field_names` (engine name -> route's) for the
+        sampling parameters, which the engine names `sampling_params.<name>`."""
         spec = SampleSpec(
             self.target, self.requests(on_token, cancelled), check_now=True, prompt_field=prompt_field
         )
-        return service.sampling.sample(spec, owner)
+        try:
+            return service.sampling.sample(spec, owner)
+        except InvalidInputError as exc:
+            match = _ENGINE_FIELD.match(exc.field)
+            if match is None:
+                raise
+            index, params, name, rest = match.groups()
+            if params:
+                name = self.field_names.get(name, name)
+            elif name == "prompt":
+                name = prompt_field if index is None else f"{prompt_field}[{index}]"
+            else:
+                raise
+            raise InvalidInputError(name + rest, exc.message) from None
 
     @property
     def prompt_tokens(self) -> int:
@@ -342,6 +357,10 @@ class Generation:
                         choice.add(token, logprob, top)
                 reasons.append("stop" if sequence.stop_reason == "stop" else "length")
         return reasons
+
+
+# An engine's field: `[requests[i].]sampling_params.<name><rest>` or `[requests[i].]prompt<rest>`.
+_ENGINE_FIELD = re.compile(r"^(?:requests\[([0-9]+)\]\.)?(sampling_params\.)?([a-z_]+)(.*)$")
 
 
 def _shifted(on_token: TokenCallback, offset: int) -> TokenCallback:

@@ -215,6 +215,7 @@ async def chat_completions(
             stops,
             images=[images],
             tools=tools,
+            field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
         )
 
     generation = await run_in_threadpool(prepare)
