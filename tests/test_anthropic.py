@@ -151,6 +151,8 @@ def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) 
     [
         ("tool_choice", {"type": "any"}),
         ("thinking", {"type": "enabled", "budget_tokens": 1024}),
+        ("mcp_servers", [{"type": "url", "url": "https://example.com/sse", "name": "x"}]),
+        ("output_format", {"type": "json_schema", "schema": {"type": "object"}}),
     ],
 )
 def test_a_forced_tool_call_and_thinking_are_refused_naming_the_field(
@@ -171,7 +173,12 @@ def test_a_forced_tool_call_and_thinking_are_refused_naming_the_field(
             and field in error["message"]
             and "not served" in error["message"]
         )
-    off = {"tool_choice": {"type": "auto"}, "thinking": {"type": "disabled"}}[field]
+    off = {
+        "tool_choice": {"type": "auto"},
+        "thinking": {"type": "disabled"},
+        "mcp_servers": [],
+        "output_format": None,
+    }[field]
     fine = {"model": model, "messages": HI, "max_tokens": 2, field: off}
     assert (
         httpx.post(
@@ -199,3 +206,22 @@ def test_a_sampling_error_names_the_routes_own_field(server: str, model: str) ->
     raw = httpx.post(f"{server}/anthropic/api/v1/messages", json=body, headers={"x-api-key": KEY}, timeout=60)
     assert raw.status_code == 400
     assert raw.json()["error"]["message"].startswith("max_tokens: prompt (")
+
+
+def test_context_editing_is_served_only_where_it_changes_nothing(server: str, model: str) -> None:
+    """Clearing thinking (which Claude Code asks for) is a no-op here, since no history holds thinking;
+    clearing tool results would change what the model sees: refused naming the edit."""
+    url = f"{server}/anthropic/api/v1/messages/count_tokens"
+    keep = {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}
+    body = {"model": model, "messages": HI}
+    plain = httpx.post(url, json=body, headers={"x-api-key": KEY}, timeout=60).json()["input_tokens"]
+    kept = httpx.post(url, json={**body, "context_management": keep}, headers={"x-api-key": KEY}, timeout=60)
+    assert kept.status_code == 200 and kept.json()["input_tokens"] == plain
+    clear = {"edits": [keep["edits"][0], {"type": "clear_tool_uses_20250919"}]}
+    refused = httpx.post(
+        url, json={**body, "context_management": clear}, headers={"x-api-key": KEY}, timeout=60
+    )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith(
+        "context_management.edits[1]: 'clear_tool_uses_20250919'"
+    )

@@ -12,8 +12,13 @@ from transformers import AutoTokenizer
 import eztinker
 from eztinker.testing import CHATML_TEMPLATE, with_chat_template
 
-# ChatML whose generation prompt reads a variable, as Qwen3's `enable_thinking` does.
-THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+# ChatML whose generation prompt reads a variable, as Qwen3's `enable_thinking` does, and whose system
+# turn reads `reasoning_effort`, as gpt-oss's does.
+THINKING_TEMPLATE = (
+    "{% if reasoning_effort is defined %}"
+    "{{ '<|im_start|>system\nReasoning: ' + reasoning_effort + '<|im_end|>\n' }}"
+    "{% endif %}"
+) + CHATML_TEMPLATE.replace(
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
@@ -31,8 +36,9 @@ def model(tmp_path_factory, tiny_model_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, model) -> str:
-    with eztinker.serve(data_dir=tmp_path_factory.mktemp("rendering-data"), models=[model]) as url:
+def server(tmp_path_factory, model, tiny_model_dir) -> str:
+    models = [model, str(tiny_model_dir)]
+    with eztinker.serve(data_dir=tmp_path_factory.mktemp("rendering-data"), models=models) as url:
         yield url
 
 
@@ -57,6 +63,19 @@ def test_template_variables_reach_the_template(oai: openai.OpenAI, model: str) -
     no_thinking = _prompt_tokens(oai, model, HI, chat_template_kwargs={"enable_thinking": False})
     assert plain == _expected(model, HI)
     assert no_thinking == _expected(model, HI, enable_thinking=False) > plain
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(
+    oai: openai.OpenAI, model: str, tiny_model_dir
+) -> None:
+    low = _prompt_tokens(oai, model, HI, reasoning_effort="low")
+    assert low == _expected(model, HI, reasoning_effort="low") > _expected(model, HI)
+    plain = openai.OpenAI(base_url=oai.base_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:  # ChatML reads no effort: refused, not ignored
+        plain.chat.completions.create(
+            model=str(tiny_model_dir), messages=HI, max_tokens=1, reasoning_effort="low"
+        )
+    assert info.value.body["param"] == "reasoning_effort"
 
 
 def test_continuing_the_final_message_is_a_prefill(oai: openai.OpenAI, model: str) -> None:

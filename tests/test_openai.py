@@ -223,6 +223,8 @@ def test_logit_bias_and_penalties_shape_the_completion(oai: openai.OpenAI, model
     ("field", "value"),
     [
         ("functions", [{"name": "f", "parameters": {}}]),
+        ("modalities", ["text", "audio"]),
+        ("verbosity", "low"),
         ("tool_choice", "required"),
         ("response_format", {"type": "json_object"}),
         ("min_p", 0.1),
@@ -236,7 +238,13 @@ def test_what_is_not_served_is_refused_naming_the_field(server: str, model: str,
     refused = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["param"] == field and "not served" in refused.json()["error"]["message"]
-    off = {"functions": [], "tool_choice": "none", "response_format": {"type": "text"}, "min_p": 0.0}
+    off = {
+        "functions": [],
+        "modalities": ["text"],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "min_p": 0.0,
+    }
     if field in off:
         assert (
             httpx.post(

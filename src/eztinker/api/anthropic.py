@@ -63,6 +63,8 @@ def _prompt(
     """(target, tokenizer, prompt tokens, tool use): the system prompt, messages and tools through the
     chat template."""
     body.refuse_not_served()
+    if body.context_management is not None:
+        body.context_management.refuse_edits()
     target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
     require_chat_template(tokenizer, target.base_model, "messages", "this route renders chats with it")

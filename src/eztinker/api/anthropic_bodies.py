@@ -119,6 +119,28 @@ class Tool(BaseModel):
         return {"type": "function", "function": function}
 
 
+class ContextEdit(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ContextManagement(BaseModel):
+    """Anthropic's context editing: only clearing thinking, which changes nothing here (thinking is not
+    served, so no history holds any); an edit that would clear other content is refused naming it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    edits: list[ContextEdit] = Field(default_factory=list)
+
+    def refuse_edits(self) -> None:
+        for i, edit in enumerate(self.edits):
+            if not edit.type.startswith("clear_thinking_"):
+                raise InvalidInputError(
+                    f"context_management.edits[{i}]", f"{edit.type!r} edits are not served: edit the messages"
+                )
+
+
 class ToolChoice(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -131,6 +153,9 @@ class ToolChoice(BaseModel):
 # (`RefusesNotServed`). Other unknown fields (`metadata`, `service_tier`...) change nothing.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "thinking": ((None, {"type": "disabled"}), "extended thinking is not served"),
+    "mcp_servers": ((None, []), "MCP servers are not served: send their tools as custom tools"),
+    "container": ((None,), "code execution containers are not served"),
+    "output_format": ((None,), "structured output is not served: only text"),
 }
 
 
@@ -144,6 +169,7 @@ class CountTokensRequest(RefusesNotServed):
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    context_management: ContextManagement | None = None
 
     def system_text(self) -> str:
         if isinstance(self.system, list):

@@ -114,19 +114,19 @@ _RENDER_ARGUMENTS = frozenset(
 
 
 def template_variables(
-    tokenizer: Any, base_model: str, variables: dict[str, Any], field_name: str
+    tokenizer: Any, base_model: str, variables: dict[str, Any], field_prefix: str = ""
 ) -> dict[str, Any]:
-    """`variables` checked against the chat template: a 400 naming `field_name.<key>` for one the
+    """`variables` checked against the chat template: a 400 naming `<field_prefix><key>` for one the
     template never reads (it would change nothing, silently) or one that is a rendering argument."""
     source = template_source(tokenizer, with_tools=True)
     for key in variables:
         if key in _RENDER_ARGUMENTS:
             raise InvalidInputError(
-                f"{field_name}.{key}", "is an argument of the rendering, not a template variable"
+                f"{field_prefix}{key}", "is an argument of the rendering, not a template variable"
             )
         if not re.search(rf"\b{re.escape(key)}\b", source):
             raise InvalidInputError(
-                f"{field_name}.{key}", f"the chat template of {base_model!r} does not read it"
+                f"{field_prefix}{key}", f"the chat template of {base_model!r} does not read it"
             )
     return variables
 

@@ -48,6 +48,10 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "min_tokens": ((None, 0), "min_tokens is not served"),
     "use_beam_search": ((None, False), "beam search is not served"),
     "ignore_eos": ((None, False), "ignore_eos is not served"),
+    "modalities": ((None, ["text"]), "audio output is not served: only text"),
+    "audio": ((None,), "audio output is not served"),
+    "web_search_options": ((None,), "web search is not served"),
+    "verbosity": ((None,), "verbosity is not served: say how long an answer you want in the prompt"),
     "guided_json": ((None,), "guided decoding is not served"),
     "guided_regex": ((None,), "guided decoding is not served"),
     "guided_choice": ((None,), "guided decoding is not served"),
@@ -262,6 +266,9 @@ class ChatCompletionRequest(Sampling):
     parallel_tool_calls: bool = True
     # vLLM's extras for the rendering (`TemplateOptions`):
     chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. {"enable_thinking": false}
+    reasoning_effort: str | None = (
+        None  # a template variable for the models whose template reads it (gpt-oss)
+    )
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # continue the final assistant message (a prefill)
 
@@ -276,9 +283,12 @@ class ChatCompletionRequest(Sampling):
                     f"messages[{len(self.messages) - 1}].role",
                     "must be assistant to continue the final message",
                 )
-        variables = template_variables(
-            tokenizer, base_model, self.chat_template_kwargs or {}, "chat_template_kwargs"
-        )
+        variables = dict(self.chat_template_kwargs or {})
+        template_variables(tokenizer, base_model, variables, "chat_template_kwargs.")
+        if self.reasoning_effort is not None:  # as vLLM passes it: to the template, which must read it
+            variables.update(
+                template_variables(tokenizer, base_model, {"reasoning_effort": self.reasoning_effort})
+            )
         return TemplateOptions(variables, self.add_generation_prompt, self.continue_final_message)
 
     def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
