@@ -24,6 +24,7 @@ from eztinker.api.chat import (
     Choice,
     ErrorShapedRoute,
     Generation,
+    Piece,
     TokenStream,
     chat_template_ids,
     job_result,
@@ -33,6 +34,7 @@ from eztinker.api.chat import (
 )
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import error_headers, error_kind, error_message
+from eztinker.api.reasoning import Thought
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.types import SamplingParams
 from eztinker.service import Service
@@ -92,47 +94,59 @@ def _stop(choice: Choice, reason: str) -> tuple[str, str | None]:
     return "max_tokens", None
 
 
-def _block(piece: str | ToolCall) -> dict[str, Any]:
+def _block(piece: Piece) -> dict[str, Any]:
     if isinstance(piece, str):
         return {"type": "text", "text": piece}
+    if isinstance(piece, Thought):  # no signature: there is nothing of Anthropic's to attest
+        return {"type": "thinking", "thinking": piece.text, "signature": ""}
     return {"type": "tool_use", "id": piece.id, "name": piece.name, "input": piece.arguments}
 
 
 class _BlockEvents:
-    """A streamed answer's content blocks, opened as text and calls arrive: text deltas into an open text
-    block; each call its own `tool_use` block, its input as one `input_json_delta`."""
+    """A streamed answer's content blocks, opened as thinking, text and calls arrive: thinking and text
+    deltas into an open block of their kind; each call its own `tool_use` block, its input as one
+    `input_json_delta`."""
 
     def __init__(self, event: Callable[[str, dict[str, Any]], str]) -> None:
         self.event = event
         self.index = -1
-        self.text_open = False
+        self.open: str | None = None  # the kind of the open thinking or text block
 
     def _start(self, block: dict[str, Any]) -> list[str]:
         self.index += 1
         started = [self.event("content_block_start", {"index": self.index, "content_block": block})]
         return started + ([self.event("ping", {})] if self.index == 0 else [])
 
-    def _stop(self) -> str:
-        self.text_open = False
-        return self.event("content_block_stop", {"index": self.index})
+    def _stop(self) -> list[str]:
+        if self.open is None:
+            return []
+        self.open = None
+        return [self.event("content_block_stop", {"index": self.index})]
 
-    def piece(self, piece: str | ToolCall) -> list[str]:
-        if isinstance(piece, str):
-            out = [] if self.text_open else self._start({"type": "text", "text": ""})
-            self.text_open = True
+    def piece(self, piece: Piece) -> list[str]:
+        if isinstance(piece, ToolCall):
+            out = self._stop()
+            out += self._start({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
+            delta = {"type": "input_json_delta", "partial_json": piece.arguments_json}
+            out.append(self.event("content_block_delta", {"index": self.index, "delta": delta}))
+            return [*out, self.event("content_block_stop", {"index": self.index})]
+        kind = "thinking" if isinstance(piece, Thought) else "text"
+        out = []
+        if self.open != kind:
+            out = self._stop() + self._start(_block(Thought("") if kind == "thinking" else ""))
+            self.open = kind
+        if isinstance(piece, Thought):
+            delta = {"type": "thinking_delta", "thinking": piece.text}
+        else:
             delta = {"type": "text_delta", "text": piece}
-            return [*out, self.event("content_block_delta", {"index": self.index, "delta": delta})]
-        out = [self._stop()] if self.text_open else []
-        out += self._start({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
-        delta = {"type": "input_json_delta", "partial_json": piece.arguments_json}
-        out.append(self.event("content_block_delta", {"index": self.index, "delta": delta}))
-        return [*out, self.event("content_block_stop", {"index": self.index})]
+        return [*out, self.event("content_block_delta", {"index": self.index, "delta": delta})]
 
     def close(self) -> list[str]:
         """The last block's stop; an empty text block when the answer had none (as without tools)."""
         if self.index < 0:
-            return [*self._start({"type": "text", "text": ""}), self._stop()]
-        return [self._stop()] if self.text_open else []
+            self.open = "text"
+            return [*self._start({"type": "text", "text": ""}), *self._stop()]
+        return self._stop()
 
 
 @router.post("/messages", response_model=None)
@@ -152,7 +166,9 @@ async def messages(
             stop=stops or None,
         )
         names = {"stop": "stop_sequences"}
-        return Generation(target, tokenizer, [prompt], params, 1, 0, stops, tools=tools, field_names=names)
+        return Generation(
+            target, tokenizer, [prompt], params, 1, 0, stops, tools=tools, reasoning=True, field_names=names
+        )
 
     generation = await run_in_threadpool(prepare)
     message_id = "msg_" + uuid.uuid4().hex
@@ -183,7 +199,7 @@ async def messages(
         reasons = generation.fill(result)
         choice = generation.choices[0]
         pieces, _ = choice.pieces(final=True)
-        blocks = [_block(p) for p in pieces if not (choice.calls and isinstance(p, str) and not p.strip())]
+        blocks = [_block(p) for p in pieces if not (isinstance(p, str) and not p.strip() and len(pieces) > 1)]
         return message(blocks or [_block("")], *_stop(choice, reasons[0]))
 
     stream = TokenStream()

@@ -28,6 +28,7 @@ class ContentBlock(BaseModel):
 
     type: str
     text: str | None = None
+    thinking: str | None = None  # thinking (of an earlier answer)
     id: str | None = None  # tool_use
     name: str | None = None  # tool_use
     input: Any = None  # tool_use
@@ -60,13 +61,15 @@ class Message(BaseModel):
         `tool_calls`. A block of another type (image, document, thinking...) is refused naming it."""
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
-        text, calls, results = "", [], []
+        text, thinking, calls, results = "", "", [], []
         for j, block in enumerate(self.content):
             name = f"{where}.content[{j}]"
             if block.type == "text":
                 if block.text is None:
                     raise InvalidInputError(f"{name}.text", "is missing")
                 text += block.text
+            elif block.type == "thinking" and self.role == "assistant":
+                thinking += block.thinking or ""
             elif block.type == "tool_use" and self.role == "assistant":
                 if not block.id or not block.name or not isinstance(block.input, dict):
                     raise InvalidInputError(name, "a tool_use block needs an id, a name and an input object")
@@ -87,8 +90,11 @@ class Message(BaseModel):
                 raise InvalidInputError(
                     name, f"{block.type!r} blocks are not served in a {self.role} message"
                 )
-        if self.role == "assistant":
-            return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
+        if self.role == "assistant":  # its thinking where templates read it (and keep what they keep)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["reasoning_content"] = thinking
+            return [{**message, **({"tool_calls": calls} if calls else {})}]
         return results + ([{"role": "user", "content": text}] if text or not results else [])
 
 

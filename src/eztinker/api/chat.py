@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import while_connected
+from eztinker.api.reasoning import Thought, ThoughtReader, opens_thinking
 from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse, template_source
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest, TokenCallback
@@ -175,6 +176,9 @@ def chat_template_ids(
 # --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
 
 
+Piece = str | Thought | ToolCall  # of a choice's answer: text, thinking, a tool call
+
+
 @dataclass
 class Choice:
     """One sample's completion as it grows: the text released so far and the tokens behind it.
@@ -191,18 +195,28 @@ class Choice:
     released: int = 0  # characters of text released
     released_tokens: int = 0  # tokens whose text is fully released
     stopped: bool = False
-    reader: CallReader | None = None  # with tools: splits the text into text and calls
+    thoughts: ThoughtReader | None = None  # a reasoning model's: splits its thinking from its answer
+    reader: CallReader | None = None  # with tools: splits the answer into text and calls
 
     @property
     def calls(self) -> list[ToolCall]:
         return self.reader.calls if self.reader is not None else []
 
-    def pieces(self, final: bool) -> tuple[list[str | ToolCall], list[int]]:
-        """`take`'s new text as text and tool calls, in order (the text alone without tools)."""
+    def pieces(self, final: bool) -> tuple[list[Piece], list[int]]:
+        """`take`'s new text as thinking, answer text and tool calls, in order (the text alone for a
+        model that does not reason, without tools)."""
         text, indices = self.take(final)
+        pieces: list[Piece] = [text] if text else []
+        if self.thoughts is not None:
+            pieces = list(self.thoughts.feed(text, final))
         if self.reader is None:
-            return ([text] if text else []), indices
-        return self.reader.feed(text, final), indices
+            return pieces, indices
+        out: list[Piece] = []
+        for piece in pieces:
+            out += self.reader.feed(piece, final=False) if isinstance(piece, str) else [piece]
+        if final:
+            out += self.reader.feed("", final=True)
+        return out, indices
 
     def add(self, token: int, logprob: float, topk: TopLogprobs | None) -> None:
         if not self.stopped:
@@ -283,13 +297,22 @@ class Generation:
     stops: list[str]
     images: list[tuple[ImageChunk, ...]] | None = None  # each prompt's images (vision-language models)
     tools: ToolUse | None = None  # the tools the model may call (chat routes)
+    reasoning: bool = False  # split a reasoning model's thinking from its answer (chat routes)
     field_names: dict[str, str] = field(default_factory=dict)  # engine's sampling parameter -> the route's
     choices: list[Choice] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        opens = [opens_thinking(self.tokenizer, p) if self.reasoning else None for p in self.prompts]
         self.choices = [
-            Choice(self.tokenizer, self.stops, reader=None if self.tools is None else self.tools.reader())
-            for _ in range(len(self.prompts) * self.n)
+            Choice(
+                self.tokenizer,
+                self.stops,
+                thoughts=None
+                if opens[i // self.n] is None
+                else ThoughtReader(inside=bool(opens[i // self.n])),
+                reader=None if self.tools is None else self.tools.reader(),
+            )
+            for i in range(len(self.prompts) * self.n)
         ]
 
     def requests(

@@ -34,6 +34,7 @@ from eztinker.api.chat import (
     Choice,
     ErrorShapedRoute,
     Generation,
+    Piece,
     TokenStream,
     decode,
     job_result,
@@ -46,6 +47,7 @@ from eztinker.api.chat import (
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import openai_response
 from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from eztinker.api.reasoning import Thought
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk, SamplingParams
@@ -215,6 +217,7 @@ async def chat_completions(
             stops,
             images=[images],
             tools=tools,
+            reasoning=True,
             field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
         )
 
@@ -335,7 +338,7 @@ def _final_choice(
 def _chunk_choice(
     generation: Generation,
     index: int,
-    pieces: list[str | ToolCall],
+    pieces: list[Piece],
     indices: list[int],
     reason: str | None,
     kind: Kind,
@@ -344,9 +347,13 @@ def _chunk_choice(
     final: bool = False,
 ) -> dict[str, Any]:
     """One choice of a response (`final`: the whole answer, as a `message`) or of a stream chunk (a
-    `delta`): its new text, and its new tool calls on the chat route."""
+    `delta`): its new text, and on the chat route its new thinking (`reasoning_content`, as vLLM's
+    reasoning parsers name it) and tool calls."""
     choice = generation.choices[index]
     text = "".join(p for p in pieces if isinstance(p, str))
+    thinking = "".join(p.text for p in pieces if isinstance(p, Thought))
+    if isinstance(body, ChatCompletionRequest) and not body.include_reasoning:
+        thinking = ""
     if kind == "text_completion":
         logprobs = _completion_logprobs(generation, choice, indices, body)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
@@ -355,13 +362,17 @@ def _chunk_choice(
         reason = "tool_calls"
     if final:
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if thinking:
+            message["reasoning_content"] = thinking
         if calls:
             message["content"] = text if text.strip() else None
             message["tool_calls"] = [_call_json(call) for call in calls]
         content: dict[str, Any] = {"message": message}
     else:
         delta: dict[str, Any] = {}
-        if text or (reason is None and not calls):
+        if thinking:
+            delta["reasoning_content"] = thinking
+        if text or (reason is None and not calls and not thinking):
             delta["content"] = text
         if calls:  # each call whole, in one delta (`index`: its place among the choice's calls)
             delta["tool_calls"] = [{"index": choice.calls.index(call), **_call_json(call)} for call in calls]

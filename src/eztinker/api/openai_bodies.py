@@ -159,6 +159,9 @@ class ChatMessage(BaseModel):
         """This message as chat templates read it, with `text` as its content: tool calls with decoded
         arguments (a template writes them as JSON or as parameters), a tool result with its call's id."""
         message: dict[str, Any] = {"role": self.role, "content": text}
+        reasoning = (self.model_extra or {}).get("reasoning_content")
+        if isinstance(reasoning, str) and self.role == "assistant":  # templates decide what to keep
+            message["reasoning_content"] = reasoning
         if self.tool_calls:
             if self.role != "assistant":
                 raise InvalidInputError(f"{where}.tool_calls", "only assistant messages carry tool calls")
@@ -271,6 +274,7 @@ class ChatCompletionRequest(Sampling):
     )
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # continue the final assistant message (a prefill)
+    include_reasoning: bool = True  # vLLM's extra: false drops a reasoning model's `reasoning_content`
 
     def template_options(self, tokenizer: Any, base_model: str) -> TemplateOptions:
         if self.continue_final_message:

@@ -232,7 +232,7 @@ class CallReader:
                 self._held = self._held[start + len(CALL_START) :]
                 self._in_call = True
                 continue
-            keep = 0 if final else _prefix_held(self._held, CALL_START)
+            keep = 0 if final else held_prefix(self._held, CALL_START)
             self._text(out, self._held[: len(self._held) - keep])
             self._held = self._held[len(self._held) - keep :]
             break
@@ -261,7 +261,7 @@ class CallReader:
             self._done = True
 
 
-def _prefix_held(text: str, tag: str) -> int:
+def held_prefix(text: str, tag: str) -> int:
     """How many trailing characters of `text` could be the start of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
