@@ -149,18 +149,16 @@ def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tool_choice", {"type": "any"}),
         ("thinking", {"type": "enabled", "budget_tokens": 1024}),
         ("mcp_servers", [{"type": "url", "url": "https://example.com/sse", "name": "x"}]),
-        ("output_format", {"type": "json_schema", "schema": {"type": "object"}}),
     ],
 )
-def test_a_forced_tool_call_and_thinking_are_refused_naming_the_field(
+def test_extended_thinking_and_mcp_servers_are_refused_naming_the_field(
     server: str, model: str, field: str, value
 ) -> None:
-    """Forcing a tool call and extended thinking are not served: a 400 naming the field, never a reply
-    that ignored them (a client would wait for a call that may not come); count_tokens refuses them too.
-    (Tool use itself: `test_tool_use.py`.)"""
+    """Extended thinking (a budget) and MCP servers are not served: a 400 naming the field, never a reply
+    that ignored them; count_tokens refuses them too. (Tool use: `test_tool_use.py`; forced calls and
+    `output_format`: `test_structured_output.py`.)"""
     for route, extra in (("messages", {"max_tokens": 4}), ("messages/count_tokens", {})):
         body = {"model": model, "messages": HI, field: value, **extra}
         raw = httpx.post(
@@ -174,10 +172,8 @@ def test_a_forced_tool_call_and_thinking_are_refused_naming_the_field(
             and "not served" in error["message"]
         )
     off = {
-        "tool_choice": {"type": "auto"},
         "thinking": {"type": "disabled"},
         "mcp_servers": [],
-        "output_format": None,
     }[field]
     fine = {"model": model, "messages": HI, "max_tokens": 2, field: off}
     assert (

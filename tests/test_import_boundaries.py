@@ -26,6 +26,11 @@ def test_the_engine_imports_without_the_web_stack_or_a_database() -> None:
     assert _loaded_after("import eztinker.engine", WEB_AND_DB) == []
 
 
+def test_the_engine_imports_without_the_constrained_decoding_library() -> None:
+    # bench/gpu_check.py runs the engine on a bare GPU machine: llguidance loads with the first grammar.
+    assert _loaded_after("import eztinker.engine", ("llguidance",)) == []
+
+
 def test_the_backend_protocol_imports_without_the_web_stack() -> None:
     assert _loaded_after("import eztinker.backend", ("fastapi", "starlette", "uvicorn", "httpx")) == []
 

@@ -225,8 +225,7 @@ def test_logit_bias_and_penalties_shape_the_completion(oai: openai.OpenAI, model
         ("functions", [{"name": "f", "parameters": {}}]),
         ("modalities", ["text", "audio"]),
         ("verbosity", "low"),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
+        ("guided_grammar", "root ::= x"),
         ("min_p", 0.1),
         ("repetition_penalty", 1.2),
     ],
@@ -241,8 +240,6 @@ def test_what_is_not_served_is_refused_naming_the_field(server: str, model: str,
     off = {
         "functions": [],
         "modalities": ["text"],
-        "tool_choice": "none",
-        "response_format": {"type": "text"},
         "min_p": 0.0,
     }
     if field in off:

@@ -86,6 +86,11 @@ def test_body_maps_every_sampling_field() -> None:
     shaped_body = completion_body(_request(params=shaped), model="base", eos_token_ids=[EOS])
     assert (shaped_body["frequency_penalty"], shaped_body["presence_penalty"]) == (0.5, -1.0)
     assert shaped_body["logit_bias"] == {"40": 3.0, "7": -100.0}  # OpenAI's shape: ids as strings
+    assert "structured_outputs" not in body
+    constrained = completion_body(
+        _request(params=SamplingParams(grammar='start: "a"')), model="b", eos_token_ids=[EOS]
+    )
+    assert constrained["structured_outputs"] == {"grammar": 'start: "a"'}  # vLLM runs llguidance on it too
 
 
 def test_body_stop_rules_and_defaults() -> None:
@@ -380,6 +385,27 @@ def test_penalties_and_logit_bias_choose_as_the_engine_does(
         assert (
             max(abs(a - b) for a, b in zip(theirs.logprobs, ours.logprobs, strict=True)) <= LOGPROB_TOLERANCE
         )
+
+
+@needs_vllm
+def test_a_grammar_constrains_vllm_as_it_constrains_the_engine(
+    sampler: VllmSampler, trained: dict[str, Any]
+) -> None:
+    """Greedy within a JSON schema and within a choice: vLLM (its guidance backend) draws the engine's
+    tokens, both ending on EOS once the grammar is complete. vLLM masks the logits before it reads its
+    log-probabilities, so its are renormalized over what the grammar allows: never below the model's own,
+    which the engine reports."""
+    from eztinker.api.structured import choice_answer, json_answer
+
+    engine, name = trained["engine"], trained["name"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 999}}, "required": ["n"]}
+    for answer in (json_answer(schema, "f"), choice_answer(["sunny", "rain", "snow"], "f")):
+        params = SamplingParams(max_tokens=30, temperature=0.0, grammar=answer.grammar(None))
+        [ours] = engine.sample(PROMPT, params, base_model=name).sequences
+        [[theirs]] = [r.sequences for r in sampler.sample_sync([_request(params=params)])]
+        assert theirs.tokens == ours.tokens and ours.stop_reason == theirs.stop_reason == "stop"
+        assert all(a >= b - LOGPROB_TOLERANCE for a, b in zip(theirs.logprobs, ours.logprobs, strict=True))
+        assert any(a > b + 0.1 for a, b in zip(theirs.logprobs, ours.logprobs, strict=True))
 
 
 @needs_vllm

@@ -165,9 +165,18 @@ async def messages(
             top_k=body.top_k or -1,
             stop=stops or None,
         )
-        names = {"stop": "stop_sequences"}
         return Generation(
-            target, tokenizer, [prompt], params, 1, 0, stops, tools=tools, reasoning=True, field_names=names
+            target,
+            tokenizer,
+            [prompt],
+            params,
+            1,
+            0,
+            stops,
+            tools=tools,
+            reasoning=True,
+            field_names={"stop": "stop_sequences"},
+            answer=body.answer(tools),
         )
 
     generation = await run_in_threadpool(prepare)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.not_served import RefusesNotServed
-from eztinker.api.tool_calls import ToolUse, call_format, refuse_forced_call
+from eztinker.api.structured import Answer, answer_for, json_answer
+from eztinker.api.tool_calls import ToolUse, call_format
 from eztinker.engine.errors import InvalidInputError
 
 MAX_STOP_SEQUENCES = 16
@@ -107,6 +108,7 @@ class Tool(BaseModel):
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
+    strict: bool | None = None  # the call's input follows input_schema exactly (structured outputs)
 
     def for_template(self, where: str) -> dict[str, Any]:
         """The tool as chat templates take it (an OpenAI-style function)."""
@@ -161,7 +163,6 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "thinking": ((None, {"type": "disabled"}), "extended thinking is not served"),
     "mcp_servers": ((None, []), "MCP servers are not served: send their tools as custom tools"),
     "container": ((None,), "code execution containers are not served"),
-    "output_format": ((None,), "structured output is not served: only text"),
 }
 
 
@@ -176,6 +177,7 @@ class CountTokensRequest(RefusesNotServed):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     context_management: ContextManagement | None = None
+    output_format: dict[str, Any] | None = None  # structured outputs: {"type": "json_schema", "schema"}
 
     def system_text(self) -> str:
         if isinstance(self.system, list):
@@ -184,18 +186,37 @@ class CountTokensRequest(RefusesNotServed):
 
     def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
         """The tools to render and the calls to read; None without tools or with `tool_choice` none
-        (then the model sees no tools). Forcing a call (`any`, `tool`) would need constrained decoding,
-        which is not served: a 400, never an unforced call."""
+        (then the model sees no tools)."""
         choice = self.tool_choice or ToolChoice(type="auto")
-        if choice.type in ("any", "tool"):
-            refuse_forced_call("tool_choice.type", choice.type)
+        if choice.type in ("any", "tool") and not self.tools:
+            raise InvalidInputError("tool_choice.type", f"{choice.type} needs tools")
+        if choice.type == "tool" and choice.name not in {tool.name for tool in self.tools or ()}:
+            raise InvalidInputError("tool_choice.name", f"{choice.name!r} is not one of the request's tools")
         if not self.tools or choice.type == "none":
             return None
         return ToolUse(
             [tool.for_template(f"tools[{i}]") for i, tool in enumerate(self.tools)],
             call_format(tokenizer, base_model, "tools"),
             "toolu_",
-            max_calls=1 if choice.disable_parallel_tool_use else None,
+            max_calls=1 if choice.disable_parallel_tool_use or choice.type == "tool" else None,
+        )
+
+    def answer(self, tools: ToolUse | None) -> Answer | None:
+        """What the answer must be (`eztinker.api.structured`): a call when
+        `tool_choice` forces one (`any`, `tool`); with `strict` tools, text or calls whose input follows
+        their schemas; with `output_format` too, its JSON or a call; None for free text."""
+        output = None
+        if self.output_format is not None:
+            if self.output_format.get("type") != "json_schema":
+                raise InvalidInputError("output_format.type", "must be json_schema")
+            output = json_answer(self.output_format.get("schema"), "output_format.schema")
+        choice = self.tool_choice or ToolChoice(type="auto")
+        return answer_for(
+            output,
+            tools,
+            forced=choice.type in ("any", "tool"),
+            names=[choice.name] if choice.type == "tool" and choice.name else None,
+            strict={tool.name for tool in self.tools or () if tool.strict},
         )
 
     def template_messages(self) -> tuple[list[dict[str, Any]], list[str]]:

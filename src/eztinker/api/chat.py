@@ -10,7 +10,7 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request, Response
@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import while_connected
 from eztinker.api.reasoning import Thought, ThoughtReader, opens_thinking
+from eztinker.api.structured import Answer
 from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse, template_source
 from eztinker.engine.errors import ComputeError, InvalidInputError
 from eztinker.engine.sampler import SampleRequest, TokenCallback
@@ -299,10 +300,14 @@ class Generation:
     tools: ToolUse | None = None  # the tools the model may call (chat routes)
     reasoning: bool = False  # split a reasoning model's thinking from its answer (chat routes)
     field_names: dict[str, str] = field(default_factory=dict)  # engine's sampling parameter -> the route's
+    answer: Answer | None = None  # what the answer must be (structured output, a forced tool call)
     choices: list[Choice] = field(default_factory=list)
+    thinking: list[bool | None] = field(default_factory=list)  # each prompt's `opens_thinking`
 
     def __post_init__(self) -> None:
-        opens = [opens_thinking(self.tokenizer, p) if self.reasoning else None for p in self.prompts]
+        self.thinking = opens = [
+            opens_thinking(self.tokenizer, p) if self.reasoning else None for p in self.prompts
+        ]
         self.choices = [
             Choice(
                 self.tokenizer,
@@ -321,7 +326,9 @@ class Generation:
         return [
             SampleRequest(
                 prompt=prompt,
-                params=self.params,
+                params=self.params
+                if self.answer is None
+                else replace(self.params, grammar=self.answer.grammar(self.thinking[i])),
                 num_samples=self.n,
                 topk_sample_logprobs=self.top_logprobs,
                 stop_at_eos=True,
@@ -353,7 +360,9 @@ class Generation:
             if match is None:
                 raise
             index, params, name, rest = match.groups()
-            if params:
+            if params and name == "grammar" and self.answer is not None:
+                name = self.answer.field  # the request field that asked for the answer's shape
+            elif params:
                 name = self.field_names.get(name, name)
             elif name == "prompt":
                 name = prompt_field if index is None else f"{prompt_field}[{index}]"

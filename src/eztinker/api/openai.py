@@ -186,6 +186,7 @@ async def completions(
             body.n,
             body.logprobs or 0,
             stops,
+            answer=body.output_answer(),
         )
 
     generation = await run_in_threadpool(prepare)
@@ -219,6 +220,7 @@ async def chat_completions(
             tools=tools,
             reasoning=True,
             field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
+            answer=body.answer(tools),
         )
 
     generation = await run_in_threadpool(prepare)

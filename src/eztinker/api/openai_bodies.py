@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.chat import TemplateOptions, template_variables
 from eztinker.api.not_served import RefusesNotServed
-from eztinker.api.tool_calls import ToolUse, call_format, refuse_forced_call
+from eztinker.api.structured import Answer, answer_for, choice_answer, json_answer, regex_answer
+from eztinker.api.tool_calls import ToolUse, call_format
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk
 
@@ -33,10 +34,6 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "tool_choice": ((None, "none", "auto"), "tools are served on /v1/chat/completions"),
     "functions": ((None, []), "the legacy `functions` are not served: send them as `tools`"),
     "function_call": ((None, "none", "auto"), "the legacy `function_call` is not served: use `tool_choice`"),
-    "response_format": (
-        (None, {"type": "text"}),
-        "structured output (json_object, json_schema) is not served: only text",
-    ),
     "suffix": ((None, ""), "insertion (a suffix after the completion) is not served"),
     "best_of": ((None, 1), "best_of is not served: ask for n samples and rank them yourself"),
     "echo": ((None, False), "echo is not served: the prompt's tokens are what you sent"),
@@ -52,11 +49,18 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": ((None,), "audio output is not served"),
     "web_search_options": ((None,), "web search is not served"),
     "verbosity": ((None,), "verbosity is not served: say how long an answer you want in the prompt"),
-    "guided_json": ((None,), "guided decoding is not served"),
-    "guided_regex": ((None,), "guided decoding is not served"),
-    "guided_choice": ((None,), "guided decoding is not served"),
-    "guided_grammar": ((None,), "guided decoding is not served"),
-    "structured_outputs": ((None,), "structured output is not served"),
+    "guided_grammar": (
+        (None,),
+        "a grammar of your own is not served: use structured_outputs (json, regex, choice)",
+    ),
+    "guided_whitespace_pattern": ((None,), "a whitespace pattern is not served: JSON is written compactly"),
+}
+
+# vLLM's `structured_outputs` keys: the constraints served, and options that change nothing here.
+_STRUCTURED_KINDS = ("json", "regex", "choice", "json_object")
+_STRUCTURED_OFF = {
+    "disable_any_whitespace": (None, False, True),
+    "disable_additional_properties": (None, False),
 }
 
 
@@ -77,6 +81,30 @@ class Sampling(RefusesNotServed):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured output (`output_answer`): OpenAI's, and vLLM's extras.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+
+    def output_answer(self) -> Answer | None:
+        """What the answer must be, as `response_format`, vLLM's `structured_outputs` or its `guided_*`
+        ask it (at most one of them); None for free text."""
+        asked: list[Answer] = []
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            asked.append(_response_format(self.response_format))
+        if self.structured_outputs is not None:
+            asked.append(_structured_outputs(self.structured_outputs))
+        if self.guided_json is not None:
+            asked.append(json_answer(self.guided_json, "guided_json"))
+        if self.guided_regex is not None:
+            asked.append(regex_answer(self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            asked.append(choice_answer(self.guided_choice, "guided_choice"))
+        if len(asked) > 1:
+            raise InvalidInputError(asked[1].field, f"one constraint at a time: {asked[0].field} is set too")
+        return asked[0] if asked else None
 
     def biases(self) -> dict[int, float] | None:
         """`logit_bias` with its keys as token ids (their range is checked against the model's vocabulary)."""
@@ -98,6 +126,43 @@ class Sampling(RefusesNotServed):
         if any(not s for s in stops):
             raise InvalidInputError("stop", "contains an empty string")
         return stops
+
+
+def _response_format(response_format: dict[str, Any]) -> Answer:
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return json_answer({"type": "object"}, "response_format")
+    if kind != "json_schema":
+        raise InvalidInputError(
+            "response_format.type", f"{kind!r} is not one of text, json_object, json_schema"
+        )
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidInputError("response_format.json_schema", "is missing: send {name, schema, strict}")
+    return json_answer(spec.get("schema", {"type": "object"}), "response_format.json_schema.schema")
+
+
+def _structured_outputs(options: dict[str, Any]) -> Answer:
+    for key, value in options.items():
+        if key not in _STRUCTURED_KINDS and value not in _STRUCTURED_OFF.get(key, (None,)):
+            raise InvalidInputError(
+                f"structured_outputs.{key}", "is not served: send json, regex, choice or json_object"
+            )
+    kinds = [k for k in _STRUCTURED_KINDS if options.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise InvalidInputError(
+            "structured_outputs", "must set exactly one of json, regex, choice, json_object"
+        )
+    kind = kinds[0]
+    field = f"structured_outputs.{kind}"
+    value = options[kind]
+    if kind == "json":
+        return json_answer(value, field)
+    if kind == "json_object":
+        return json_answer({"type": "object"}, field)
+    if kind == "regex":
+        return regex_answer(value, field)
+    return choice_answer(value, field)
 
 
 class CompletionRequest(Sampling):
@@ -295,23 +360,49 @@ class ChatCompletionRequest(Sampling):
             )
         return TemplateOptions(variables, self.add_generation_prompt, self.continue_final_message)
 
+    def forced_function(self) -> str | None:
+        """The function a named `tool_choice` forces; None for `auto`, `none` and `required`."""
+        choice = self.tool_choice
+        if choice is None or choice in ("auto", "none", "required"):
+            return None
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+            raise InvalidInputError(
+                "tool_choice",
+                f"{choice!r} is not one of none, auto, required, "
+                '{"type": "function", "function": {"name": ...}}',
+            )
+        if name not in {tool.function.name for tool in self.tools or ()}:
+            raise InvalidInputError(
+                "tool_choice.function.name", f"{name!r} is not one of the request's tools"
+            )
+        return name
+
     def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
         """The tools to render and the calls to read; None without tools or with `tool_choice: "none"`
-        (then the model sees no tools, so it answers in text). Forcing a call (`"required"`, a named
-        function) would need constrained decoding, which is not served: a 400, never an unforced call."""
-        if isinstance(self.tool_choice, dict) or self.tool_choice not in (None, "auto", "none"):
-            refuse_forced_call("tool_choice", self.tool_choice)
+        (then the model sees no tools, so it answers in text)."""
+        forced = self.forced_function()
+        if self.tool_choice == "required" and not self.tools:
+            raise InvalidInputError("tool_choice", "required needs tools")
         if not self.tools or self.tool_choice == "none":
             return None
-        for i, tool in enumerate(self.tools):
-            if tool.function.strict:
-                raise InvalidInputError(
-                    f"tools[{i}].function.strict",
-                    "strict schema adherence needs constrained decoding, which is not served: send false",
-                )
         return ToolUse(
             [tool.for_template() for tool in self.tools],
             call_format(tokenizer, base_model, "tools"),
             "call_",
-            max_calls=None if self.parallel_tool_calls else 1,
+            max_calls=None if self.parallel_tool_calls and forced is None else 1,
+        )
+
+    def answer(self, tools: ToolUse | None) -> Answer | None:
+        """What the answer must be (`eztinker.api.structured`): a call when
+        `tool_choice` forces one; with `strict` tools, text or calls whose arguments follow their
+        schemas; with `response_format` too, its JSON or a call; None for free text."""
+        forced = self.forced_function()
+        return answer_for(
+            self.output_answer(),
+            tools,
+            forced=forced is not None or self.tool_choice == "required",
+            names=None if forced is None else [forced],
+            strict={tool.function.name for tool in self.tools or () if tool.function.strict},
         )

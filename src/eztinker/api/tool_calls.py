@@ -24,7 +24,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 from eztinker.engine.errors import InvalidInputError
 
@@ -69,16 +69,6 @@ class ToolUse:
                 properties = (function.get("parameters") or {}).get("properties") or {}
                 return {key: (spec or {}).get("type") for key, spec in properties.items()}
         return {}
-
-
-def refuse_forced_call(field_name: str, choice: Any) -> NoReturn:
-    """A tool choice that forces a call is a 400: guaranteeing one needs constrained decoding, which is not
-    served, and an unforced call answered as if forced would be a lie."""
-    raise InvalidInputError(
-        field_name,
-        f"{choice!r} is not served: forcing a tool call needs constrained decoding; send 'auto' (the model "
-        "decides) or 'none'",
-    )
 
 
 def template_source(tokenizer: Any, with_tools: bool) -> str:

@@ -10,14 +10,17 @@ import operator
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from eztinker.engine import vision
+from eztinker.engine import grammar, vision
 from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.engine.model import BaseModel
 from eztinker.engine.types import ImageChunk, PromptAltTokens, SamplingParams, TopLogprobs
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 MAX_NUM_SAMPLES = 256  # per request: more is almost surely a client bug, and one request could hog the GPU
 _UNIFORM_BLOCK = 64  # uniforms a row draws at a time: a fixed size keeps its stream batch-independent
@@ -109,6 +112,7 @@ class _Row:
     stop_reason: Literal["stop", "length"] | None = None
     extras: _PromptExtras | None = None  # what `prompt_request` asked about the prompt
     uniforms: list[float] = field(default_factory=list)  # the current block of this row's uniform draws
+    matcher: LLMatcher | None = None  # where the row is in its grammar (constrained decoding)
 
 
 @dataclass
@@ -129,7 +133,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
     rows: list[_Row] = []
     for i, request in enumerate(requests):
         where = f"requests[{i}]." if len(requests) > 1 else ""
-        prompt, max_new, stops = _check_request(base, request, where)
+        prompt, max_new, stops, matcher = _check_request(base, request, where)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         rows += [
             _Row(
@@ -146,6 +150,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 on_token=request.on_token,
                 cancelled=request.cancelled,
                 images=tuple(request.images),
+                matcher=None if matcher is None else matcher.deep_copy(),
             )
             for j in range(request.num_samples)
         ]
@@ -153,8 +158,11 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
     return sorted(rows, key=lambda r: first_seen[r.adapter])  # stable: request order within an adapter
 
 
-def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple[list[int], int, _Stops]:
-    """(prompt ids, tokens to sample at most, stop rule) of a valid request; raise on a bad one."""
+def _check_request(
+    base: BaseModel, request: SampleRequest, where: str
+) -> tuple[list[int], int, _Stops, LLMatcher | None]:
+    """(prompt ids, tokens to sample at most, stop rule, compiled grammar or None) of a valid request;
+    raise on a bad one."""
     prompt = _check_prompt(base, request.prompt, f"{where}prompt")
     num_samples = request.num_samples
     if not isinstance(num_samples, int) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
@@ -168,7 +176,16 @@ def _check_request(base: BaseModel, request: SampleRequest, where: str) -> tuple
     stops = _parse_stop(base, params.stop, f"{where}sampling_params.stop")
     if request.stop_at_eos:
         stops = replace(stops, token_ids=stops.token_ids | frozenset(base.eos_token_ids))
-    return prompt, max_new, stops
+    matcher = None
+    if params.grammar is not None:
+        matcher = grammar.compile_grammar(
+            base.tokenizer,
+            base.vocab_size,
+            base.eos_token_ids,
+            params.grammar,
+            f"{where}sampling_params.grammar",
+        )
+    return prompt, max_new, stops, matcher
 
 
 def _check_prompt(base: BaseModel, prompt: Sequence[int], field: str) -> list[int]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from eztinker.engine import grammar
 from eztinker.engine.model import BaseModel
 from eztinker.engine.sampler_requests import SampleRequest, _PromptExtras, _Row, _row_seed
 from eztinker.engine.types import PromptAltTokens, SampledSequence, SampleResult, SamplingParams, TopLogprobs
@@ -31,8 +32,8 @@ def _temperature(params: SamplingParams) -> float:
 
 def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) -> torch.Tensor:
     """Each row's next token: argmax where temperature is 0, else a draw from its filtered distribution
-    (both after the row's logit bias and penalties)."""
-    logits_BV = _biased(logits_BV, batch.rows)
+    (both after the row's logit bias and penalties, and within its grammar)."""
+    logits_BV = _constrained(_biased(logits_BV, batch.rows), batch.rows)
     greedy_B = logits_BV.argmax(dim=-1)
     if all(_temperature(r.params) == 0 for r in batch.rows):
         return greedy_B
@@ -83,6 +84,28 @@ def _biased(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
         frequency_P1, presence_P1 = frequency_P1.to(device), presence_P1.to(device)
         index_P = torch.tensor(penalized).to(device)
         logits_BV[index_P] -= frequency_P1 * counts_PV + presence_P1 * (counts_PV > 0)
+    return logits_BV
+
+
+def _constrained(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+    """The logits with every token a row's grammar does not allow next at -inf (`eztinker.engine.grammar`).
+    Once its grammar is complete a row may also draw one of its stop tokens, and once nothing more can
+    follow it must: its sample ends on a stop token (end of turn), as an unconstrained one does. The
+    input itself when no row has a grammar."""
+    constrained = [b for b, r in enumerate(rows) if r.matcher is not None]
+    if not constrained:
+        return logits_BV
+    matchers = [m for b in constrained if (m := rows[b].matcher) is not None]
+    allowed_RV = grammar.allowed_tokens(matchers, logits_BV.shape[-1], logits_BV.device)
+    for i, b in enumerate(constrained):
+        stops = list(rows[b].stops.token_ids)
+        if stops and matchers[i].is_stopped():
+            allowed_RV[i] = False
+        if stops and matchers[i].is_accepting():
+            allowed_RV[i, stops] = True
+    logits_BV = logits_BV.clone()
+    index_R = torch.tensor(constrained, device=logits_BV.device)
+    logits_BV[index_R] = logits_BV[index_R].masked_fill(~allowed_RV, -math.inf)
     return logits_BV
 
 
@@ -230,6 +253,8 @@ def _record(
             row.topk_logprobs.append(topk[b][: row.topk])
         if token in row.stops.token_ids or _hit_stop_string(base, row):
             row.stop_reason = "stop"
+        elif row.matcher is not None and grammar.advance(row.matcher, token) and not row.stops.token_ids:
+            row.stop_reason = "stop"  # the grammar is complete, and the row has no stop token to end on
         elif len(row.tokens) >= row.max_new or (row.cancelled is not None and row.cancelled()):
             row.stop_reason = "length"
         done.append(row.stop_reason is not None)

@@ -156,6 +156,9 @@ class SamplingParams:
     `frequency_penalty` times how often it was generated, minus `presence_penalty` if it was at all; then
     temperature, top-k and top-p apply. They shape which token is drawn, not the reported log-probabilities
     (the model's own, as training computes them).
+
+    `grammar` constrains the text to a Lark grammar in llguidance's dialect (`eztinker.engine.grammar`):
+    only tokens that keep the text inside it are drawn, and the sample ends once it is complete.
     """
 
     max_tokens: int | None = 16
@@ -167,6 +170,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]
     presence_penalty: float = 0.0  # in [-2, 2]
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) the completion must match
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability) pairs, most likely first

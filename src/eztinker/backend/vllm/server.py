@@ -338,6 +338,9 @@ class VllmServer(_Supervised):
             str(options.max_logprobs),
             "--logprobs-mode",
             "raw_logprobs",
+            # Grammars (`SamplingParams.grammar`) are llguidance's Lark dialect, as the engine's own are.
+            "--structured-outputs-config",
+            '{"backend": "guidance"}',
             "--generation-config",
             "vllm",
             "--distributed-executor-backend",

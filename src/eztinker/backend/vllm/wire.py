@@ -74,6 +74,8 @@ def completion_body(
     | topk_sample_logprobs                        | logprobs = k                                            |
     | prompt_logprobs / topk_prompt_logprobs      | prompt_logprobs = 0 / k                                 |
     | prompt_logprobs_last_n                      | (all positions are scored; the earlier ones dropped)    |
+    | grammar (Lark, llguidance's dialect)        | structured_outputs.grammar (`vllm serve` runs guidance; |
+    |                                             | its logprobs are then renormalized over what it allows) |
     | (token ids out)                             | return_token_ids, return_tokens_as_token_ids            |
 
     vLLM's other knobs (min_p, repetition_penalty, min_tokens) are sent as off, and special tokens kept in
@@ -117,6 +119,8 @@ def completion_body(
         body["seed"] = _vllm_seed(operator.index(params.seed))
     if params.logit_bias:
         body["logit_bias"] = {str(token): float(bias) for token, bias in params.logit_bias.items()}
+    if params.grammar is not None:
+        body["structured_outputs"] = {"grammar": params.grammar}
     eos = sorted(set(eos_token_ids))
     stop = params.stop
     items = [stop] if isinstance(stop, str | int) else list(stop) if stop is not None else None
@@ -361,6 +365,7 @@ _FIELDS = {  # vLLM's `param` names -> the engine request's
     "frequency_penalty": "sampling_params.frequency_penalty",
     "presence_penalty": "sampling_params.presence_penalty",
     "logit_bias": "sampling_params.logit_bias",
+    "structured_outputs": "sampling_params.grammar",
     "stop": "sampling_params.stop",
     "stop_token_ids": "sampling_params.stop",
     "logprobs": "topk_sample_logprobs",
