@@ -96,3 +96,25 @@ def test_another_keys_checkpoint_path_is_missing(served, checkpoints: str) -> No
             )
     with pytest.raises(openai.BadRequestError):
         _client(url, "/v1").completions.create(model="tinker://nope", prompt="x", max_tokens=2)
+
+
+def test_a_checkpoint_on_its_base_model_as_hosted_tinker_names_it(
+    served, checkpoints: str, tiny_model_dir
+) -> None:
+    """`<base model>;<checkpoint path>` samples the checkpoint, when it names the base it was trained on."""
+    _, url = served
+    path = f"tinker://{checkpoints}/sampler_weights/s"
+    oai = _client(url, "/oai/api/v1")
+    alone = oai.completions.create(model=path, prompt="hello", max_tokens=4, temperature=0)
+    paired = oai.completions.create(
+        model=f"{tiny_model_dir};{path}", prompt="hello", max_tokens=4, temperature=0
+    )
+    assert paired.choices[0].text == alone.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="was trained on"):
+        oai.completions.create(model=f"other/base;{path}", prompt="hello", max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="is not <base model>;tinker://"):
+        oai.completions.create(model=f"{tiny_model_dir};{checkpoints}", prompt="hello", max_tokens=4)
+    with pytest.raises(openai.NotFoundError):  # another key's checkpoint stays missing, base or not
+        _client(url, "/v1", key=OTHER).completions.create(
+            model=f"{tiny_model_dir};{path}", prompt="x", max_tokens=2
+        )

@@ -47,7 +47,13 @@ CITY_ENUM = {
     "properties": {**CITY["properties"], "city": {"type": "string", "enum": ["Paris", "Le Mans"]}},
 }
 WEATHER_ENUM = {"type": "function", "function": {"name": "get_weather", "parameters": CITY_ENUM}}
-CLOCK = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "now",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +217,7 @@ def ant(server: str) -> anthropic.Anthropic:
 
 
 QUESTION = [{"role": "user", "content": "Weather in Paris for two days?"}]
-SEEDED = {"seed": 11, "max_tokens": 120}
+SEEDED = {"seed": 11, "max_tokens": 100}  # the tiny models hold 512 tokens
 
 
 def test_openai_response_format_json_schema_whole_and_streamed(oai: openai.OpenAI, models) -> None:
@@ -282,6 +288,33 @@ def _named(name: str) -> dict:
     return {"type": "function", "function": {"name": name}}
 
 
+def _allowed(mode: str, *names: str) -> dict:
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": [_named(n) for n in names]}}
+
+
+def test_openai_allowed_tools_limit_the_calls_but_not_the_prompt(oai: openai.OpenAI, models) -> None:
+    """Every tool is rendered; only the allowed ones can be called (`required`: one must be)."""
+    tools = [WEATHER_ENUM, CLOCK]
+    prompts = set()
+    for mode in ("required", "auto"):
+        reply = oai.chat.completions.create(
+            model=models["json"],
+            messages=QUESTION,
+            tools=tools,
+            tool_choice=_allowed(mode, "now"),
+            parallel_tool_calls=False,
+            n=3,
+            **SEEDED,
+        )
+        prompts.add(reply.usage.prompt_tokens)
+        for choice in reply.choices:
+            calls = choice.message.tool_calls or []
+            assert all(call.function.name == "now" for call in calls)
+            assert calls or mode == "auto"
+    plain = oai.chat.completions.create(model=models["json"], messages=QUESTION, tools=tools, max_tokens=1)
+    assert prompts == {plain.usage.prompt_tokens}
+
+
 def test_openai_strict_tools_under_auto_call_with_valid_arguments_or_answer_in_text(
     oai: openai.OpenAI, models
 ) -> None:
@@ -339,8 +372,17 @@ def test_anthropic_forced_tool_choice_and_output_format(ant: anthropic.Anthropic
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar"),
         ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "("}, "guided_regex"),
+        ({"guided_regex": "\\"}, "guided_regex"),
+        ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+        ({"guided_choice": ["a", 3]}, "guided_choice"),
         ({"tools": [WEATHER], "tool_choice": _named("nope")}, "tool_choice.function.name"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools"}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "custom"}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools"}}, "tool_choice.allowed_tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": _allowed("auto", "nope")},
+            "tool_choice.allowed_tools.tools[0].function.name",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
     ],
 )
@@ -351,6 +393,36 @@ def test_openai_refuses_a_bad_constraint_naming_the_field(
     answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param, answer.text
+
+
+WEIRD_SCHEMAS = [
+    {"type": "object", "properties": {"a": True, "b": [1]}, "required": [["a"], "b"]},
+    {"type": "object", "properties": "none"},
+    {"type": "object", "properties": {"a": {"type": "string", "enum": [1, 2]}}, "required": ["a"]},
+    {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}},
+    {"type": "object", "properties": {"a": {"$ref": "https://example.com/remote.json"}}},
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 5, "maximum": 1}}},
+    {"type": ["object", "nothing"]},
+]
+
+
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+@pytest.mark.parametrize("schema", WEIRD_SCHEMAS)
+def test_odd_schemas_are_answered_or_refused_never_a_server_error(
+    server: str, models, fmt: str, schema
+) -> None:
+    """Whatever a client puts in a schema: a reply that holds to it, or a 400 naming the field."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for change in (
+        {"tools": [tool], "tool_choice": "required", "parallel_tool_calls": False},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+        {"guided_json": schema},
+    ):
+        body = {"model": models[fmt], "messages": QUESTION, "max_tokens": 8, "seed": 0, **change}
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code in (200, 400), answer.text
+        if answer.status_code == 400:
+            assert answer.json()["error"]["param"], answer.text
 
 
 @pytest.mark.parametrize(
@@ -380,3 +452,25 @@ def test_a_tokenizer_build_is_shared_by_every_grammar_on_a_model(tiny_model_dir:
     base = Engine(EngineConfig(device="cpu", dtype=torch.float32)).base_model(str(tiny_model_dir))
     first = grammar._tokenizer(base.tokenizer, base.vocab_size, base.eos_token_ids)
     assert grammar._tokenizer(base.tokenizer, base.vocab_size, base.eos_token_ids) is first
+
+
+def test_the_native_client_samples_within_a_schema_a_regex_or_a_choice(server: str, models) -> None:
+    from eztinker import EZTinkerClient
+    from eztinker.exceptions import InvalidRequestError
+
+    with EZTinkerClient(base_url=server) as client:
+        base = models["json"]
+        for prompt in ("Weather:", QUESTION):  # a text, and a chat through the template
+            text = client.sample(prompt, base_model=base, json_schema=CITY, seed=1, max_new_tokens=100)
+            jsonschema.validate(json.loads(text), CITY)
+        assert client.sample("Sky:", base_model=base, choice=["blue", "grey"], seed=2) in ("blue", "grey")
+        out = client.generate([17, 250, 31], base_model=base, regex="[0-9]{4}", n=3, seed=3)
+        assert all(len(s.text) == 4 and s.text.isdigit() and s.stop_reason == "stop" for s in out.samples)
+        with pytest.raises(InvalidRequestError) as refused:
+            client.sample("x", base_model=base, regex="(")
+        assert refused.value.field == "regex"
+        with pytest.raises(InvalidRequestError, match="at most one"):
+            client.sample("x", base_model=base, regex="a", choice=["a"])
+        with pytest.raises(InvalidRequestError) as refused:
+            client.sample("x", base_model=base, json_schema={"type": "strng"})
+        assert refused.value.field == "json_schema"

@@ -287,12 +287,17 @@ def sample(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     logit_bias: Mapping[int, float] | None = None,
+    json_schema: Mapping[str, Any] | None = None,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
 ) -> Plan[str]:
     """Generate from `run_id`'s adapter (or a base model when None), wait, and return the text.
 
     `prompt`: text, token ids, or a chat (`[{"role": "user", "content": "Hi"}]`, rendered by the base
     model's chat template, ready for the assistant's turn). The penalties and `logit_bias` are OpenAI's,
-    over the tokens generated so far."""
+    over the tokens generated so far. At most one of `json_schema`, `regex` and `choice` constrains the
+    text (constrained decoding): JSON matching the schema, text matching the regex, one of the strings
+    (after a reasoning model's thinking, for a chat)."""
     output = yield from generate(
         client,
         prompt,
@@ -307,6 +312,9 @@ def sample(
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         logit_bias=logit_bias,
+        json_schema=json_schema,
+        regex=regex,
+        choice=choice,
     )
     return output.samples[0].text
 
@@ -328,6 +336,9 @@ def generate(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     logit_bias: Mapping[int, float] | None = None,
+    json_schema: Mapping[str, Any] | None = None,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
 ) -> Plan[SampleOutput]:
     """As `sample`, returning all `n` samples with their tokens and logprobs (and the prompt's, if asked)."""
     call = _sample_call(
@@ -343,6 +354,7 @@ def generate(
         prompt_logprobs=prompt_logprobs,
         base_model=base_model,
         **_shaping(frequency_penalty, presence_penalty, logit_bias),
+        **_constraint(json_schema, regex, choice),
     )
     future = yield from client._submit(call)
     return SampleOutput.model_validate((yield from future._wait(None)))
@@ -352,6 +364,18 @@ def _shaping(frequency: float, presence: float, bias: Mapping[int, float] | None
     """The penalties and bias that are set: a server from before them still takes a request without."""
     given = {"frequency_penalty": frequency, "presence_penalty": presence, "logit_bias": dict(bias or {})}
     return {name: value for name, value in given.items() if value}
+
+
+def _constraint(
+    json_schema: Mapping[str, Any] | None, regex: str | None, choice: Sequence[str] | None
+) -> dict[str, Any]:
+    """The constraint that is set (a server from before them still takes a request without)."""
+    given = {
+        "json_schema": None if json_schema is None else dict(json_schema),
+        "regex": regex,
+        "choice": None if choice is None else list(choice),
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 # --- checkpoints -------------------------------------------------------------------------------------

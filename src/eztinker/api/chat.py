@@ -59,8 +59,23 @@ class ErrorShapedRoute(APIRoute):
 
 def resolve_model(service: Service, model: str, owner: str | None) -> ModelTarget:
     """What `model` names: a `tinker://<run>/sampler_weights|weights/<name>` checkpoint (loaded as a sampler
-    snapshot on first use), else a base model, a run id or a sampler snapshot id. Blocking: a checkpoint
-    may be loaded."""
+    snapshot on first use), else a base model, a run id or a sampler snapshot id; or, as hosted Tinker
+    takes it, `<base model>;<checkpoint path>`, the checkpoint on the base it was trained on. Blocking: a
+    checkpoint may be loaded."""
+    if ";" in model:
+        base, _, path = model.partition(";")
+        if not path.startswith("tinker://"):
+            raise InvalidInputError(
+                "model", f"{model!r} is not <base model>;tinker://<run>/sampler_weights/<name>"
+            )
+        target = resolve_model(service, path, owner)
+        if base != target.base_model:
+            raise InvalidInputError(
+                "model",
+                f"{path} was trained on {target.base_model!r}, not {base!r}: name that base model, or the "
+                "checkpoint alone",
+            )
+        return target
     if model.startswith("tinker://"):
         try:
             run_id, name, kind = wire.parse_tinker_path(model)

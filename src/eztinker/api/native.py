@@ -8,6 +8,7 @@ here from the job's typed result (`result_json`). Native bodies become engine ty
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from eztinker.api.chat import chat_template_ids, require_chat_template
 from eztinker.api.deps import OwnerDep, ServiceDep, while_connected
+from eztinker.api.reasoning import opens_thinking
+from eztinker.api.structured import Answer, choice_answer, json_answer, regex_answer
 from eztinker.engine import AdamParams, Datum, DimuonParams, SamplingParams, TokenLoss
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.optimizers import OptimizerName
@@ -127,18 +130,49 @@ def _sample_spec(
     )
     params = SamplingParams(max_tokens=body.max_new_tokens, **same)
     prompt = list(body.prompt_tokens or [])
+    text = body.prompt  # (None for ids or a chat)
+    answer = _answer(body)
     if body.messages is not None:  # rendered now: a chat template is the tokenizer's, which loads alone
         tokenizer = service.backend.tokenizer(target.base_model)
         require_chat_template(tokenizer, target.base_model, "messages", "send `prompt` or `prompt_tokens`")
         prompt = chat_template_ids(tokenizer, [turn.model_dump() for turn in body.messages])
+        if answer is not None:  # a reasoning model thinks first: the answer after it has the shape
+            params = replace(params, grammar=answer.grammar(opens_thinking(tokenizer, prompt)))
+    elif answer is not None:
+        if text is not None:  # tokenized now, so that the grammar is checked with the request
+            tokenizer = service.backend.tokenizer(target.base_model)
+            prompt, text = list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
+        params = replace(params, grammar=answer.grammar(None))
     request = SampleRequest(
         prompt=prompt,
         params=params,
         num_samples=body.n,
         prompt_logprobs=body.prompt_logprobs,
     )
-    text = body.prompt  # (None for ids or a chat)
-    return SampleSpec(target, [request], text_prompt=text, decode=True)
+    return SampleSpec(target, [request], text_prompt=text, decode=True, check_now=answer is not None)
+
+
+def _answer(body: api.SampleRequest) -> Answer | None:
+    """The shape the sample must have (constrained decoding), from `json_schema`, `regex` or `choice`."""
+    if body.json_schema is not None:
+        return json_answer(body.json_schema, "json_schema")
+    if body.regex is not None:
+        return regex_answer(body.regex, "regex")
+    if body.choice is not None:
+        return choice_answer(body.choice, "choice")
+    return None
+
+
+def _sample(service: Service, run_id: str | None, body: api.SampleRequest, owner: str | None) -> Job:
+    """The sampling job; a grammar the engine refuses is named by the field that asked for it."""
+    spec = _sample_spec(service, run_id, body, owner)
+    try:
+        return service.sampling.sample(spec, owner)
+    except InvalidInputError as exc:
+        if exc.field != "sampling_params.grammar":
+            raise
+        asked = next(f for f in ("json_schema", "regex", "choice") if getattr(body, f) is not None)
+        raise InvalidInputError(asked, exc.message) from None
 
 
 # --- job results -> native JSON ----------------------------------------------------------------------
@@ -259,13 +293,13 @@ def optim_step(run_id: str, body: api.OptimStepRequest, service: ServiceDep, own
 @router.post("/runs/{run_id}/sample", status_code=status.HTTP_202_ACCEPTED)
 def sample_run(run_id: str, body: api.SampleRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
     """Sample from the run's current adapter."""
-    return _ref(service.sampling.sample(_sample_spec(service, run_id, body, owner), owner))
+    return _ref(_sample(service, run_id, body, owner))
 
 
 @router.post("/sample", status_code=status.HTTP_202_ACCEPTED)
 def sample_base(body: api.SampleRequest, service: ServiceDep, owner: OwnerDep) -> api.JobRef:
     """Sample from a base model (default: the server's first model) or a sampler snapshot."""
-    return _ref(service.sampling.sample(_sample_spec(service, None, body, owner), owner))
+    return _ref(_sample(service, None, body, owner))
 
 
 @router.post("/runs/{run_id}/save", status_code=status.HTTP_202_ACCEPTED)

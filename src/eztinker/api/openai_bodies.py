@@ -360,49 +360,75 @@ class ChatCompletionRequest(Sampling):
             )
         return TemplateOptions(variables, self.add_generation_prompt, self.continue_final_message)
 
-    def forced_function(self) -> str | None:
-        """The function a named `tool_choice` forces; None for `auto`, `none` and `required`."""
+    def tool_mode(self) -> tuple[str, list[str] | None]:
+        """(`none`, `auto` or `required`; the functions the model may call, None: every tool) from
+        `tool_choice`: a mode, a named function (required, that one), or `allowed_tools` (its mode, its
+        functions)."""
         choice = self.tool_choice
         if choice is None or choice in ("auto", "none", "required"):
-            return None
-        function = choice.get("function") if isinstance(choice, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
-            raise InvalidInputError(
-                "tool_choice",
-                f"{choice!r} is not one of none, auto, required, "
-                '{"type": "function", "function": {"name": ...}}',
-            )
+            return choice or "auto", None
+        if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+            allowed = choice.get("allowed_tools")
+            mode = allowed.get("mode") if isinstance(allowed, dict) else None
+            refs = allowed.get("tools") if isinstance(allowed, dict) else None
+            if mode not in ("auto", "required") or not isinstance(refs, list) or not refs:
+                raise InvalidInputError(
+                    "tool_choice.allowed_tools", 'must be {"mode": "auto" | "required", "tools": [...]}'
+                )
+            return mode, [
+                self._tool_name(ref, f"tool_choice.allowed_tools.tools[{i}]") for i, ref in enumerate(refs)
+            ]
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            return "required", [self._tool_name(choice, "tool_choice")]
+        raise InvalidInputError(
+            "tool_choice",
+            f"{choice!r} is not one of none, auto, required, "
+            '{"type": "function", "function": {"name": ...}}, {"type": "allowed_tools", ...}',
+        )
+
+    def _tool_name(self, ref: Any, where: str) -> str:
+        """The name in a tool reference (`{"type": "function", "function": {"name"}}` or the Responses
+        API's `{"type": "function", "name"}`), which must be one of the request's tools."""
+        function = ref.get("function") if isinstance(ref, dict) else None
+        name = (
+            function.get("name")
+            if isinstance(function, dict)
+            else ref.get("name")
+            if isinstance(ref, dict)
+            else None
+        )
+        if not isinstance(name, str):
+            raise InvalidInputError(where, 'must be {"type": "function", "function": {"name": ...}}')
         if name not in {tool.function.name for tool in self.tools or ()}:
-            raise InvalidInputError(
-                "tool_choice.function.name", f"{name!r} is not one of the request's tools"
-            )
+            raise InvalidInputError(f"{where}.function.name", f"{name!r} is not one of the request's tools")
         return name
 
     def tool_use(self, tokenizer: Any, base_model: str) -> ToolUse | None:
         """The tools to render and the calls to read; None without tools or with `tool_choice: "none"`
-        (then the model sees no tools, so it answers in text)."""
-        forced = self.forced_function()
-        if self.tool_choice == "required" and not self.tools:
+        (then the model sees no tools, so it answers in text). Every tool is rendered, the allowed ones
+        or not (as OpenAI's `allowed_tools` does, which keeps the prompt the same)."""
+        mode, _ = self.tool_mode()
+        if mode == "required" and not self.tools:
             raise InvalidInputError("tool_choice", "required needs tools")
-        if not self.tools or self.tool_choice == "none":
+        if not self.tools or mode == "none":
             return None
+        named = isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function"
         return ToolUse(
             [tool.for_template() for tool in self.tools],
             call_format(tokenizer, base_model, "tools"),
             "call_",
-            max_calls=None if self.parallel_tool_calls and forced is None else 1,
+            max_calls=None if self.parallel_tool_calls and not named else 1,
         )
 
     def answer(self, tools: ToolUse | None) -> Answer | None:
-        """What the answer must be (`eztinker.api.structured`): a call when
-        `tool_choice` forces one; with `strict` tools, text or calls whose arguments follow their
+        """What the answer must be (`eztinker.api.structured`): a call when `tool_choice` forces one; a
+        call only to the allowed tools; with `strict` tools, text or calls whose arguments follow their
         schemas; with `response_format` too, its JSON or a call; None for free text."""
-        forced = self.forced_function()
+        mode, names = self.tool_mode()
         return answer_for(
             self.output_answer(),
             tools,
-            forced=forced is not None or self.tool_choice == "required",
-            names=None if forced is None else [forced],
+            forced=mode == "required",
+            names=names,
             strict={tool.function.name for tool in self.tools or () if tool.function.strict},
         )

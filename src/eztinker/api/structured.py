@@ -21,6 +21,7 @@ run to `max_tokens`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,10 @@ def regex_answer(pattern: Any, field: str) -> Answer:
     """Text matching a regular expression (Rust `regex` syntax, which Python's mostly is)."""
     if not isinstance(pattern, str) or not pattern:
         raise InvalidInputError(field, "must be a non-empty regular expression")
+    try:  # what clients write (vLLM's are Python's); llguidance then refuses what Rust's syntax lacks
+        re.compile(pattern)
+    except re.error as exc:
+        raise InvalidInputError(field, f"is not a regular expression: {exc}") from None
     return Answer(f"/{llguidance.regex_to_lark(pattern)}/", field=field)
 
 
@@ -107,6 +112,7 @@ def tool_call_answer(
         f"text_then_call: before_call call_body\ncall: {_literal(CALL_START)} call_body\n"
         f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{_regex_escape(CALL_START)}(.|\\n)*/\n"
         f"before_call[stop={_literal(CALL_START)}]: /(.|\\n)*/\n" + rules,
+        field,
     )
 
 
@@ -118,18 +124,20 @@ def answer_for(
     names: list[str] | None,
     strict: set[str],
 ) -> Answer | None:
-    """What a chat's answer must be on both compatible APIs: a call
-    when the tool choice forces one (to one of `names`, None: any tool); else the `output` format's
-    answer or a call (strict arguments for the tools in `strict`); else, with `strict` tools, text or
-    calls with their arguments checked; None for free text."""
+    """What a chat's answer must be on both compatible APIs: a call when the tool choice forces one (to
+    one of `names`; None: any tool); else the `output` format's answer or a call; else, with `strict`
+    tools or only some tools allowed, text or calls (to the allowed tools, strict arguments for the tools
+    in `strict`); None for free text."""
     if tools is None:
         return output
     if forced:
         return tool_call_answer(tools, names, set(), text=False, field="tool_choice")
     if output is not None:
-        return output | tool_call_answer(tools, None, strict, text=False)
-    if strict:
-        return tool_call_answer(tools, None, strict, text=True)
+        return output | tool_call_answer(tools, names, strict, text=False)
+    if strict or names is not None:
+        return tool_call_answer(
+            tools, names, strict, text=True, field="tools" if names is None else "tool_choice"
+        )
     return None
 
 
@@ -137,7 +145,7 @@ def _json_calls(functions: list[dict[str, Any]], strict: set[str], forced: bool)
     """`call_body`: what follows `<tool_call>`, `{"name": ..., "arguments": ...}` and the closing tag."""
     bodies = []
     for function in functions:
-        arguments = function.get("parameters") or _ANY_OBJECT
+        arguments = _mapping(function.get("parameters")) or _ANY_OBJECT
         if not forced and function["name"] not in strict:
             arguments = _ANY_OBJECT
         call = {
@@ -151,39 +159,56 @@ def _json_calls(functions: list[dict[str, Any]], strict: set[str], forced: bool)
 
 
 def _xml_calls(functions: list[dict[str, Any]], strict: set[str], forced: bool) -> str:
-    """`call_body`: `<function=NAME>`, a `<parameter=KEY>` block per argument (the required ones always,
-    in the schema's order), `</function>` and the closing tag. A string value is written as is: one of
-    its `enum` when it has one, else free text up to its closing tag (the format has no quotes to bound
-    it, so a string's length and pattern are not held); any other value is JSON of its schema."""
+    """`call_body`: `<function=NAME>`, its `<parameter=KEY>` blocks, `</function>` and the closing tag.
+
+    A call held to its schema (forced, or strict) has a block per property, the required ones always, in
+    the schema's order. A string value is written as is: one of its `enum` when it has one, else free text
+    up to its closing tag (the format has no quotes to bound it, so a string's length and pattern are
+    not held); any other value is JSON of its schema. A call not held to it takes any blocks."""
     rules, names = [], []
+    loose = False
     for i, function in enumerate(functions):
-        schema = function.get("parameters") or _ANY_OBJECT
-        constrained = forced or function["name"] in strict
-        properties = schema.get("properties") or {}
-        required = set(schema.get("required") or ())
+        header = _literal(f"<function={function['name']}>\n")
+        names.append(f"f{i}")
+        if not (forced or function["name"] in strict):
+            rules.append(f'f{i}: {header} any_parameter* "</function>\\n"\n')
+            loose = True
+            continue
+        schema = _mapping(function.get("parameters"))
+        properties = _mapping(schema.get("properties"))
+        listed = schema.get("required")
+        required = {r for r in listed if isinstance(r, str)} if isinstance(listed, list) else set()
         parts = []
-        for j, (key, spec) in enumerate(properties.items()):
-            rule = f"f{i}_p{j}"
+        for j, (key, value_schema) in enumerate(properties.items()):
+            rule, spec = f"f{i}_p{j}", _mapping(value_schema)
             start = _literal(f"<parameter={key}>\n")
-            spec = spec or {}
             options = spec.get("enum", [spec["const"]] if "const" in spec else None)
-            if (
-                constrained
-                and spec.get("type") == "string"
-                and options
-                and all(isinstance(o, str) for o in options)
-            ):
+            if spec.get("type") == "string" and isinstance(options, list) and options:
+                if not all(isinstance(o, str) for o in options):
+                    raise InvalidInputError(
+                        "tools", f"{function['name']}.{key}: a string's enum must hold strings"
+                    )
                 values = " | ".join(_literal(o) for o in options)
                 rules.append(f'{rule}: {start} ({values}) "\\n</parameter>\\n"\n')
-            elif spec.get("type") == "string" or not constrained:
-                rules.append(f'{rule}: {start} {rule}_v\n{rule}_v[stop="\\n</parameter>\\n"]: /(.|\\n)*/\n')
+            elif spec.get("type") == "string":
+                rules.append(f"{rule}: {start} free_value\n")
+                loose = True
             else:
                 rules.append(f'{rule}: {start} %json {_schema(spec)} "\\n</parameter>\\n"\n')
-            parts.append(rule if key in required and constrained else f"{rule}?")
-        names.append(f"f{i}")
-        header = _literal(f"<function={function['name']}>\n")
+            parts.append(rule if key in required else f"{rule}?")
         rules.append(f'f{i}: {header} {" ".join(parts)} "</function>\\n"\n')
+    if loose:
+        rules.append(
+            'any_parameter: "<parameter=" PARAMETER_NAME ">\\n" free_value\nPARAMETER_NAME: /[^>\\n]+/\n'
+            'free_value[stop="\\n</parameter>\\n"]: /(.|\\n)*/\n'
+        )
     return f'call_body: "\\n" ({" | ".join(names)}) {_literal(CALL_END)}\n' + "".join(rules)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """`value` when it is a JSON object, else {} (a schema's malformed part constrains nothing here;
+    llguidance refuses a malformed schema where it compiles one)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _schema(schema: dict[str, Any]) -> str:

@@ -192,6 +192,11 @@ class SampleRequest(_Strict):
     logit_bias: dict[int, float] | None = Field(None, description="Token id -> added to its logit (±100).")
     n: int = Field(1, ge=1, description="Number of samples (at most the server's `max_samples`).")
     prompt_logprobs: bool = False
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Constrained decoding: the text is JSON matching this JSON schema."
+    )
+    regex: str | None = Field(None, description="Constrained decoding: the text matches this regex.")
+    choice: list[str] | None = Field(None, description="Constrained decoding: the text is one of these.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> SampleRequest:
@@ -199,6 +204,8 @@ class SampleRequest(_Strict):
             raise ValueError(
                 "give exactly one of `prompt` (text), `prompt_tokens` (ids) or `messages` (a chat)"
             )
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) > 1:
+            raise ValueError("give at most one of `json_schema`, `regex` or `choice`")
         return self
 
 
