@@ -474,3 +474,10 @@ def test_the_native_client_samples_within_a_schema_a_regex_or_a_choice(server: s
         with pytest.raises(InvalidRequestError) as refused:
             client.sample("x", base_model=base, json_schema={"type": "strng"})
         assert refused.value.field == "json_schema"
+
+
+def test_a_row_that_never_stops_runs_to_max_tokens_within_a_grammar_that_could_end(base) -> None:
+    """`stop=[]` never stops early, not even at EOS: a grammar that could end there goes on instead."""
+    grammar = regex_answer("[a-z ]*", "f").grammar(None)
+    sequences = _sample(base, grammar, max_tokens=24, stop=[], logit_bias={EOS: 50.0})  # EOS most likely
+    assert all(len(s.tokens) == 24 and s.stop_reason == "length" and EOS not in s.tokens for s in sequences)

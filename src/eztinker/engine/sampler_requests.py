@@ -113,6 +113,7 @@ class _Row:
     extras: _PromptExtras | None = None  # what `prompt_request` asked about the prompt
     uniforms: list[float] = field(default_factory=list)  # the current block of this row's uniform draws
     matcher: LLMatcher | None = None  # where the row is in its grammar (constrained decoding)
+    grammar_ends: frozenset[int] = frozenset()  # end tokens the grammar allows that the row must not draw
 
 
 @dataclass
@@ -151,6 +152,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 cancelled=request.cancelled,
                 images=tuple(request.images),
                 matcher=None if matcher is None else matcher.deep_copy(),
+                grammar_ends=frozenset(base.eos_token_ids) - stops.token_ids if matcher else frozenset(),
             )
             for j in range(request.num_samples)
         ]

@@ -98,7 +98,10 @@ def _constrained(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
     matchers = [m for b in constrained if (m := rows[b].matcher) is not None]
     allowed_RV = grammar.allowed_tokens(matchers, logits_BV.shape[-1], logits_BV.device)
     for i, b in enumerate(constrained):
-        stops = list(rows[b].stops.token_ids)
+        row = rows[b]
+        if row.grammar_ends:  # the grammar ends on EOS; a row that never stops (`stop=[]`) must not
+            allowed_RV[i, list(row.grammar_ends)] = False
+        stops = list(row.stops.token_ids)
         if stops and matchers[i].is_stopped():
             allowed_RV[i] = False
         if stops and matchers[i].is_accepting():
