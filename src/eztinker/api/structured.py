@@ -104,7 +104,9 @@ def tool_call_answer(
         rules = _xml_calls(functions, strict, forced=not text)
     else:
         rules = _json_calls(functions, strict, forced=not text)
-    more = "" if tools.max_calls == 1 else ' ("\\n" call)*'
+    # Calls are separated by a line break, as templates render them; one may end the answer too (a model
+    # breaks the line before it ends its turn), so a "\n" after a call does not commit it to another.
+    more = ' "\\n"?' if tools.max_calls == 1 else ' ("\\n" call)* "\\n"?'
     if not text:
         return Answer(f"call{more}", f"call: {_literal(CALL_START)} call_body\n" + rules, field)
     return Answer(
