@@ -149,16 +149,16 @@ def test_another_keys_run_is_answered_as_a_missing_one(server: str, model: str) 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("thinking", {"type": "enabled", "budget_tokens": 1024}),
         ("mcp_servers", [{"type": "url", "url": "https://example.com/sse", "name": "x"}]),
+        ("container", "container_011"),
     ],
 )
-def test_extended_thinking_and_mcp_servers_are_refused_naming_the_field(
+def test_mcp_servers_and_containers_are_refused_naming_the_field(
     server: str, model: str, field: str, value
 ) -> None:
-    """Extended thinking (a budget) and MCP servers are not served: a 400 naming the field, never a reply
+    """MCP servers and code-execution containers are not served: a 400 naming the field, never a reply
     that ignored them; count_tokens refuses them too. (Tool use: `test_tool_use.py`; forced calls and
-    `output_format`: `test_structured_output.py`.)"""
+    `output_format`: `test_structured_output.py`; thinking: `test_reasoning.py`.)"""
     for route, extra in (("messages", {"max_tokens": 4}), ("messages/count_tokens", {})):
         body = {"model": model, "messages": HI, field: value, **extra}
         raw = httpx.post(
@@ -171,10 +171,7 @@ def test_extended_thinking_and_mcp_servers_are_refused_naming_the_field(
             and field in error["message"]
             and "not served" in error["message"]
         )
-    off = {
-        "thinking": {"type": "disabled"},
-        "mcp_servers": [],
-    }[field]
+    off = {"mcp_servers": [], "container": None}[field]
     fine = {"model": model, "messages": HI, "max_tokens": 2, field: off}
     assert (
         httpx.post(

@@ -21,7 +21,7 @@ from eztinker.engine.sampler import (
     prompt_logprobs,
     sample_batch,
 )
-from eztinker.engine.types import AdamParams, Datum, SampledSequence, SamplingParams
+from eztinker.engine.types import AdamParams, Budget, Datum, SampledSequence, SamplingParams
 from eztinker.testing import TINY_FAMILIES
 
 EOS = 2  # the tiny tokenizer's <|im_end|>
@@ -519,3 +519,57 @@ def test_prompt_logprobs_checks_its_tokens(engine: Engine, model: str) -> None:
 
 def test_no_requests_give_no_results(engine: Engine, model: str) -> None:
     assert sample_batch(engine.base_model(model), []) == []
+
+
+# --- budgets (a reasoning model's thinking budget) ---------------------------------------------------------
+
+
+def test_a_budget_forces_its_closing_text_after_so_many_tokens(engine: Engine, model: str) -> None:
+    """Greedy is unchanged up to the budget; then the closing text's tokens come, drawn or not, with the
+    model's own log-probabilities; then sampling goes on."""
+    base = engine.base_model(model)
+    until = "</think>"
+    until_ids = base.tokenizer.encode(until, add_special_tokens=False)
+    free = sample_batch(base, [SampleRequest(PROMPT, greedy(20))])[0].sequences[0]
+    budget = replace(greedy(20), budget=Budget(5, until))
+    (capped,) = sample_batch(base, [SampleRequest(PROMPT, budget)])[0].sequences
+    assert capped.tokens[:5] == free.tokens[:5]
+    assert capped.tokens[5 : 5 + len(until_ids)] == until_ids and len(capped.tokens) == 20
+    own = prompt_logprobs(base, PROMPT + capped.tokens, None)[len(PROMPT) :]
+    assert max(abs(a - b) for a, b in zip(own, capped.logprobs, strict=True)) < 1e-4
+
+
+def test_a_budget_counts_from_where_its_section_opens_and_ends_when_the_text_closes_it(
+    engine: Engine, model: str
+) -> None:
+    base = engine.base_model(model)
+    free = sample_batch(base, [SampleRequest(PROMPT, greedy(20))])[0].sequences[0]
+    opens = base.tokenizer.decode(free.tokens[2:4])  # text the model writes by its 4th token
+    until_ids = base.tokenizer.encode("END", add_special_tokens=False)
+    (opened,) = sample_batch(
+        base, [SampleRequest(PROMPT, replace(greedy(20), budget=Budget(3, "END", opens)))]
+    )[0].sequences
+    at = next(k for k in range(1, 20) if opens in base.tokenizer.decode(free.tokens[:k]))  # it opens there
+    assert opened.tokens[: at + 3] == free.tokens[: at + 3]
+    assert opened.tokens[at + 3 : at + 3 + len(until_ids)] == until_ids
+    closes = base.tokenizer.decode(free.tokens[1:3])  # the section is closed by the text itself
+    (closed,) = sample_batch(base, [SampleRequest(PROMPT, replace(greedy(20), budget=Budget(5, closes)))])[
+        0
+    ].sequences
+    assert closed.tokens == free.tokens
+    (none,) = sample_batch(base, [SampleRequest(PROMPT, replace(greedy(20), budget=Budget(0, "END")))])[
+        0
+    ].sequences
+    assert none.tokens[: len(until_ids)] == until_ids  # a budget of 0 closes the section at once
+    never = replace(greedy(20), budget=Budget(2, "END", opens="never written"))
+    assert sample_batch(base, [SampleRequest(PROMPT, never)])[0].sequences[0].tokens == free.tokens
+
+
+@pytest.mark.parametrize(
+    ("budget", "field"),
+    [(Budget(-1, "x"), "sampling_params.budget.tokens"), (Budget(3, ""), "sampling_params.budget.until")],
+)
+def test_a_bad_budget_is_refused_naming_its_field(engine: Engine, model: str, budget, field: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        sample_batch(engine.base_model(model), [SampleRequest(PROMPT, replace(greedy(4), budget=budget))])
+    assert caught.value.field == field

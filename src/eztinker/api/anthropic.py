@@ -70,10 +70,11 @@ def _prompt(
     target = resolve_model(service, body.model, owner)
     tokenizer = service.backend.tokenizer(target.base_model)
     require_chat_template(tokenizer, target.base_model, "messages", "this route renders chats with it")
+    options = body.template_options(tokenizer, target.base_model)
     tools = body.tool_use(tokenizer, target.base_model)
     messages, wheres = body.template_messages()
     complete_history(tokenizer, target.base_model, messages, wheres)
-    return target, tokenizer, chat_template_ids(tokenizer, messages, tools), tools
+    return target, tokenizer, chat_template_ids(tokenizer, messages, tools, options), tools
 
 
 @router.post("/messages/count_tokens")
@@ -177,6 +178,7 @@ async def messages(
             reasoning=True,
             field_names={"stop": "stop_sequences"},
             answer=body.answer(tools),
+            thinking_budget=body.thinking_budget(),
         )
 
     generation = await run_in_threadpool(prepare)

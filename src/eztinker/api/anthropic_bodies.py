@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eztinker.api.chat import TemplateOptions, reads_variable
 from eztinker.api.not_served import RefusesNotServed
+from eztinker.api.reasoning import require_reasoning
 from eztinker.api.structured import Answer, answer_for, json_answer
 from eztinker.api.tool_calls import ToolUse, call_format
 from eztinker.engine.errors import InvalidInputError
@@ -157,10 +159,22 @@ class ToolChoice(BaseModel):
     disable_parallel_tool_use: bool = False
 
 
+class Thinking(BaseModel):
+    """Extended thinking: `enabled` with a budget (at least 1,024 tokens, fewer than `max_tokens`),
+    `adaptive` (the model decides), or `disabled`."""
+
+    model_config = ConfigDict(extra="allow")  # display... changes nothing here
+
+    type: Literal["enabled", "adaptive", "disabled"]
+    budget_tokens: int | None = None
+
+
+MIN_THINKING_BUDGET = 1024  # Anthropic's
+
+
 # Fields of Anthropic's that change what is generated (or counted) and that this server does not do
 # (`RefusesNotServed`). Other unknown fields (`metadata`, `service_tier`...) change nothing.
 NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "thinking": ((None, {"type": "disabled"}), "extended thinking is not served"),
     "mcp_servers": ((None, []), "MCP servers are not served: send their tools as custom tools"),
     "container": ((None,), "code execution containers are not served"),
 }
@@ -178,6 +192,29 @@ class CountTokensRequest(RefusesNotServed):
     tool_choice: ToolChoice | None = None
     context_management: ContextManagement | None = None
     output_format: dict[str, Any] | None = None  # structured outputs: {"type": "json_schema", "schema"}
+    thinking: Thinking | None = None
+
+    def template_options(self, tokenizer: Any, base_model: str) -> TemplateOptions:
+        """How the chat renders for `thinking`: a reasoning model's template that reads `enable_thinking`
+        (Qwen3's) gets it (false when `disabled`, as vLLM's Anthropic route sets it); `enabled` on a model
+        that does not reason in `<think>` blocks is a 400, as Anthropic answers it for such a model."""
+        if self.thinking is None:
+            return TemplateOptions()
+        if self.thinking.type == "enabled":
+            budget = self.thinking.budget_tokens
+            if not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
+                raise InvalidInputError(
+                    "thinking.budget_tokens", f"must be an integer >= {MIN_THINKING_BUDGET}"
+                )
+            require_reasoning(tokenizer, base_model, "thinking")
+            choice = self.tool_choice
+            if choice is not None and choice.type in ("any", "tool"):
+                raise InvalidInputError(
+                    "tool_choice", "thinking may not be enabled when tool_choice forces tool use"
+                )
+        if not reads_variable(tokenizer, "enable_thinking"):
+            return TemplateOptions()
+        return TemplateOptions({"enable_thinking": self.thinking.type != "disabled"})
 
     def system_text(self) -> str:
         if isinstance(self.system, list):
@@ -235,6 +272,18 @@ class CountTokensRequest(RefusesNotServed):
 
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
+
+    def thinking_budget(self) -> int | None:
+        """The tokens the thinking may take (`thinking` enabled), fewer than `max_tokens`; else None."""
+        if self.thinking is None or self.thinking.type != "enabled":
+            return None
+        budget = self.thinking.budget_tokens
+        if isinstance(budget, int) and budget >= self.max_tokens:
+            raise InvalidInputError(
+                "thinking.budget_tokens", f"must be less than max_tokens ({self.max_tokens})"
+            )
+        return budget
+
     temperature: float = Field(1.0, ge=0, le=1)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.deps import while_connected
-from eztinker.api.reasoning import Thought, ThoughtReader, opens_thinking
+from eztinker.api.reasoning import Thought, ThoughtReader, opens_thinking, thinking_budget
 from eztinker.api.structured import Answer
 from eztinker.api.tool_calls import CallReader, ToolCall, ToolUse, template_source
 from eztinker.engine.errors import ComputeError, InvalidInputError
@@ -141,11 +141,20 @@ def template_variables(
             raise InvalidInputError(
                 f"{field_prefix}{key}", "is an argument of the rendering, not a template variable"
             )
-        if not re.search(rf"\b{re.escape(key)}\b", source):
+        if not _reads(source, key):
             raise InvalidInputError(
                 f"{field_prefix}{key}", f"the chat template of {base_model!r} does not read it"
             )
     return variables
+
+
+def reads_variable(tokenizer: Any, name: str) -> bool:
+    """Whether the chat template reads the variable `name` (e.g. Qwen3's `enable_thinking`)."""
+    return _reads(template_source(tokenizer, with_tools=True), name)
+
+
+def _reads(source: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", source) is not None
 
 
 def render_chat(
@@ -183,10 +192,13 @@ def render_chat(
 
 
 def chat_template_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: ToolUse | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: ToolUse | None = None,
+    options: TemplateOptions | None = None,
 ) -> list[int]:
     """The messages (and tools) through the tokenizer's chat template, as token ids."""
-    return render_chat(tokenizer, messages, tools)
+    return render_chat(tokenizer, messages, tools, options)
 
 
 # --- text of a choice: detokenized incrementally, cut at the first stop string --------------------------
@@ -316,6 +328,7 @@ class Generation:
     reasoning: bool = False  # split a reasoning model's thinking from its answer (chat routes)
     field_names: dict[str, str] = field(default_factory=dict)  # engine's sampling parameter -> the route's
     answer: Answer | None = None  # what the answer must be (structured output, a forced tool call)
+    thinking_budget: int | None = None  # the tokens a reasoning model's thinking may take
     choices: list[Choice] = field(default_factory=list)
     thinking: list[bool | None] = field(default_factory=list)  # each prompt's `opens_thinking`
 
@@ -341,9 +354,7 @@ class Generation:
         return [
             SampleRequest(
                 prompt=prompt,
-                params=self.params
-                if self.answer is None
-                else replace(self.params, grammar=self.answer.grammar(self.thinking[i])),
+                params=self._params(self.thinking[i]),
                 num_samples=self.n,
                 topk_sample_logprobs=self.top_logprobs,
                 stop_at_eos=True,
@@ -353,6 +364,16 @@ class Generation:
             )
             for i, prompt in enumerate(self.prompts)
         ]
+
+    def _params(self, thinking: bool | None) -> SamplingParams:
+        """The sampling parameters of a prompt whose answer starts inside the thinking, may open it,
+        or has none (`opens_thinking`): its grammar and thinking budget placed after / on the thinking."""
+        params = self.params
+        if self.answer is not None:
+            params = replace(params, grammar=self.answer.grammar(thinking))
+        if self.thinking_budget is not None and thinking is not None:
+            params = replace(params, budget=thinking_budget(self.thinking_budget, opened=thinking))
+        return params
 
     def submit(
         self,

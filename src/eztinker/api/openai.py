@@ -47,7 +47,7 @@ from eztinker.api.chat import (
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import openai_response
 from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
-from eztinker.api.reasoning import Thought
+from eztinker.api.reasoning import Thought, require_reasoning
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk, SamplingParams
@@ -205,6 +205,8 @@ async def chat_completions(
     def prepare() -> Generation:
         target = resolve_model(service, body.model, owner)
         tokenizer, prompt, images, tools = _chat_prompt(service, target, body)
+        if body.thinking_token_budget is not None:
+            require_reasoning(tokenizer, target.base_model, "thinking_token_budget")
         stops = body.stops()
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = _params(body, max_tokens, stops)
@@ -221,6 +223,7 @@ async def chat_completions(
             reasoning=True,
             field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
             answer=body.answer(tools),
+            thinking_budget=body.thinking_token_budget,
         )
 
     generation = await run_in_threadpool(prepare)

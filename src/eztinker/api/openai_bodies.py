@@ -340,6 +340,7 @@ class ChatCompletionRequest(Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # continue the final assistant message (a prefill)
     include_reasoning: bool = True  # vLLM's extra: false drops a reasoning model's `reasoning_content`
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's extra: at most this much thinking
 
     def template_options(self, tokenizer: Any, base_model: str) -> TemplateOptions:
         if self.continue_final_message:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from eztinker.api.tool_calls import held_prefix, template_source
+from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.types import Budget
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -34,6 +36,20 @@ def opens_thinking(tokenizer: Any, prompt: list[int]) -> bool | None:
         return None
     tail = tokenizer.decode(prompt[-32:], skip_special_tokens=False)
     return tail.rfind(THINK_START) > tail.rfind(THINK_END)
+
+
+def require_reasoning(tokenizer: Any, base_model: str, field: str) -> None:
+    """A 400 naming `field` when the model's chat template does not reason in `<think>` blocks."""
+    if THINK_END not in template_source(tokenizer, with_tools=True):
+        raise InvalidInputError(
+            field, f"the chat template of {base_model!r} does not reason (no <think> blocks)"
+        )
+
+
+def thinking_budget(tokens: int, opened: bool) -> Budget:
+    """At most `tokens` of thinking, then `</think>` (vLLM's `thinking_token_budget`): counted from the
+    answer's start when the prompt opened the thinking, else from the `<think>` the model writes."""
+    return Budget(tokens, THINK_END, opens=None if opened else THINK_START)
 
 
 @dataclass

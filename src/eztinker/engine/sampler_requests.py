@@ -17,7 +17,7 @@ import torch
 from eztinker.engine import grammar, vision
 from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.engine.model import BaseModel
-from eztinker.engine.types import ImageChunk, PromptAltTokens, SamplingParams, TopLogprobs
+from eztinker.engine.types import Budget, ImageChunk, PromptAltTokens, SamplingParams, TopLogprobs
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -90,6 +90,17 @@ class _Stops:
 
 
 @dataclass
+class _Section:
+    """Where a row is in its `Budget`'s section: not open yet, open since token `opened_at`, or closed."""
+
+    budget: Budget
+    until_ids: list[int]
+    window: int  # trailing tokens to decode when looking for `opens` / `until`
+    opened_at: int | None = None
+    closed: bool = False
+
+
+@dataclass
 class _Row:
     """One sample of one request, and what has been generated for it so far."""
 
@@ -114,6 +125,18 @@ class _Row:
     uniforms: list[float] = field(default_factory=list)  # the current block of this row's uniform draws
     matcher: LLMatcher | None = None  # where the row is in its grammar (constrained decoding)
     grammar_ends: frozenset[int] = frozenset()  # end tokens the grammar allows that the row must not draw
+    section: _Section | None = None  # its budget's section (`SamplingParams.budget`)
+    forced: list[int] = field(default_factory=list)  # tokens to emit next, drawn or not (a closed budget)
+
+    def __post_init__(self) -> None:
+        section = self.section
+        if (
+            section is not None
+            and section.opened_at == 0
+            and section.budget.tokens == 0
+            and not section.closed
+        ):
+            self.forced, section.closed = list(section.until_ids), True  # a budget of 0: closed at once
 
 
 @dataclass
@@ -153,11 +176,20 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 images=tuple(request.images),
                 matcher=None if matcher is None else matcher.deep_copy(),
                 grammar_ends=frozenset(base.eos_token_ids) - stops.token_ids if matcher else frozenset(),
+                section=_section(base, request.params.budget),
             )
             for j in range(request.num_samples)
         ]
     first_seen = {adapter: k for k, adapter in reversed(list(enumerate(r.adapter for r in rows)))}
     return sorted(rows, key=lambda r: first_seen[r.adapter])  # stable: request order within an adapter
+
+
+def _section(base: BaseModel, budget: Budget | None) -> _Section | None:
+    if budget is None:
+        return None
+    until_ids = [int(t) for t in base.tokenizer.encode(budget.until, add_special_tokens=False)]
+    longest = max(len(budget.until), len(budget.opens or ""))
+    return _Section(budget, until_ids, window=longest + 4, opened_at=0 if budget.opens is None else None)
 
 
 def _check_request(
@@ -178,6 +210,16 @@ def _check_request(
     stops = _parse_stop(base, params.stop, f"{where}sampling_params.stop")
     if request.stop_at_eos:
         stops = replace(stops, token_ids=stops.token_ids | frozenset(base.eos_token_ids))
+    budget = params.budget
+    if budget is not None:
+        if not isinstance(budget.tokens, int) or isinstance(budget.tokens, bool) or budget.tokens < 0:
+            raise InvalidInputError(
+                f"{where}sampling_params.budget.tokens", f"{budget.tokens!r} must be >= 0"
+            )
+        for name in ("until", "opens"):
+            value = getattr(budget, name)
+            if not (value is None and name == "opens") and (not isinstance(value, str) or not value):
+                raise InvalidInputError(f"{where}sampling_params.budget.{name}", "must be a non-empty string")
     matcher = None
     if params.grammar is not None:
         matcher = grammar.compile_grammar(

@@ -14,7 +14,7 @@ import torch
 
 from eztinker.engine import grammar
 from eztinker.engine.model import BaseModel
-from eztinker.engine.sampler_requests import SampleRequest, _PromptExtras, _Row, _row_seed
+from eztinker.engine.sampler_requests import SampleRequest, _PromptExtras, _Row, _row_seed, _Section
 from eztinker.engine.types import PromptAltTokens, SampledSequence, SampleResult, SamplingParams, TopLogprobs
 
 if TYPE_CHECKING:
@@ -36,13 +36,23 @@ def _choose_tokens(logits_BV: torch.Tensor, batch: _Batch, u_B: torch.Tensor) ->
     logits_BV = _constrained(_biased(logits_BV, batch.rows), batch.rows)
     greedy_B = logits_BV.argmax(dim=-1)
     if all(_temperature(r.params) == 0 for r in batch.rows):
-        return greedy_B
+        return _with_forced(greedy_B, batch.rows)
     is_greedy_B = batch.temperature == 0
     scaled_BV = logits_BV / torch.where(is_greedy_B, 1.0, batch.temperature)[:, None]
     if any(r.params.top_k > 0 or r.params.top_p < 1 for r in batch.rows):
         scaled_BV = _filter_top_k_top_p(scaled_BV, batch.top_k, batch.top_p)
     sampled_B = _inverse_cdf(torch.softmax(scaled_BV, dim=-1), u_B)
-    return torch.where(is_greedy_B, greedy_B, sampled_B)
+    return _with_forced(torch.where(is_greedy_B, greedy_B, sampled_B), batch.rows)
+
+
+def _with_forced(tokens_B: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+    """The chosen tokens, with each row that has tokens to force (a closed `Budget`) given its next one.
+    A row's draw is still made, so that its stream of uniforms does not depend on the forcing."""
+    forced = [(b, r.forced[0]) for b, r in enumerate(rows) if r.forced]
+    if not forced:
+        return tokens_B
+    rows_F, tokens_F = (torch.tensor(column, device=tokens_B.device) for column in zip(*forced, strict=True))
+    return tokens_B.index_put((rows_F,), tokens_F)
 
 
 def _biased(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
@@ -252,6 +262,10 @@ def _record(
     for b, (row, token, logprob) in enumerate(zip(rows, tokens, logprobs, strict=True)):
         row.tokens.append(token)
         row.logprobs.append(logprob)
+        if row.forced:
+            row.forced.pop(0)
+        if row.section is not None and not row.section.closed:
+            _track_section(base, row, row.section)
         if row.topk and topk is not None:
             row.topk_logprobs.append(topk[b][: row.topk])
         if token in row.stops.token_ids or _hit_stop_string(base, row):
@@ -267,11 +281,33 @@ def _record(
     return done
 
 
+def _track_section(base: BaseModel, row: _Row, section: _Section) -> None:
+    """Open the row's budgeted section when its text writes `opens`; close it when the text writes
+    `until`, or, once the section has had `tokens` tokens, force `until` next."""
+    budget = section.budget
+    if section.opened_at is None:
+        if budget.opens is None or budget.opens not in _tail(base, row.tokens, section.window):
+            return
+        section.opened_at = len(row.tokens)
+    since = row.tokens[section.opened_at :]
+    if since and budget.until in _tail(base, since, section.window):
+        section.closed = True
+    elif len(since) >= budget.tokens:
+        row.forced = list(section.until_ids)
+        section.closed = True
+
+
+def _tail(base: BaseModel, tokens: list[int], window: int) -> str:
+    """The text of the last `window` tokens, special tokens included."""
+    text = base.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    return text if isinstance(text, str) else "".join(text)
+
+
 def _hit_stop_string(base: BaseModel, row: _Row) -> bool:
     """Whether the completion text now contains a stop string (checked after every token: the first wins)."""
     if not row.stops.strings:
         return False
-    text = base.tokenizer.decode(row.tokens[-row.stops.window :], skip_special_tokens=False)
+    text = _tail(base, row.tokens, row.stops.window)
     return any(s in text for s in row.stops.strings)
 
 

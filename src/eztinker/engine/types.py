@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [  # all of them re-exported by `eztinker.engine`
     "IGNORE_INDEX",
     "AdamParams",
+    "Budget",
     "Datum",
     "DimuonParams",
     "ForwardBackwardResult",
@@ -148,6 +149,19 @@ class OptimStepResult:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """At most `tokens` sampled tokens in a section that ends with `until`: if the text has not closed it
+    by then, `until`'s tokens are forced next (the model's own log-probabilities reported for them), and
+    sampling goes on. The section is open from the first token, or from when the text writes `opens`.
+    A reasoning model's thinking budget is `Budget(n, "</think>")` (after a prompt that opened the
+    thinking) or `Budget(n, "</think>", opens="<think>")`, as vLLM's `thinking_token_budget` is."""
+
+    tokens: int
+    until: str
+    opens: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to sample. `stop=None` stops at the tokenizer's EOS; `stop=[]` never stops early (not even EOS).
 
@@ -159,6 +173,7 @@ class SamplingParams:
 
     `grammar` constrains the text to a Lark grammar in llguidance's dialect (`eztinker.engine.grammar`):
     only tokens that keep the text inside it are drawn, and the sample ends once it is complete.
+    `budget` closes a section (a reasoning model's thinking) after so many tokens (`Budget`).
     """
 
     max_tokens: int | None = 16
@@ -171,6 +186,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # in [-2, 2]
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     grammar: str | None = None  # a Lark grammar (llguidance's dialect) the completion must match
+    budget: Budget | None = None  # e.g. a thinking budget: Budget(1024, "</think>")
 
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability) pairs, most likely first

@@ -42,6 +42,8 @@ def unsupported(request: SampleRequest) -> str | None:
         return "prompt_alt_tokens_k (alternative draws at prompt positions) has no vLLM counterpart"
     if getattr(request, "images", ()):
         return "image inputs are sampled by the engine (the vLLM client sends token ids only)"
+    if request.params.budget is not None:  # vLLM's thinking_token_budget needs a reasoning parser set
+        return "a budget (a thinking budget) is sampled by the engine"
     return None
 
 
