@@ -413,3 +413,24 @@ def test_server_workers_ray_selects_the_ray_pool(monkeypatch: pytest.MonkeyPatch
 
     result = runner.invoke(app, ["server", "--workers", "many"])
     assert result.exit_code == 1 and "number of worker threads, or `ray`" in result.output
+
+
+def test_sample_within_a_schema_a_regex_or_a_choice(server: str, tmp_path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for given in (json.dumps(schema), f"@{tmp_path / 'schema.json'}"):
+        out = ok(
+            cli(server, "sample", "Count:", "--json-schema", given, "--seed", "1", "--max-new-tokens", "30")
+        )
+        assert isinstance(json.loads(out)["n"], int)
+    digits = ok(cli(server, "sample", "Year:", "--regex", "[0-9]{4}", "--seed", "2")).strip()
+    assert len(digits) == 4 and digits.isdigit()
+    picked = ok(cli(server, "sample", "Sky:", "--choice", "blue", "--choice", "grey", "--seed", "3")).strip()
+    assert picked in ("blue", "grey")
+    refused = cli(server, "sample", "x", "--json-schema", "[1]")
+    assert refused.exit_code != 0 and "must be a JSON object" in refused.output

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import sys
 import tempfile
@@ -431,12 +432,22 @@ def sample(
         bool, typer.Option("--chat", help="Send PROMPT as a user turn through the model's chat template.")
     ] = False,
     system: Annotated[str | None, typer.Option(help="With --chat: a system turn before PROMPT.")] = None,
+    json_schema: Annotated[
+        str | None,
+        typer.Option(help="Constrain the text to JSON matching this schema (its JSON, or @file.json)."),
+    ] = None,
+    regex: Annotated[str | None, typer.Option(help="Constrain the text to match this regex.")] = None,
+    choice: Annotated[
+        list[str] | None, typer.Option(help="Constrain the text to one of these (repeat the option).")
+    ] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Sample continuations of PROMPT (or, with --chat, the assistant's reply to it)."""
+    """Sample continuations of PROMPT (or, with --chat, the assistant's reply to it), free or
+    constrained (--json-schema, --regex or --choice)."""
     if system is not None and not chat:
         raise typer.BadParameter("--system needs --chat", param_hint="--system")
+    schema = _json_option(json_schema, "--json-schema") if json_schema is not None else None
     turns = [{"role": "system", "content": system}] if system is not None else []
     with _client(url, api_key) as client:
         out = client.generate(
@@ -449,6 +460,9 @@ def sample(
             n=n,
             run_id=run_id,
             base_model=base_model,
+            json_schema=schema,
+            regex=regex,
+            choice=choice or None,
         )
     for i, s in enumerate(out.samples):
         if n > 1:
@@ -456,6 +470,23 @@ def sample(
         typer.echo(s.text)  # verbatim: no markup, emoji codes or wrapping
         if not s.text and s.stop_reason == "stop" and not chat:
             typer.echo("(the model stopped at once; a chat model may answer PROMPT with --chat)", err=True)
+
+
+def _json_option(value: str, name: str) -> dict:
+    """A JSON object given inline or as @path."""
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {value[1:]}: {exc.strerror}", param_hint=name) from None
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"is not JSON: {exc}", param_hint=name) from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("must be a JSON object (a schema)", param_hint=name)
+    return parsed
 
 
 # --- a small SFT loop --------------------------------------------------------------------------------------
