@@ -247,3 +247,23 @@ def test_thinking_on_a_model_that_does_not_reason_is_refused(budget_server, tiny
     assert (
         httpx.post(f"{budget_server}/anthropic/api/v1/messages", json=adaptive, timeout=60).status_code == 200
     )
+
+
+def test_a_budget_and_a_constraint_together_think_then_answer_in_shape(budget_server, long_model) -> None:
+    """The grammar lets the thinking run free up to </think>, which the budget writes; the JSON follows."""
+    ant = anthropic.Anthropic(base_url=f"{budget_server}/anthropic/api", api_key="unused", max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    message = ant.messages.create(
+        model=long_model,
+        max_tokens=1100,
+        messages=HI,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body={"temperature": 0, "output_format": {"type": "json_schema", "schema": schema}},
+    )
+    assert [b.type for b in message.content] == ["thinking", "text"] and message.stop_reason == "end_turn"
+    assert 0 <= json.loads(message.content[1].text)["n"] <= 9
