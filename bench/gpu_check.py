@@ -919,6 +919,61 @@ def sampling_section(check: Check, engine: Any, name: str, shape: Shape, hf_mode
     return f"continuous ÷ HF static batch {ratio:.2f}× ({med['eztinker']:.0f} vs {med['hf_generate_static']:.0f} tokens/s)"
 
 
+# --- constrained decoding ------------------------------------------------------------------------------
+
+
+CONSTRAINED_GRAMMAR = "start: /[A-Za-z ,.]*/"  # never complete: every row samples all its tokens
+
+
+def constrained_section(check: Check, engine: Any, name: str, shape: Shape) -> str:
+    """The same requests as the sampling section, every row within a grammar (`SamplingParams.grammar`:
+    llguidance's token mask per row and step, masked on the device) vs free, interleaved in rounds.
+
+    The kit's tokenizer has 1,024 tokens, so llguidance's walk over the vocabulary is cheaper than a real
+    150k-token one's; the masking on the device is full-size. `bench/constrained_sampling.py` measures it
+    on a real tokenizer."""
+    from eztinker.engine import SamplingParams
+    from eztinker.engine.sampler import SampleRequest
+
+    plan = check.plan
+    n, new = plan.sample_requests, plan.sample_new_tokens
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 1000, (32,), generator=g).tolist() for _ in range(n)]
+
+    def run(seed: int, grammar: str | None) -> None:
+        params = [
+            SamplingParams(max_tokens=new, temperature=1.0, seed=seed + i, stop=[], grammar=grammar)
+            for i in range(n)
+        ]
+        results = engine.sample_many(
+            name, [SampleRequest(prompt=p, params=q) for p, q in zip(prompts, params, strict=True)]
+        )
+        if any(len(s.tokens) != new for r in results for s in r.sequences):
+            raise RuntimeError("a request stopped early")
+
+    sides: dict[str, str | None] = {"free": None, "constrained": CONSTRAINED_GRAMMAR}
+    warm = max(timed(lambda grammar=grammar: run(0, grammar), check.device)[0] for grammar in sides.values())
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    for r in range(plan.sample_rounds):
+        if r >= 1 and check.left() < 3 * len(sides) * warm + 30:
+            check.shrink("small.constrained", f"{r} of {plan.sample_rounds} rounds")
+            break
+        for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
+            seconds, _ = timed(lambda side=side, r=r: run(1000 * (r + 1), sides[side]), check.device)
+            rates[side].append(n * new / seconds)
+    ratios = [a / b for a, b in zip(rates["constrained"], rates["free"], strict=True)]
+    check.result["constrained"] = {
+        "model": shape.label,
+        "requests": n,
+        "new_tokens": new,
+        "grammar": CONSTRAINED_GRAMMAR,
+        "tokens_per_s": {side: summary(v) for side, v in rates.items()},
+        "ratios_per_round": ratios,
+    }
+    check.result["constrained_vs_free"] = statistics.median(ratios)
+    return f"constrained ÷ free {statistics.median(ratios):.2f}× tokens/s"
+
+
 # --- bf16 vs fp32 log-probabilities -------------------------------------------------------------------
 
 
@@ -1303,6 +1358,14 @@ def main(argv: list[str] | None = None) -> int:
         min_s=20, needs=("small.build",),
     )  # fmt: skip
     state.pop("small_hf", None)
+    if importlib.util.find_spec("llguidance") is None:  # optional: the kit needs only torch & co
+        check.skip("small.constrained", "llguidance is not installed (pip install llguidance to measure it)")
+    else:
+        check.section(
+            "small.constrained",
+            lambda: constrained_section(check, engine, "small", plan.small),
+            min_s=20, needs=("small.build",),
+        )  # fmt: skip
     check.section(
         "small.logprob_agreement",
         lambda: agreement_section(check, engine, "small", "small-fp32", plan.small),

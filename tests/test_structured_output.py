@@ -126,6 +126,22 @@ def test_a_bad_grammar_is_refused_before_any_compute_naming_the_request(base, gr
     assert caught.value.field == "requests[1].sampling_params.grammar"
 
 
+def test_the_device_path_unpacks_a_bitmask_as_the_host_path_does() -> None:
+    """On a GPU the packed bitmask crosses to the device and is unpacked there; on a CPU numpy unpacks
+    it: the same allowed tokens either way (bit i of word w is token 32·w + i), the sign bit included."""
+    import numpy as np
+
+    from eztinker.engine.grammar import _unpacked_on_device, _unpacked_on_host
+
+    bitmask = (
+        np.random.default_rng(0).integers(-(2**31), 2**31, size=(3, 40), dtype=np.int64).astype(np.int32)
+    )
+    host = _unpacked_on_host(bitmask, 1270)
+    assert torch.equal(host, _unpacked_on_device(bitmask, 1270, torch.device("cpu")))
+    word, bit = divmod(1000, 32)
+    assert bool(host[1, 1000]) == bool((int(bitmask[1, word]) >> bit) & 1) and host.shape == (3, 1270)
+
+
 # --- the grammars the routes build ----------------------------------------------------------------------
 
 

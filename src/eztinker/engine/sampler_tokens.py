@@ -116,6 +116,8 @@ def _constrained(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
             allowed_RV[i] = False
         if stops and matchers[i].is_accepting():
             allowed_RV[i, stops] = True
+    if len(constrained) == len(rows):
+        return logits_BV.masked_fill(~allowed_RV, -math.inf)
     logits_BV = logits_BV.clone()
     index_R = torch.tensor(constrained, device=logits_BV.device)
     logits_BV[index_R] = logits_BV[index_R].masked_fill(~allowed_RV, -math.inf)
