@@ -182,7 +182,7 @@ NO_OBJECT = {
 }
 
 
-OPENAI = ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions")
+OPENAI = ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses")
 
 
 def _cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] | None]]]:
@@ -336,6 +336,10 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
                 "/v1/chat/completions",
                 {"model": smp, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             )
+        ],
+        "POST /v1/responses": [
+            ("POST", "/v1/responses", {"model": m, "input": "hi", "max_output_tokens": 2})
+            for m in (run, smp, w["sampler_ckpt"], f"{w['model']};{w['sampler_ckpt']}")
         ],
         "POST /anthropic/api/v1/messages": [
             (

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
-from eztinker.api import anthropic, dashboard, native, openai, tinker, tinker_rest
+from eztinker.api import anthropic, dashboard, native, openai, responses, tinker, tinker_rest
 from eztinker.api.deps import ServiceDep, get_owner
 from eztinker.api.errors import install_error_handlers
 from eztinker.api.limits import BodySizeLimit
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     app.include_router(tinker.router)
     for prefix in openai.PREFIXES:  # one implementation, at EZTinker's path and hosted Tinker's
         app.include_router(openai.router, prefix=prefix)
+        app.include_router(responses.router, prefix=prefix)
     app.include_router(anthropic.router, prefix=anthropic.PREFIX)
     app.include_router(dashboard.router)
     app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="dashboard-static")

@@ -202,32 +202,35 @@ async def chat_completions(
     if body.top_logprobs and not body.logprobs:
         raise InvalidInputError("top_logprobs", "needs logprobs: true")
 
-    def prepare() -> Generation:
-        target = resolve_model(service, body.model, owner)
-        tokenizer, prompt, images, tools = _chat_prompt(service, target, body)
-        if body.thinking_token_budget is not None:
-            require_reasoning(tokenizer, target.base_model, "thinking_token_budget")
-        stops = body.stops()
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = _params(body, max_tokens, stops)
-        return Generation(
-            target,
-            tokenizer,
-            [prompt],
-            params,
-            body.n,
-            body.top_logprobs or 0,
-            stops,
-            images=[images],
-            tools=tools,
-            reasoning=True,
-            field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
-            answer=body.answer(tools),
-            thinking_budget=body.thinking_token_budget,
-        )
-
-    generation = await run_in_threadpool(prepare)
+    generation = await run_in_threadpool(chat_generation, service, body, owner)
     return await _respond(request, service, owner, body, generation, "chat.completion")
+
+
+def chat_generation(service: Service, body: ChatCompletionRequest, owner: str | None) -> Generation:
+    """A chat request's generation: its model resolved, its chat rendered, its sampling parameters and
+    answer shape (the chat route's, and the Responses route's, which speaks in chat requests). Blocking."""
+    target = resolve_model(service, body.model, owner)
+    tokenizer, prompt, images, tools = _chat_prompt(service, target, body)
+    if body.thinking_token_budget is not None:
+        require_reasoning(tokenizer, target.base_model, "thinking_token_budget")
+    stops = body.stops()
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = _params(body, max_tokens, stops)
+    return Generation(
+        target,
+        tokenizer,
+        [prompt],
+        params,
+        body.n,
+        body.top_logprobs or 0,
+        stops,
+        images=[images],
+        tools=tools,
+        reasoning=True,
+        field_names={"max_tokens": "max_completion_tokens"} if body.max_completion_tokens else {},
+        answer=body.answer(tools),
+        thinking_budget=body.thinking_token_budget,
+    )
 
 
 Kind = Literal["text_completion", "chat.completion"]

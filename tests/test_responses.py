@@ -1,0 +1,190 @@
+"""OpenAI's Responses API (`/v1/responses`) through the official client: the same answer as the chat route
+for the same conversation, whole and streamed alike; function calls out and their outputs back in;
+reasoning items; structured output; and errors that name the Responses request's own fields."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+import eztinker
+from eztinker.testing import CHATML_TEMPLATE, TOOLS_JSON_TEMPLATE, with_chat_template
+
+QUESTION = "Weather in Paris?"
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "name": "get_weather", "parameters": CITY, "strict": True}
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+    "{# a reasoning model's turn ends its thinking with </think> #}",
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("responses-templates")
+    return {
+        "plain": str(tiny_model_dir),
+        "tools": str(with_chat_template(tiny_model_dir, root / "tools", TOOLS_JSON_TEMPLATE)),
+        "thinking": str(with_chat_template(tiny_model_dir, root / "thinking", THINKING_TEMPLATE)),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models) -> str:
+    with eztinker.serve(
+        data_dir=tmp_path_factory.mktemp("responses-data"), models=list(models.values())
+    ) as url:
+        yield url
+
+
+@pytest.fixture
+def oai(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+GREEDY = {"temperature": 0, "max_output_tokens": 12}
+
+
+def test_a_response_is_the_chat_routes_answer_as_output_items(oai: openai.OpenAI, models) -> None:
+    chat = oai.chat.completions.create(
+        model=models["plain"],
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
+        max_completion_tokens=12,
+        temperature=0,
+    )
+    response = oai.responses.create(model=models["plain"], instructions="Be brief.", input=QUESTION, **GREEDY)
+    assert response.output_text == chat.choices[0].message.content
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == chat.usage.completion_tokens == 12
+    items = oai.responses.create(
+        model=models["plain"],
+        input=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+        ],
+        **GREEDY,
+    )
+    assert items.output_text == response.output_text  # developer is the system turn; parts join
+
+
+def test_a_streamed_response_builds_the_same_response(oai: openai.OpenAI, models) -> None:
+    whole = oai.responses.create(model=models["thinking"], input=QUESTION, **GREEDY)
+    events = list(oai.responses.create(model=models["thinking"], input=QUESTION, stream=True, **GREEDY))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    streamed = events[-1].response  # cut at max_output_tokens: the SDK's helper waits for "completed"
+    assert "response.reasoning_text.delta" in kinds
+    strip = lambda r: [{k: v for k, v in item.model_dump().items() if k != "id"} for item in r.output]  # noqa: E731
+    assert strip(streamed) == strip(whole)
+    assert [item.type for item in whole.output] == ["reasoning"]  # the random model never ends its thinking
+    assert whole.usage.output_tokens_details.reasoning_tokens > 0
+
+
+def test_function_calls_go_out_and_their_outputs_come_back_in(oai: openai.OpenAI, models) -> None:
+    forced = oai.responses.create(
+        model=models["tools"],
+        input=QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=60,
+    )
+    (call,) = [item for item in forced.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+    assert forced.status == "completed"
+    history = [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+    ]
+    after = oai.responses.create(model=models["tools"], input=history, tools=[WEATHER], **GREEDY)
+    chat = oai.chat.completions.create(
+        model=models["tools"],
+        messages=[
+            {"role": "user", "content": QUESTION},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "Sunny, 21 C"},
+        ],
+        tools=[{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}],
+        max_completion_tokens=12,
+        temperature=0,
+    )
+    assert after.usage.input_tokens == chat.usage.prompt_tokens  # the same rendered history
+    with oai.responses.stream(
+        model=models["tools"],
+        input=QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=60,
+    ) as stream:
+        streamed = stream.get_final_response()
+    assert [(i.type, getattr(i, "arguments", None)) for i in streamed.output] == [
+        (i.type, getattr(i, "arguments", None)) for i in forced.output
+    ]
+
+
+def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -> None:
+    response = oai.responses.create(
+        model=models["plain"],
+        input=QUESTION,
+        text={"format": {"type": "json_schema", "name": "place", "schema": CITY, "strict": True}},
+        temperature=0,
+        max_output_tokens=30,
+    )
+    assert json.loads(response.output_text)["city"] in ("Paris", "Oslo") and response.status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+            "input[0].content[0]",
+        ),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "strng"}}}},
+            "text.format.schema",
+        ),
+        ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
+        ({"include": ["file_search_call.results"]}, "include[0]"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ],
+)
+def test_errors_name_the_responses_field(server: str, models, change: dict, param: str) -> None:
+    body = {"model": models["tools"], "input": QUESTION, "max_output_tokens": 4, **change}
+    answer = httpx.post(f"{server}/v1/responses", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.text
+
+
+def test_served_at_hosted_tinkers_prefix_too(server: str, models) -> None:
+    oai = openai.OpenAI(base_url=f"{server}/oai/api/v1", api_key="unused", max_retries=0)
+    assert oai.responses.create(model=models["plain"], input="Hi", **GREEDY).output_text is not None
