@@ -246,6 +246,30 @@ def test_gradient_accumulation_survives_a_page_out(tiny_model_dir: Path, tmp_pat
     _assert_same(_state(plain, "a"), _state(paged, "a"))
 
 
+def test_the_page_directory_is_made_once_whichever_thread_is_first(tmp_path: Path) -> None:
+    """An op's thread and the pager's thread may page out at once, each the first to need the directory:
+    both get the same one, and it exists (a half-made one once failed a page-out on a clean machine)."""
+    import threading
+
+    from eztinker.engine.paging import Pager, PagingConfig
+
+    pager = Pager(PagingConfig(device_bytes=1, page_dir=tmp_path / "pages"))
+    start, seen = threading.Barrier(16), []
+
+    def first() -> None:
+        start.wait()
+        directory = pager._page_dir()
+        seen.append((directory, directory.is_dir()))
+
+    threads = [threading.Thread(target=first) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pager.close()
+    assert len({d for d, _ in seen}) == 1 and all(exists for _, exists in seen)
+
+
 def test_paging_to_disk_and_back_restores_every_byte(tiny_model_dir: Path, tmp_path: Path) -> None:
     engine = _engine(tiny_model_dir, tmp_path, 1)  # nothing stays once idle
     engine.create_run(str(tiny_model_dir), LORA, run_id="a")

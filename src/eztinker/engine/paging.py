@@ -170,6 +170,7 @@ class Pager:
         self._working = False  # the pager's thread is moving a run
         self._stopped = False
         self._dir: Path | None = None
+        self._dir_lock = threading.Lock()
         self.page_ins = self.prefetches = self.page_outs = 0
         self.page_in_seconds = self.prefetch_seconds = 0.0
         # The latest page-ins' seconds, waited for (False) or prefetched (True): for percentiles.
@@ -432,13 +433,18 @@ class Pager:
     # --- moves (called with the lock held; the copy runs without it) ---------------------------------
 
     def _page_dir(self) -> Path:
-        if self._dir is None:
-            root = Path(self.config.page_dir or Path(tempfile.gettempdir()) / "eztinker-pages")
-            root.mkdir(parents=True, exist_ok=True)
-            remove_stale_page_dirs(root)
-            self._dir = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._dir.mkdir()
-        return self._dir
+        """This process's page directory, made on first use. Moves call it without the pager's lock (the
+        copy runs unlocked), so the pager thread and an op's thread may both be first: the directory is
+        made under a lock of its own, and published only once it exists."""
+        with self._dir_lock:
+            if self._dir is None:
+                root = Path(self.config.page_dir or Path(tempfile.gettempdir()) / "eztinker-pages")
+                root.mkdir(parents=True, exist_ok=True)
+                remove_stale_page_dirs(root)
+                made = root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                made.mkdir()
+                self._dir = made
+            return self._dir
 
     def _page_out(self, page: _Page, *, to_disk: bool) -> None:
         """Move a resident run to the host tier (GPU), or to disk (CPU compute, or a hosted run when
