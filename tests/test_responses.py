@@ -176,6 +176,7 @@ def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -
         ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
         ({"include": ["file_search_call.results"]}, "include[0]"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"min_p": 0.1}, "min_p"),  # vLLM's extras are refused here as on the chat route
     ],
 )
 def test_errors_name_the_responses_field(server: str, models, change: dict, param: str) -> None:
@@ -183,6 +184,18 @@ def test_errors_name_the_responses_field(server: str, models, change: dict, para
     answer = httpx.post(f"{server}/v1/responses", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param, answer.text
+
+
+def test_vllms_extras_work_as_on_the_chat_route(oai: openai.OpenAI, models) -> None:
+    seeded = {"model": models["plain"], "input": QUESTION, "max_output_tokens": 8, "extra_body": {"seed": 5}}
+    assert oai.responses.create(**seeded).output_text == oai.responses.create(**seeded).output_text
+    picked = oai.responses.create(
+        model=models["plain"],
+        input=QUESTION,
+        max_output_tokens=8,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert picked.output_text in ("yes", "no")
 
 
 def test_served_at_hosted_tinkers_prefix_too(server: str, models) -> None:

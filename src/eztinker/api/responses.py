@@ -76,13 +76,15 @@ class ResponsesRequest(RefusesNotServed):
                 raise InvalidInputError(f"include[{i}]", f"{name!r} is not served")
         messages, wheres = _messages(self.instructions, self.input)
         body: dict[str, Any] = {
+            **(
+                self.model_extra or {}
+            ),  # vLLM's extras (seed, top_k, guided_*...): served or refused as there
             "model": self.model,
             "messages": messages,
             "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "parallel_tool_calls": self.parallel_tool_calls,
-            **{k: v for k, v in (self.model_extra or {}).items() if k in ("seed", "top_k")},
         }
         if self.tools:
             body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(self.tools)]
