@@ -364,23 +364,11 @@ class _Answer:
             return
         index, part = len(self.items) - 1, item["content"][0]
         if item["type"] == "reasoning":
-            self._event(
-                "response.reasoning_text.done",
-                output_index=index,
-                item_id=item["id"],
-                content_index=0,
-                text=part["text"],
-            )
+            done, extra = "response.reasoning_text.done", {}
         else:
+            done, extra = "response.output_text.done", {"logprobs": []}
             item["status"] = "completed"
-            self._event(
-                "response.output_text.done",
-                output_index=index,
-                item_id=item["id"],
-                content_index=0,
-                text=part["text"],
-                logprobs=[],
-            )
+        self._event(done, output_index=index, item_id=item["id"], content_index=0, text=part["text"], **extra)
         self._event(
             "response.content_part.done", output_index=index, item_id=item["id"], content_index=0, part=part
         )
