@@ -92,15 +92,16 @@ def test_a_streamed_response_builds_the_same_response(oai: openai.OpenAI, models
 
 
 def test_function_calls_go_out_and_their_outputs_come_back_in(oai: openai.OpenAI, models) -> None:
-    forced = oai.responses.create(
-        model=models["tools"],
-        input=QUESTION,
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        temperature=0,
-        max_output_tokens=60,
-    )
+    calling = {
+        "model": models["tools"],
+        "input": QUESTION,
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_output_tokens": 60,
+    }
+    forced = oai.responses.create(**calling)
     (call,) = [item for item in forced.output if item.type == "function_call"]
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Oslo")
     assert forced.status == "completed"
@@ -132,15 +133,7 @@ def test_function_calls_go_out_and_their_outputs_come_back_in(oai: openai.OpenAI
         temperature=0,
     )
     assert after.usage.input_tokens == chat.usage.prompt_tokens  # the same rendered history
-    with oai.responses.stream(
-        model=models["tools"],
-        input=QUESTION,
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        temperature=0,
-        max_output_tokens=60,
-    ) as stream:
+    with oai.responses.stream(**calling) as stream:
         streamed = stream.get_final_response()
     assert [(i.type, getattr(i, "arguments", None)) for i in streamed.output] == [
         (i.type, getattr(i, "arguments", None)) for i in forced.output

@@ -159,6 +159,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
         where = f"requests[{i}]." if len(requests) > 1 else ""
         prompt, max_new, stops, matcher = _check_request(base, request, where)
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        until_ids = _until_ids(base, request.params.budget)  # tokenized once; each row tracks its own
         rows += [
             _Row(
                 request=i,
@@ -176,7 +177,7 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
                 images=tuple(request.images),
                 matcher=None if matcher is None else matcher.deep_copy(),
                 grammar_ends=frozenset(base.eos_token_ids) - stops.token_ids if matcher else frozenset(),
-                section=_section(base, request.params.budget),
+                section=_section(request.params.budget, until_ids),
             )
             for j in range(request.num_samples)
         ]
@@ -184,10 +185,16 @@ def _make_rows(base: BaseModel, requests: Sequence[SampleRequest]) -> list[_Row]
     return sorted(rows, key=lambda r: first_seen[r.adapter])  # stable: request order within an adapter
 
 
-def _section(base: BaseModel, budget: Budget | None) -> _Section | None:
+def _until_ids(base: BaseModel, budget: Budget | None) -> list[int]:
+    """The tokens a budget forces when its section runs out (none without a budget)."""
+    if budget is None:
+        return []
+    return [int(t) for t in base.tokenizer.encode(budget.until, add_special_tokens=False)]
+
+
+def _section(budget: Budget | None, until_ids: list[int]) -> _Section | None:
     if budget is None:
         return None
-    until_ids = [int(t) for t in base.tokenizer.encode(budget.until, add_special_tokens=False)]
     longest = max(len(budget.until), len(budget.opens or ""))
     return _Section(budget, until_ids, window=longest + 4, opened_at=0 if budget.opens is None else None)
 
