@@ -319,6 +319,16 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
             ("GET", f"/api/v1/training_runs/{run}/checkpoints/{ext}/external_weights_urls", None)
         ],
         "DELETE /api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id}": [("DELETE", ckpt, None)],
+        "POST /api/v1/retrieve_futures": [
+            ("POST", "/api/v1/retrieve_futures", {"target": {"sampling_session_id": smp}, "timeout": 0})
+        ],
+        "POST /api/v1/join_sampling_session": [
+            ("POST", "/api/v1/join_sampling_session", {"sampling_session_id": smp})
+        ],
+        "POST /api/v1/cancel_future": [
+            ("POST", "/api/v1/cancel_future", {"request_id": w["sample_future"]}),
+            ("POST", "/api/v1/cancel_future", {"request_id": w["forward_future"]}),
+        ],
         "POST /api/v1/retrieve_future": [
             ("POST", "/api/v1/retrieve_future", {"request_id": w["forward_future"]}),
             ("POST", "/api/v1/retrieve_future", {"request_id": w["sample_future"]}),

@@ -328,3 +328,22 @@ def test_one_run_cannot_fill_the_queue() -> None:
         release.set()
     finally:
         s.stop()
+
+
+def test_a_cancelled_queued_job_fails_without_running_and_the_rest_of_its_run_goes_on() -> None:
+    scheduler = Scheduler(workers=1)  # not started: every job stays queued until it is
+    ran: list[str] = []
+    jobs = [
+        scheduler.submit(Job(op=op, run_id="r", fn=lambda op=op: ran.append(op))) for op in ("a", "b", "c")
+    ]
+
+    assert scheduler.cancel(jobs[1].job_id, "cancelled by its client")
+    assert jobs[1].status == "failed" and jobs[1].error == "cancelled by its client"
+    assert jobs[1].error_category == "user" and scheduler.queue_depth == 2
+    scheduler.start()
+    try:
+        assert jobs[2].wait_sync(10) and ran == ["a", "c"]
+        assert not scheduler.cancel(jobs[0].job_id, "too late")  # finished: nothing to cancel
+        assert jobs[0].status == "completed"
+    finally:
+        scheduler.stop()

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
-from eztinker.api import anthropic, dashboard, native, openai, responses, tinker, tinker_rest
+from eztinker.api import anthropic, dashboard, native, openai, responses, tinker, tinker_futures, tinker_rest
 from eztinker.api.deps import ServiceDep, get_owner
 from eztinker.api.errors import install_error_handlers
 from eztinker.api.limits import BodySizeLimit
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
             yield
         finally:
             service.stop()
+            tinker_futures.close(app.state)
 
     app = FastAPI(
         title="EZTinker",

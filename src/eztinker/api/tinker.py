@@ -3,8 +3,9 @@
 Thin: each route translates the wire request (`tinker_wire`, `tinker_bodies`), calls the service, and
 answers with a future (`{"request_id"}`) that `retrieve_future` long-polls. Failures reach the SDK as
 HTTP 200 `{"error", "category"}` (reference/tinker-wire-protocol.md §2.6, §6). Futures, `seq_id` ordering
-and idempotent resends are `tinker_futures`; sessions and bootstrap `tinker_sessions`; the REST routes
-(`RestClient`) `tinker_rest`.
+and idempotent resends are `tinker_futures`; sessions and bootstrap `tinker_sessions`; sampling
+sessions, samples and their completion queues `tinker_sampling`; the REST routes (`RestClient`)
+`tinker_rest`.
 
 Sessions, sampling sessions and checkpoint metadata are durable (`FacadeState`, in the server's
 database): session listing, a `SamplingClient` on a checkpoint, and `public`/TTL survive a restart.
@@ -16,14 +17,13 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from eztinker.api import tinker_auth, tinker_custom_loss
+from eztinker.api import tinker_auth, tinker_custom_loss, tinker_sampling
 from eztinker.api import tinker_bodies as bodies
 from eztinker.api import tinker_rest as rest
 from eztinker.api import tinker_sessions as sessions
@@ -32,6 +32,7 @@ from eztinker.api.deps import OwnerDep, ServiceDep, get_owner, while_connected
 from eztinker.api.errors import failure
 from eztinker.api.tinker_futures import (
     CHECKPOINT_META,
+    LONG_POLL_SECONDS,
     SAMPLERS,
     StateDep,
     TinkerState,
@@ -48,14 +49,13 @@ from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.optimizers import optimizer_config
 from eztinker.models import LoRAConfig, api
 from eztinker.scheduler import Job
-from eztinker.service import SampleSpec, Service
+from eztinker.service import Service
 from eztinker.service.custom_loss import custom_losses
 from eztinker.service.results import RunOutput
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])  # public routes; the rest need the API key
 _authed = APIRouter(dependencies=[Depends(get_owner)])
 
-LONG_POLL_SECONDS = 25.0  # under the SDK's 45 s read timeout on retrieve_future
 LORA_ALPHA = 32.0
 
 
@@ -343,96 +343,6 @@ def _create_from_checkpoint(
     return submit(state, owner, create, model_id=model_id)
 
 
-# --- sampling ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _SamplingSession:
-    base_model: str
-    sampler_id: str | None  # None: the bare base model (or, with `inflight_run`, that run's inflight target)
-    model_path: str | None = None
-    inflight_run: str | None = None
-
-
-@_authed.post("/create_sampling_session")
-def create_sampling_session(
-    body: bodies.CreateSamplingSession, service: ServiceDep, owner: OwnerDep, state: StateDep
-) -> dict[str, Any]:
-    """A sampling session on a base model, or on a checkpoint (`model_path`, loaded as a snapshot)."""
-    sampler_id = wire.sampling_session_id(body.session_id, body.sampling_session_seq_id)
-    sessions.check_new_object(state, body.session_id, owner)
-    existing = state.durable.get(SAMPLERS, sampler_id)
-    if existing is not None:
-        service.access.require(existing.owner, owner, f"no sampling session {sampler_id!r}")
-    else:
-        if body.model_path:  # held: freed when the session ends, loaded again if named after that
-            run_id, name, _ = wire.parse_tinker_path(body.model_path)
-            base = service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
-            value = {"base_model": base, "model_path": body.model_path}
-        else:
-            value = {"base_model": body.base_model or service.sampling.default_base_model()}
-        state.durable.put(SAMPLERS, sampler_id, value, owner=owner)
-    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
-
-
-def _sampling_session(
-    state: TinkerState, service: Service, sampler_id: str, owner: str | None
-) -> _SamplingSession:
-    """Which weights `sampler_id` samples; a checkpoint's snapshot is loaded again after a restart."""
-    record = state.durable.get(SAMPLERS, sampler_id)
-    if record is not None:
-        service.access.require(record.owner, owner, f"no sampling session {sampler_id!r}")
-    live = service.sampling.sampler(sampler_id, owner)
-    live_base = live.base_model if live is not None else None
-    if record is None:
-        if live_base is None:
-            raise NotFoundError(f"no sampling session {sampler_id!r}")
-        return _SamplingSession(live_base, sampler_id)
-    value = record.value
-    if value.get("inflight"):
-        return _SamplingSession(value["base_model"], None, inflight_run=value["source_run"])
-    if "source_run" not in value and "model_path" not in value:
-        return _SamplingSession(value["base_model"], None)
-    if live_base is None:
-        if not value.get("model_path"):
-            freed = service.sampling.freed_reason(sampler_id)
-            why = f"were freed: {freed}" if freed else "the server lost when it restarted"
-            raise NotFoundError(
-                f"sampling session {sampler_id!r} held weights saved in memory, which {why}; save them again "
-                "(save_weights_and_get_sampling_client)"
-            )
-        run_id, name, _ = wire.parse_tinker_path(value["model_path"])
-        service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
-    return _SamplingSession(value["base_model"], sampler_id, value.get("model_path"))
-
-
-@_authed.get("/samplers/{sampler_id:path}")
-def get_sampler(sampler_id: str, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
-    session = _sampling_session(state, service, sampler_id, owner)
-    return {"sampler_id": sampler_id, "base_model": session.base_model, "model_path": session.model_path}
-
-
-@_authed.post("/asample")
-def asample(body: bodies.ASample, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
-    """`sample` and `compute_logprobs`: a future with one sequence id per sample; a protobuf result."""
-    sampler_id, num_samples, seq_id = body.sampling_session_id, body.num_samples, body.seq_id
-    key = service.access.key(owner, "sample", sampler_id, str(seq_id))
-
-    def make() -> Job:
-        session = _sampling_session(state, service, sampler_id, owner)
-        request, echo = wire.sample_request(body.wire())
-        if session.inflight_run is not None:  # the run's inflight target as of now
-            target = service.sampling.inflight_target(session.inflight_run, owner)
-        elif session.sampler_id is None:
-            target = service.sampling.target(owner, base_model=session.base_model)
-        else:
-            target = service.sampling.target(owner, sampler_id=session.sampler_id)
-        return service.sampling.sample(SampleSpec(target, [request], echo=echo, n_field="num_samples"), owner)
-
-    ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(num_samples)]
-    return once(state, key, lambda: submit(state, owner, make, sample_sequence_ids=ids))
-
-
 @_authed.post("/weights_info")
 def weights_info(
     body: bodies.WeightsInfo, service: ServiceDep, owner: OwnerDep, state: StateDep
@@ -482,9 +392,11 @@ async def retrieve_future(
         request, job.wait(max(0.0, LONG_POLL_SECONDS - (time.monotonic() - started)))
     ):
         return _try_again(request_id)
+    if job.status in ("queued", "running"):
+        return _try_again(request_id)
+    # The answer is final: the request leaves its sampling client's completion queue, if it is in one.
+    await run_in_threadpool(state.completions.leave, [request_id])
     if job.status != "completed" or job.result is None:
-        if job.status in ("queued", "running"):
-            return _try_again(request_id)
         return JSONResponse(
             {"error": job.error or "the request failed", "category": job.error_category or "unknown"}
         )
@@ -505,6 +417,7 @@ def _try_again(request_id: str) -> JSONResponse:
 
 router.include_router(sessions.authed)
 router.include_router(tinker_custom_loss.authed)
+router.include_router(tinker_sampling.authed)
 router.include_router(_authed)  # after the routes above are defined: it copies them
 router.include_router(rest.authed)
 router.include_router(rest.public)

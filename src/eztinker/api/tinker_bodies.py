@@ -194,3 +194,26 @@ class CopyWeights(_Body):
 class RetrieveFuture(_Body):
     request_id: str = Field(..., min_length=1)
     allow_metadata_only: bool = False
+
+
+class SamplingSessionTarget(_Body):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: str = Field(..., min_length=1)
+    cloned_sampler_id: int = Field(0, ge=0)
+
+
+class RetrieveFutures(_Body):
+    """`retrieve_futures`: one sampling client's completion queue (`tinker_completions`)."""
+
+    target: SamplingSessionTarget
+    prev_cursor: int = Field(0, ge=0)
+    timeout: float | None = Field(None, ge=0)  # None: long-poll; 0: answer at once (an ack-only poll)
+    retrieved_request_ids: list[str] = Field(default_factory=list, max_length=100_000)
+
+
+class JoinSamplingSession(_Body):
+    sampling_session_id: str = Field(..., min_length=1)
+
+
+class CancelFuture(_Body):
+    request_id: str = Field(..., min_length=1)

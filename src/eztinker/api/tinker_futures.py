@@ -26,18 +26,20 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 
 from eztinker.api import tinker_wire as wire
 from eztinker.api.errors import failure
+from eztinker.api.tinker_completions import Completions
 from eztinker.engine.errors import EngineError, NotFoundError
 from eztinker.scheduler import Job
 from eztinker.service import JobView, Service
 from eztinker.service import results as r
 from eztinker.store.facade import FacadeState
 
+LONG_POLL_SECONDS = 25.0  # how long a poll waits for an answer: under the SDK's 45 s read timeout
 MAX_FUTURES = 100_000  # request ids remembered in memory (oldest forgotten first; jobs stay in the store)
 SEQ_GAP_WAIT_SECONDS = 2.0  # how long an op that arrived early waits for the ops before it
 
@@ -90,6 +92,18 @@ class TinkerState:
     heartbeats: dict[str, float] = field(default_factory=dict)  # active session -> its last heartbeat
     clock: Callable[[], float] = time.time  # of heartbeats and session expiry (a test moves it)
     sessions_checked_at: float = 0.0  # when idle sessions were last looked for (`tinker_sessions`)
+    completions: Completions = field(init=False)  # each sampling client's completion queue
+
+    def __post_init__(self) -> None:
+        self.completions = Completions(self.durable, self._outcome, self.service.scheduler.get)
+
+    def _outcome(self, request_id: str) -> Literal["finished", "failed"] | None:
+        """How sample `request_id` (its job's id) ended; None while it runs in this process."""
+        job = self.service.scheduler.get(request_id)
+        if job is not None:
+            return None if not job.done else "finished" if job.status == "completed" else "failed"
+        record = self.service.store.get_job(request_id)
+        return "finished" if record is not None and record.status == "completed" else "failed"
 
     def add(self, future: WireFuture, request_id: str) -> str:
         with self.lock:
@@ -113,6 +127,13 @@ def get_state(request: Request) -> TinkerState:
 
 
 StateDep = Annotated[TinkerState, Depends(get_state)]
+
+
+def close(app_state: Any) -> None:
+    """At shutdown (after the service stopped): write what the facade keeps for later."""
+    state: TinkerState | None = getattr(app_state, "tinker", None)
+    if state is not None:
+        state.completions.flush()
 
 
 def _new_id() -> str:

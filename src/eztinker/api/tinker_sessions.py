@@ -4,8 +4,8 @@ named after.
 
 A session ends when its client calls `finish`, or when it has sent no heartbeat for
 `session_timeout_seconds` (the SDK heartbeats every 10 s from a background task, so only a client that
-crashed, was killed or lost the network stops): its status becomes `expired` and its sampling snapshots
-are freed as `finish` frees them. Expiry is checked whenever a client creates a session or heartbeats
+crashed, was killed or lost the network stops): its status becomes `expired`, its samples still running
+are cancelled (nobody is left to read them), and its sampling snapshots are freed as `finish` frees them. Expiry is checked whenever a client creates a session or heartbeats
 (at most once per tenth of the timeout) — while no client is connected nothing needs the memory back.
 A heartbeat for an ended session is a 404 that says to start a new client."""
 
@@ -30,12 +30,19 @@ authed = APIRouter(dependencies=[Depends(get_owner)])
 
 @authed.post("/client/config")
 def client_config() -> dict[str, Any]:
-    return {"pjwt_auth_enabled": True, "proto_compress_fwdbwd": True, "custom_loss_server_side": True}
+    """The SDK's feature flags: every optional path this server serves is on (`tinker_sampling`)."""
+    return {
+        "pjwt_auth_enabled": True,
+        "proto_compress_fwdbwd": True,
+        "custom_loss_server_side": True,
+        "sample_use_retrieve_futures": True,
+        "sample_join_sampling_session": True,
+    }
 
 
 @authed.post("/client/dynamic_config")
 def client_dynamic_config() -> dict[str, Any]:
-    return {}
+    return {"sample_cancel_enabled": True}
 
 
 @authed.get("/healthz")
@@ -109,6 +116,10 @@ def _end_session(state: TinkerState, session_id: str, owner: str | None, status:
         SAMPLERS, **service.access.listing(owner), prefix=f"{session_id}:sample:"
     )
     runs = [r.run_id for r in service.views.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
+    running = state.completions.drop_session(session_id)
+    if status == "expired":  # its client is gone: nobody will read what its samples make (the SDK's fallback)
+        for request_id in running:
+            service.sampling.cancel(request_id)
     service.sampling.release(sampler_ids=[s.key for s in samplers], run_ids=runs)
 
 

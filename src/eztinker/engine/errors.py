@@ -7,6 +7,7 @@ EngineError                      every error the engine raises on purpose
 ├── NotFoundError                no such run, sampler, base model or checkpoint (category "user")
 ├── ConflictError                a name already taken (category "user")
 ├── NonFiniteError               the op produced NaN/inf; the run was rolled back (category "user")
+├── CancelledRequestError        the caller cancelled the request (a sample) before it finished
 └── ComputeError                 the op failed inside compute (OOM, a custom loss raised); rolled back
 ```
 
@@ -63,6 +64,10 @@ class ConflictError(EngineError):
 
 class NonFiniteError(EngineError, ArithmeticError):
     """The loss or a gradient came out NaN or infinite; nothing about the run changed."""
+
+
+class CancelledRequestError(EngineError):
+    """The caller cancelled the request before it finished (Tinker's `cancel_future` of a sample)."""
 
 
 class ComputeError(EngineError, RuntimeError):

@@ -210,6 +210,24 @@ class Scheduler:
             self._finish(job, error=reason, category="server")
         return len(pending)
 
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Fail job `job_id` with `reason` (the caller's doing: category "user") if it is still queued;
+        False if it is running, finished or unknown (a running job is stopped by whoever runs it)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            queue = self._queues.get(job.queue_key) if job is not None else None
+            if job is None or queue is None or job not in queue:
+                return False
+            queue.remove(job)
+            self._depth -= 1
+            if not queue:
+                del self._queues[job.queue_key]
+                if job.run_id is not None and job.queue_key not in self._busy:
+                    _tell(self.on_run_idle, job.run_id)
+            self._cond.notify_all()
+        self._finish(job, error=reason, category="user")
+        return True
+
     # --- estimates -----------------------------------------------------------------------------------
 
     def _drain_seconds(self, queue: Sequence[Job] | None = None) -> float:

@@ -24,13 +24,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from eztinker.backend import RunSpec
 from eztinker.engine import SampleResult, SamplerInfo
-from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.errors import CancelledRequestError, InvalidInputError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import ImageChunk
 from eztinker.scheduler import Batchable, Completion, Deferred, Job, complete_when_done, when_done
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CANCELLED = "the sample was cancelled by its client (cancel_future) before it finished"
 SUPERSEDED_GRACE_SECONDS = 120.0  # a replaced ephemeral snapshot unused this long is freed
 _FREED_KEPT = 10_000  # why a freed snapshot is gone, for this many, to answer a late request with
 
@@ -60,7 +61,7 @@ class SampleSpec:
     """One sampling job: engine requests on one target, and what the caller wants back.
 
     `text_prompt`: the single request's prompt as text, tokenized when the job starts (its model may
-    not be loaded yet). `decode`: the result also holds each sample's text. `echo`: request details the
+    not be loaded yet). `cancellable`: the job may be cancelled by id (`Sampling.cancel`). `decode`: the result also holds each sample's text. `echo`: request details the
     caller's encoding of the result needs later, kept with it. `check_now`: also refuse a bad request
     (token ids, top-k, prompt shapes) before it is queued. `n_field` / `prompt_field` name the caller's
     fields in errors.
@@ -72,6 +73,7 @@ class SampleSpec:
     decode: bool = False
     echo: dict[str, Any] = field(default_factory=dict)
     check_now: bool = False
+    cancellable: bool = False
     n_field: str = "n"
     prompt_field: str = "prompt"
 
@@ -105,6 +107,7 @@ class Sampling:
         # checkpoint is deleted: a new checkpoint of that name is loaded afresh)
         self._checkpoint_samplers: dict[tuple[str, ...], str] = {}
         self._loading = threading.Lock()
+        self._cancels: dict[str, threading.Event] = {}  # cancellable job -> set once it is cancelled
         service.checkpoints.on_deleted.append(self._checkpoint_deleted)
         service.checkpoints.on_replaced.append(self._checkpoint_deleted)  # new weights: loaded afresh
 
@@ -175,6 +178,9 @@ class Sampling:
         """
         target = spec.target
         requests = [replace(r, adapter=target.adapter) for r in spec.requests]
+        cancelled = threading.Event()
+        if spec.cancellable:
+            requests = [replace(r, cancelled=_either(cancelled.is_set, r.cancelled)) for r in requests]
         chunks = spec.echo.get("prompt_chunks")
         if chunks is not None:  # a prompt with images (Tinker's ModelInput chunks), on the target's model
             prompt, images = self.expand_chunks(target.base_model, chunks, f"{spec.prompt_field}.chunks")
@@ -197,6 +203,8 @@ class Sampling:
                 )
 
             def sampled(results: list[SampleResult]) -> SampleOutput:
+                if cancelled.is_set():  # its rows stopped early: not a result
+                    raise CancelledRequestError(CANCELLED)
                 texts = None
                 if spec.decode:
                     texts = [[decode(tokenizer, s.tokens) for s in r.sequences] for r in results]
@@ -218,7 +226,27 @@ class Sampling:
             self._done_using(adapter)
             raise
         job.future.add_done_callback(lambda _: self._done_using(adapter))
+        if spec.cancellable:
+            with self._held_lock:
+                self._cancels[job.job_id] = cancelled
+            job.future.add_done_callback(lambda _: self._forget_cancel(job.job_id))
         return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel cancellable sampling job `job_id` (the caller checked it is theirs): a queued job fails at
+        once; a running one stops decoding at its next token and fails. False if it is not cancellable or
+        already finished. Either way it fails with `CancelledRequestError`, never with partial samples."""
+        with self._held_lock:
+            flag = self._cancels.get(job_id)
+        if flag is None:
+            return False
+        flag.set()
+        self.service.scheduler.cancel(job_id, CANCELLED)  # if still queued; else its rows stop
+        return True
+
+    def _forget_cancel(self, job_id: str) -> None:
+        with self._held_lock:
+            self._cancels.pop(job_id, None)
 
     def save_sampler(
         self, run_id: str, sampler_id: str, owner: str | None, *, ephemeral: bool = False
@@ -442,6 +470,11 @@ class Sampling:
         raise InvalidInputError(
             "base_model", "no base model is loaded: pass base_model, or start the server with --model NAME"
         )
+
+
+def _either(first: Callable[[], bool], second: Callable[[], bool] | None) -> Callable[[], bool]:
+    """A request's `cancelled` poll: true once either says so."""
+    return first if second is None else lambda: first() or second()
 
 
 def decode(tokenizer: Any, tokens: list[int]) -> str:

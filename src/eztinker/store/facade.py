@@ -4,7 +4,9 @@ The Tinker wire API needs a few things to outlive a restart that the engine's ta
 its sessions (for `list_sessions` / `get_session`), its sampling sessions made from checkpoints (so a
 `SamplingClient` keeps working after the restart), checkpoint metadata set over REST (`public`, TTL),
 and which job answers a request id when the two differ. Each is a JSON value under `(namespace, key)`,
-written when it changes — never per op on the hot path.
+written when it changes. The one per-op record is a Tinker sample's place in its client's completion queue
+(`tinker_completions`: one insert at `asample`, one delete when delivered), so that a client waiting on a
+sample hears after a restart that it failed; every other op writes nothing here.
 
 The table lives in its own declarative base, created next to the core tables of a `Store`: adding it
 changes nothing in them.
@@ -13,10 +15,11 @@ changes nothing in them.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Double, String, select
+from sqlalchemy import JSON, Double, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from eztinker.store.db import Store
@@ -103,6 +106,23 @@ class FacadeState:
             row = session.get(FacadeRow, (namespace, key))
             if row is not None:
                 session.delete(row)
+
+    def delete_many(self, namespace: str, keys: Iterable[str] = (), *, prefix: str | None = None) -> None:
+        """Delete the records `keys` and, with `prefix`, every record whose key starts with it: one write."""
+        keys = list(keys)
+        if not keys and prefix is None:
+            return
+        with self._store._write() as session:
+            if keys:
+                session.execute(
+                    delete(FacadeRow).where(FacadeRow.namespace == namespace, FacadeRow.key.in_(keys))
+                )
+            if prefix is not None:
+                session.execute(
+                    delete(FacadeRow).where(
+                        FacadeRow.namespace == namespace, FacadeRow.key.startswith(prefix, autoescape=True)
+                    )
+                )
 
 
 def _record(row: FacadeRow) -> FacadeRecord:

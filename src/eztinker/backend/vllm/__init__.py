@@ -14,8 +14,8 @@ an already running server is used. Three pieces:
 - `VllmSampler` turns the engine's `SampleRequest`s into `/v1/completions` calls with token-id prompts and
   turns the answers back into `SampleResult`s, token ids in and out, nothing re-tokenised (see
   `completion_body` and `parse_choices` for the field mapping). A request with an `on_token` callback (the
-  OpenAI facade's streaming) or a `cancelled` poll is streamed, and its callbacks fire as vLLM's chunks
-  arrive. Requests run concurrently on one asyncio loop in a thread of the sampler's; `sample` returns a
+  OpenAI facade's streaming) is streamed, and its callbacks fire as vLLM's chunks arrive; one with only a
+  `cancelled` poll (Tinker's `cancel_future`) is polled while it runs, and its call closed when cancelled. Requests run concurrently on one asyncio loop in a thread of the sampler's; `sample` returns a
   `concurrent.futures.Future`, as the `Backend` protocol does.
 - Adapters: a sampler snapshot is written as a PEFT directory (`Engine.save_weights`; `write_snapshot`) and
   hot-loaded (`/v1/load_lora_adapter`) under its sampler id. At most `max_loras` are loaded at a time, least

@@ -29,7 +29,7 @@ from eztinker.backend.vllm.wire import (
     parse_choices,
     unsupported,
 )
-from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.errors import CancelledRequestError, InvalidInputError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import SampleResult
 
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 
 T = TypeVar("T")
+
+CANCEL_POLL_SECONDS = 0.1  # how often a cancellable request vLLM is working on is checked
 
 
 class VllmSampler:
@@ -314,7 +316,7 @@ class VllmSampler:
         stream: bool | None = None,
     ) -> SampleResult:
         if stream is None:
-            stream = request.on_token is not None or request.cancelled is not None
+            stream = request.on_token is not None
         for attempt in range(2):
             await self._ready()
             if request.adapter is not None:
@@ -337,8 +339,16 @@ class VllmSampler:
         raise AssertionError("unreachable")
 
     async def _completed(self, request: SampleRequest, body: dict[str, Any]) -> SampleResult:
+        post = asyncio.ensure_future(self._http().post(self.endpoint.url + "/v1/completions", json=body))
+        # A cancellable request is polled while vLLM works on it; cancelling the call closes its connection,
+        # and vLLM aborts a request whose client left.
+        while request.cancelled is not None and not post.done():
+            await asyncio.wait([post], timeout=CANCEL_POLL_SECONDS)
+            if not post.done() and request.cancelled():
+                post.cancel()
+                raise CancelledRequestError("the request was cancelled before vLLM finished it")
         try:
-            response = await self._http().post(self.endpoint.url + "/v1/completions", json=body)
+            response = await post
         except httpx.HTTPError as exc:
             raise await self._lost(exc) from None
         payload = _json_or_text(response)
