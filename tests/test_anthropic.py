@@ -181,17 +181,22 @@ def test_mcp_servers_and_containers_are_refused_naming_the_field(
     )
 
 
-def test_a_content_block_other_than_text_is_refused_naming_it(server: str, model: str) -> None:
+def test_a_content_block_not_served_is_refused_naming_it(server: str, model: str) -> None:
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
-    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, image]}]
-    raw = httpx.post(
-        f"{server}/anthropic/api/v1/messages",
-        json={"model": model, "max_tokens": 2, "messages": messages},
-        headers={"x-api-key": KEY},
-        timeout=60,
-    )
-    assert raw.status_code == 400
-    assert raw.json()["error"]["message"].startswith("messages[0].content[1]: 'image' blocks are not served")
+    for block, message in (
+        (document, "messages[0].content[1]: 'document' blocks are not served"),
+        (image, "messages[0].content[1]"),  # an image for a model without a vision tower
+    ):
+        messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, block]}]
+        raw = httpx.post(
+            f"{server}/anthropic/api/v1/messages",
+            json={"model": model, "max_tokens": 2, "messages": messages},
+            headers={"x-api-key": KEY},
+            timeout=60,
+        )
+        assert raw.status_code == 400
+        assert raw.json()["error"]["message"].startswith(message)
 
 
 def test_a_sampling_error_names_the_routes_own_field(server: str, model: str) -> None:

@@ -156,8 +156,12 @@ def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
-        (
+        (  # an image for a model without a vision tower
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+            "input[0].content[0].image_url",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0]",
         ),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),

@@ -286,3 +286,82 @@ def test_openai_refuses_bad_images_naming_the_part(server, vl_dir, tiny_model_di
             oai.chat.completions.create(model=str(vl_dir), messages=chat(url), max_tokens=2)
     with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\].*takes no images"):
         oai.chat.completions.create(model=str(tiny_model_dir), messages=chat(data_url(RED)), max_tokens=2)
+
+
+def test_responses_input_image_is_the_chat_image(server, vl_dir, tiny_model_dir) -> None:
+    """`/v1/responses` `input_image` parts mean the chat route's `image_url` parts: the same prompt (and so
+    the same seeded answer), and bad images are refused naming the Responses field."""
+    oai = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    content = [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": data_url(RED), "detail": "auto"},
+    ]
+    response = oai.responses.create(
+        model=str(vl_dir),
+        input=[{"role": "user", "content": content}],
+        max_output_tokens=3,
+        extra_body={"seed": 1},
+    )
+    chatted = oai.chat.completions.create(
+        model=str(vl_dir), messages=chat(data_url(RED)), max_tokens=3, seed=1
+    )
+
+    assert response.usage.input_tokens == chatted.usage.prompt_tokens
+    assert response.output_text == chatted.choices[0].message.content
+    bad = {"type": "input_image", "image_url": "https://example.com/cat.png"}
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[1\]\.image_url: .*data URL"):
+        oai.responses.create(model=str(vl_dir), input=[{"role": "user", "content": [content[0], bad]}])
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[0\].*takes no images"):
+        oai.responses.create(model=str(tiny_model_dir), input=[{"role": "user", "content": [content[1]]}])
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[0\]: an image needs image_url"):
+        oai.responses.create(
+            model=str(vl_dir), input=[{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]
+        )
+
+
+# --- Anthropic --------------------------------------------------------------------------------------------
+
+
+def test_anthropic_image_blocks_are_the_chat_image(server, vl_dir, tiny_model_dir) -> None:
+    """An Anthropic `image` block (base64) is the same image as the chat route's data URL: the same prompt
+    and seeded answer's length; other sources and bad images are refused naming the block."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=f"{server}/anthropic/api", api_key="unused", max_retries=0)
+    image = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(RED).decode()}
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image", "source": image}]
+    message = claude.messages.create(
+        model=str(vl_dir), messages=[{"role": "user", "content": content}], max_tokens=3
+    )
+    counted = claude.messages.count_tokens(model=str(vl_dir), messages=[{"role": "user", "content": content}])
+    text_only = claude.messages.count_tokens(
+        model=str(vl_dir), messages=[{"role": "user", "content": content[:1]}]
+    )
+
+    assert message.usage.input_tokens == counted.input_tokens == text_only.input_tokens + IMAGE_TOKENS + 2
+    assert message.usage.output_tokens == 3
+    cases = {
+        "url": (
+            {"type": "url", "url": "https://example.com/cat.png"},
+            r"messages\[0\]\.content\[1\]\.source\.type: 'url' image sources are not served",
+        ),
+        "bad base64": (
+            {**image, "data": "@@@"},
+            r"messages\[0\]\.content\[1\]\.source\.data: is not valid base64",
+        ),
+        "not an image": (
+            {**image, "data": base64.b64encode(b"not an image").decode()},
+            r"messages\[0\]\.content\[1\]\.data: does not decode",
+        ),
+    }
+    for source, message_pattern in cases.values():
+        with pytest.raises(anthropic.BadRequestError, match=message_pattern):
+            claude.messages.create(
+                model=str(vl_dir),
+                messages=[{"role": "user", "content": [content[0], {"type": "image", "source": source}]}],
+                max_tokens=2,
+            )
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[1\].*takes no images"):
+        claude.messages.create(
+            model=str(tiny_model_dir), messages=[{"role": "user", "content": content}], max_tokens=2
+        )

@@ -25,9 +25,10 @@ from eztinker.api.chat import (
     ErrorShapedRoute,
     Generation,
     Piece,
+    PromptImages,
     TokenStream,
-    chat_template_ids,
     job_result,
+    render_with_images,
     require_chat_template,
     resolve_model,
     whole_result,
@@ -36,7 +37,7 @@ from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import error_headers, error_kind, error_message
 from eztinker.api.reasoning import Thought
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
-from eztinker.engine.types import SamplingParams
+from eztinker.engine.types import ImageChunk, SamplingParams
 from eztinker.service import Service
 
 PREFIX = "/anthropic/api/v1"
@@ -61,9 +62,9 @@ router = APIRouter(tags=["anthropic"], route_class=AnthropicRoute, dependencies=
 
 def _prompt(
     service: Service, body: CountTokensRequest, owner: str | None
-) -> tuple[Any, Any, list[int], ToolUse | None]:
-    """(target, tokenizer, prompt tokens, tool use): the system prompt, messages and tools through the
-    chat template."""
+) -> tuple[Any, Any, list[int], tuple[ImageChunk, ...], ToolUse | None]:
+    """(target, tokenizer, prompt tokens, its images, tool use): the system prompt, messages (their
+    `image` blocks included) and tools through the chat template."""
     body.refuse_not_served()
     if body.context_management is not None:
         body.context_management.refuse_edits()
@@ -72,15 +73,17 @@ def _prompt(
     require_chat_template(tokenizer, target.base_model, "messages", "this route renders chats with it")
     options = body.template_options(tokenizer, target.base_model)
     tools = body.tool_use(tokenizer, target.base_model)
-    messages, wheres = body.template_messages()
+    images = PromptImages()
+    messages, wheres = body.template_messages(images)
     complete_history(tokenizer, target.base_model, messages, wheres)
-    return target, tokenizer, chat_template_ids(tokenizer, messages, tools, options), tools
+    prompt, found = render_with_images(service, target, tokenizer, messages, images, tools, options)
+    return target, tokenizer, prompt, found, tools
 
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
     """The prompt's length in tokens, as `messages` would render it."""
-    _, _, prompt, _ = await run_in_threadpool(_prompt, service, body, owner)
+    _, _, prompt, _, _ = await run_in_threadpool(_prompt, service, body, owner)
     return {"input_tokens": len(prompt)}
 
 
@@ -157,7 +160,7 @@ async def messages(
     """One assistant turn: the system prompt and messages through the chat template, then one sample."""
 
     def prepare() -> Generation:
-        target, tokenizer, prompt, tools = _prompt(service, body, owner)
+        target, tokenizer, prompt, images, tools = _prompt(service, body, owner)
         stops = body.stops()
         params = SamplingParams(
             max_tokens=body.max_tokens,
@@ -174,6 +177,7 @@ async def messages(
             1,
             0,
             stops,
+            images=[images],
             tools=tools,
             reasoning=True,
             field_names={"stop": "stop_sequences"},

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from eztinker.api.chat import TemplateOptions, reads_variable
+from eztinker.api.chat import PromptImages, TemplateOptions, reads_variable
 from eztinker.api.not_served import RefusesNotServed
 from eztinker.api.reasoning import require_reasoning
 from eztinker.api.structured import Answer, answer_for, json_answer
 from eztinker.api.tool_calls import ToolUse, call_format
 from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.types import ImageChunk
 
 MAX_STOP_SEQUENCES = 16
 
@@ -24,8 +27,8 @@ class TextBlock(BaseModel):
 
 
 class ContentBlock(BaseModel):
-    """A message's content block of any type: `text`, and `tool_use` (assistant) / `tool_result` (user)
-    are served; any other is refused naming it (`Message.for_template`)."""
+    """A message's content block of any type: `text`, `image` (user), and `tool_use` (assistant) /
+    `tool_result` (user) are served; any other is refused naming it (`Message.for_template`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -38,6 +41,29 @@ class ContentBlock(BaseModel):
     tool_use_id: str | None = None  # tool_result
     content: str | list[ContentBlock] | None = None  # tool_result
     is_error: bool = False  # tool_result (its content says what went wrong; templates have no flag for it)
+    source: dict[str, Any] | None = None  # image
+
+    def image(self, where: str) -> ImageChunk:
+        """An `image` block's image: base64 data (`source.type` "base64"); nothing is fetched or stored, so
+        a `url` or `file` source is refused naming it."""
+        source = self.source or {}
+        kind = source.get("type")
+        if kind != "base64":
+            raise InvalidInputError(
+                f"{where}.source.type",
+                f"{kind!r} image sources are not served: this server fetches and stores nothing; send the "
+                "image as base64 data",
+            )
+        media_type, data = source.get("media_type"), source.get("data")
+        if not isinstance(media_type, str) or not media_type.startswith("image/"):
+            raise InvalidInputError(f"{where}.source.media_type", "must be image/png or image/jpeg")
+        if not isinstance(data, str) or not data:
+            raise InvalidInputError(f"{where}.source.data", "is missing: send the image as base64")
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInputError(f"{where}.source.data", "is not valid base64") from None
+        return ImageChunk(data=decoded, format=media_type.removeprefix("image/").lower())
 
     def result_text(self, where: str) -> str:
         """A tool_result's content as text (a string or text blocks; other blocks refused naming them)."""
@@ -58,10 +84,11 @@ class Message(BaseModel):
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
 
-    def for_template(self, where: str) -> list[dict[str, Any]]:
+    def for_template(self, where: str, images: PromptImages) -> list[dict[str, Any]]:
         """The message as chat templates read it: a user turn's `tool_result` blocks become `tool`
-        messages (before its text, as Anthropic orders them), an assistant's `tool_use` blocks its
-        `tool_calls`. A block of another type (image, document, thinking...) is refused naming it."""
+        messages (before its text, as Anthropic orders them), its `image` blocks marks in its text (their
+        images go to `images`), an assistant's `tool_use` blocks its `tool_calls`. A block of another type
+        (document, search result...) is refused naming it."""
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
         text, thinking, calls, results = "", "", [], []
@@ -71,6 +98,8 @@ class Message(BaseModel):
                 if block.text is None:
                     raise InvalidInputError(f"{name}.text", "is missing")
                 text += block.text
+            elif block.type == "image" and self.role == "user":
+                text += images.mark(name, block.image(name))
             elif block.type == "thinking" and self.role == "assistant":
                 thinking += block.thinking or ""
             elif block.type == "tool_use" and self.role == "assistant":
@@ -256,15 +285,16 @@ class CountTokensRequest(RefusesNotServed):
             strict={tool.name for tool in self.tools or () if tool.strict},
         )
 
-    def template_messages(self) -> tuple[list[dict[str, Any]], list[str]]:
-        """(the system prompt and messages as chat templates read them, the request field of each)."""
+    def template_messages(self, images: PromptImages) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the system prompt and messages as chat templates read them, the request field of each); the
+        messages' images go to `images`."""
         messages: list[dict[str, Any]] = []
         wheres: list[str] = []
         if self.system:
             messages.append({"role": "system", "content": self.system_text()})
             wheres.append("system")
         for i, message in enumerate(self.messages):
-            rendered = message.for_template(f"messages[{i}]")
+            rendered = message.for_template(f"messages[{i}]", images)
             messages += rendered
             wheres += [f"messages[{i}]"] * len(rendered)
         return messages, wheres

@@ -191,6 +191,59 @@ def render_chat(
     return [int(t) for t in out]
 
 
+_IMAGE_MARK = "\ufff9eztinker-image-{}\ufffb"  # an image's place in a message's text, for the template
+_IMAGE_SPLIT = re.compile("\ufff9eztinker-image-([0-9]+)\ufffb")
+_CHUNK_FIELD = re.compile(r"^chunks\[([0-9]+)\](.*)$")
+
+
+@dataclass
+class PromptImages:
+    """A chat's images in the order met, each with the request field it came from; `mark` gives the text
+    that stands for it in its message, which the template renders like any text."""
+
+    found: list[tuple[str, ImageChunk]] = field(default_factory=list)
+
+    def mark(self, where: str, image: ImageChunk) -> str:
+        self.found.append((where, image))
+        return _IMAGE_MARK.format(len(self.found) - 1)
+
+
+def render_with_images(
+    service: Service,
+    target: ModelTarget,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    images: PromptImages,
+    tools: ToolUse | None = None,
+    options: TemplateOptions | None = None,
+) -> tuple[list[int], tuple[ImageChunk, ...]]:
+    """The messages through the chat template, with their images: (prompt tokens, the images). The text
+    between image marks is tokenized; the engine puts each image in as the model's vision start /
+    placeholder run / end tokens. A bad image is a 400 naming the part it came from."""
+    if not images.found:
+        return render_chat(tokenizer, messages, tools, options), ()
+    rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
+    pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
+    chunks: list[wire.Chunk] = []
+    names: list[str] = []
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            name, image = images.found[int(piece)]
+            chunks.append(image)
+            names.append(name)
+        else:
+            chunks.append([int(t) for t in tokenizer(piece, add_special_tokens=False)["input_ids"]])
+            names.append("messages")
+    try:
+        tokens, found = service.sampling.expand_chunks(target.base_model, chunks, "chunks", frame=True)
+    except InvalidInputError as exc:  # name the message part, not the internal chunk
+        match = _CHUNK_FIELD.match(exc.field)
+        if match is None:
+            raise
+        raise InvalidInputError(names[int(match.group(1))] + match.group(2), exc.message) from None
+    return tokens, found
+
+
 def chat_template_ids(
     tokenizer: Any,
     messages: list[dict[str, Any]],

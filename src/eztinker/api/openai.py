@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,16 +28,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from eztinker.api import tinker_wire as wire
 from eztinker.api.chat import (
     Choice,
     ErrorShapedRoute,
     Generation,
     Piece,
+    PromptImages,
     TokenStream,
     decode,
     job_result,
-    render_chat,
+    render_with_images,
     require_chat_template,
     resolve_model,
     token_text,
@@ -100,11 +99,6 @@ def _completion_prompts(
     return tokenizer, ids
 
 
-_IMAGE_MARK = "\ufff9eztinker-image-{}\ufffb"
-_IMAGE_SPLIT = re.compile("\ufff9eztinker-image-([0-9]+)\ufffb")
-_CHUNK_FIELD = re.compile(r"^chunks\[([0-9]+)\](.*)$")
-
-
 def _chat_prompt(
     service: Service, target: ModelTarget, body: ChatCompletionRequest
 ) -> tuple[Any, list[int], tuple[ImageChunk, ...], ToolUse | None]:
@@ -114,41 +108,15 @@ def _chat_prompt(
     require_chat_template(tokenizer, target.base_model, "messages", "use /v1/completions")
     tools = body.tool_use(tokenizer, target.base_model)
     options = body.template_options(tokenizer, target.base_model)
-    messages, images = [], []
+    messages, images = [], PromptImages()
     for i, m in enumerate(body.messages):
         text = ""
         for name, part in m.parts(f"messages[{i}].content"):
-            if isinstance(part, ImageChunk):
-                text += _IMAGE_MARK.format(len(images))
-                images.append((name, part))
-            else:
-                text += part
+            text += images.mark(name, part) if isinstance(part, ImageChunk) else part
         messages.append(m.for_template(text, f"messages[{i}]"))
     complete_history(tokenizer, target.base_model, messages, [f"messages[{i}]" for i in range(len(messages))])
-    if not images:
-        return tokenizer, render_chat(tokenizer, messages, tools, options), (), tools
-    # Images: the template renders each one's mark; the text between marks is tokenized, and the engine
-    # puts each image in, as the model's vision start / placeholder run / end tokens.
-    rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
-    pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
-    chunks: list[wire.Chunk] = []
-    names: list[str] = []
-    for k, piece in enumerate(pieces):
-        if k % 2:
-            name, image = images[int(piece)]
-            chunks.append(image)
-            names.append(name)
-        else:
-            chunks.append([int(t) for t in tokenizer(piece, add_special_tokens=False)["input_ids"]])
-            names.append("messages")
-    try:
-        tokens, found = service.sampling.expand_chunks(target.base_model, chunks, "chunks", frame=True)
-    except InvalidInputError as exc:  # name the message part, not the internal chunk
-        match = _CHUNK_FIELD.match(exc.field)
-        if match is None:
-            raise
-        raise InvalidInputError(names[int(match.group(1))] + match.group(2), exc.message) from None
-    return tokenizer, tokens, found, tools
+    prompt, found = render_with_images(service, target, tokenizer, messages, images, tools, options)
+    return tokenizer, prompt, found, tools
 
 
 # --- routes --------------------------------------------------------------------------------------

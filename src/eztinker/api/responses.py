@@ -130,7 +130,11 @@ def _messages(
                     f"{where}.role", f"{role!r} is not user, assistant, system or developer"
                 )
             message: dict[str, Any] = {"role": "system" if role == "developer" else role}
-            message["content"] = _text(item.get("content"), f"{where}.content")
+            content = item.get("content")
+            where_content = f"{where}.content"
+            message["content"] = (
+                _parts(content, where_content) if role == "user" else _text(content, where_content)
+            )
             if role == "assistant" and thinking is not None:
                 message["reasoning_content"], thinking = thinking, None
             messages.append(message)
@@ -163,7 +167,28 @@ def _messages(
     return messages, wheres
 
 
-def _text(content: Any, where: str) -> str:
+def _parts(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A user message's content as chat content: its text, or its text and image parts in order
+    (`input_image` with a data URL, which the chat route checks and the model's processor reads)."""
+    if not isinstance(content, list) or not any(
+        isinstance(p, dict) and p.get("type") == "input_image" for p in content
+    ):
+        return _text(content, where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if part.get("image_url") is None:
+                raise InvalidInputError(
+                    f"{where}[{j}]", "an image needs image_url (a data URL): this server keeps no files"
+                )
+            image = {"url": part["image_url"], **({"detail": part["detail"]} if part.get("detail") else {})}
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            parts.append({"type": "text", "text": _text([part], f"{where}[{j}]", index=False)})
+    return parts
+
+
+def _text(content: Any, where: str, *, index: bool = True) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -172,9 +197,9 @@ def _text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("input_text", "output_text", "text"):
+            served = "text and (in user messages) input_image parts are" if index else "text parts are"
             raise InvalidInputError(
-                f"{where}[{j}]",
-                f"{kind!r} parts are not served on /v1/responses (images: /v1/chat/completions)",
+                f"{where}[{j}]" if index else where, f"{kind!r} parts are not served: {served}"
             )
         texts.append(str(part.get("text", "")))
     return "".join(texts)
@@ -225,6 +250,7 @@ def _field(field: str, wheres: list[str]) -> str:
     match = re.match(r"^messages\[(\d+)\](.*)$", field)
     if match is not None:
         index, rest = int(match.group(1)), match.group(2)
+        rest = re.sub(r"^(\.content\[\d+\]\.image_url)\.url", r"\1", rest)  # a string here, not {"url"}
         return (wheres[index] if index < len(wheres) else "input") + rest
     for pattern, replacement in _RENAMED:
         field = pattern.sub(replacement, field)
