@@ -238,3 +238,31 @@ def test_requests_repeating_a_prompt_share_its_prefill(engine: Engine, model: st
         assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
         assert a.prompt_logprobs == pytest.approx(b.prompt_logprobs, abs=1e-5) if a.prompt_logprobs else True
     assert together[4].prompt_logprobs is not None and together[5].prompt_logprobs is not None
+
+
+def test_a_request_cancelled_while_it_waits_is_never_prefilled(
+    engine: Engine, model: str, monkeypatch
+) -> None:
+    base = engine.base_model(model)
+    prefilled: list[int] = []
+    real = batcher_module._prefill
+
+    def counting(base, rows):
+        prefilled.append(len(rows))
+        return real(base, rows)
+
+    monkeypatch.setattr(batcher_module, "_prefill", counting)
+    kept = SampleRequest(PROMPTS[0], seeded(1))
+    expected = sample_batch(base, [kept])[0]
+    prefilled.clear()
+    batcher = ContinuousBatcher(base)
+    out_kept, out_cancelled = [], []
+    run(batcher, [kept], out_kept)
+    run(batcher, [SampleRequest(PROMPTS[1], seeded(2), num_samples=3, cancelled=lambda: True)], out_cancelled)
+    drain(batcher)
+
+    assert prefilled == [1]  # the kept request's prompt only
+    (cancelled,) = out_cancelled[0]
+    assert [s.tokens for s in cancelled.sequences] == [[], [], []]
+    (got,) = out_kept[0]
+    assert [s.tokens for s in got.sequences] == [s.tokens for s in expected.sequences]

@@ -395,7 +395,8 @@ async def retrieve_future(
     if job.status in ("queued", "running"):
         return _try_again(request_id)
     # The answer is final: the request leaves its sampling client's completion queue, if it is in one.
-    await run_in_threadpool(state.completions.leave, [request_id])
+    if state.completions.leave([request_id]):
+        await run_in_threadpool(state.completions.flush)
     if job.status != "completed" or job.result is None:
         return JSONResponse(
             {"error": job.error or "the request failed", "category": job.error_category or "unknown"}

@@ -200,7 +200,8 @@ class Completions:
         """A poll's acknowledgements: events up to `prev_cursor` dropped, `retrieved` requests gone. Returns
         the queue, the future its next event sets, and whether it has no events now. Blocking."""
         queue = self._queue(key, sampler_id, clone, owner)
-        self.leave(retrieved)
+        if self.leave(retrieved):
+            self.flush()
         with self._lock:
             for request_id in [r for r, (cursor, _) in queue.events.items() if cursor <= prev_cursor]:
                 del queue.events[request_id]
@@ -208,11 +209,12 @@ class Completions:
 
     # --- leaving --------------------------------------------------------------------------------------
 
-    def leave(self, request_ids: list[str]) -> None:
+    def leave(self, request_ids: list[str]) -> bool:
         """These requests leave their queues, and then the store: their results reached their client, or
-        they were cancelled (never reported then). Their records are deleted `DELETE_BATCH` at a time: one
-        left behind by a crash is reported once more after the restart, to a client that no longer waits
-        on it (the SDK keeps such a completion by its id, and nothing asks for it)."""
+        they were cancelled (never reported then). Never blocks: their records are deleted by `flush`,
+        `DELETE_BATCH` at a time, and this says when a batch is due. One left behind by a crash is reported
+        once more after the restart, to a client that no longer waits on it (the SDK keeps such a
+        completion by its id, and nothing asks for it)."""
         with self._lock:
             for request_id in request_ids:
                 key = self._where.pop(request_id, None)
@@ -222,13 +224,11 @@ class Completions:
                 queue.tracked.discard(request_id)
                 queue.events.pop(request_id, None)
                 self._gone.append(queue.record_key(request_id))
-            gone = self._gone if len(self._gone) >= DELETE_BATCH else []
-            if gone:
-                self._gone = []
-        self._durable.delete_many(PENDING, gone)
+            return len(self._gone) >= DELETE_BATCH
 
     def flush(self) -> None:
-        """Delete the records of every request that left (at shutdown)."""
+        """Delete the records of every request that left (when `leave` says a batch is due, and at
+        shutdown). Blocking."""
         with self._lock:
             gone, self._gone = self._gone, []
         self._durable.delete_many(PENDING, gone)

@@ -200,7 +200,8 @@ def cancel_future(
     if op != "sample":
         raise InvalidInputError("request_id", f"only sampling requests can be cancelled; this one is {op!r}")
     cancelled = job is not None and service.sampling.cancel(job.job_id)
-    state.completions.leave([body.request_id])
+    if state.completions.leave([body.request_id]):
+        state.completions.flush()
     return {"type": "cancel_future", "cancelled": cancelled}
 
 

@@ -1,6 +1,8 @@
 """Continuous batching: one running batch per base model that requests join and leave at every step.
 
 `ContinuousBatcher.add` queues requests (checked at once; rows made as in `sampler`); each `step()`:
+0. ends the waiting rows of requests that were cancelled (`SampleRequest.cancelled`) without a prefill
+   (a running row's cancellation is seen with its next token);
 1. admits waiting rows while the KV budget allows (`SamplerLimits`, sized for the worst case: every row
    running to its `max_tokens`), with one prefill forward over their prompts — the `n` samples of a
    request, and requests repeating a prompt on one adapter, share one prefill row, whose cache is
@@ -156,6 +158,7 @@ class ContinuousBatcher:
             self._fail(rows, exc)
 
     def _step(self) -> None:
+        self._drop_cancelled()
         self._admitting = admitted = self._admit()  # neither waiting nor running until merged
         if admitted:
             batch, logits_BV = self._prefill_shared(admitted)
@@ -201,6 +204,20 @@ class ContinuousBatcher:
             self._logits_BV = _decode_step(self.base, self._batch, tokens_B)
 
     # --- admission and prefill -------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        """Waiting rows whose request was cancelled end now, with no tokens: they are never prefilled."""
+        with self._lock:
+            if not any(r.cancelled is not None for r in self._waiting):
+                return
+            dropped = [r for r in self._waiting if r.cancelled is not None and r.cancelled()]
+            if not dropped:
+                return
+            gone = {id(r) for r in dropped}
+            self._waiting = collections.deque(r for r in self._waiting if id(r) not in gone)
+        for row in dropped:
+            row.stop_reason = "length"
+        self._complete(dropped)
 
     def _admit(self) -> list[_Row]:
         """Waiting rows, in order, while the running batch plus them fits the limits (at least one row
