@@ -5,8 +5,10 @@ exactly what they give in-process, and when a worker is killed mid-training its 
 worker from their last checkpoint — in-flight ops fail with the reason, the metrics history stays.
 """
 
+import concurrent.futures
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 
 import eztinker
 from eztinker import EZTinkerClient, LossFunctionConfig
-from eztinker.engine import Datum, Engine
+from eztinker.backend.ray_pool import CancelWatch
+from eztinker.engine import Datum, Engine, SamplingParams
+from eztinker.engine.sampler import SampleRequest
 from eztinker.exceptions import ConflictError as ClientConflictError
 from eztinker.exceptions import JobFailedError
 from eztinker.service import Service
@@ -383,3 +387,40 @@ def test_a_server_side_custom_loss_runs_on_a_ray_worker(
 def _ray_custom_loss(logprobs, advantages):
     loss = -(logprobs * advantages).sum()
     return loss, {}
+
+
+def test_a_sample_cancelled_before_it_starts_ends_on_its_worker_without_tokens(
+    pool_service, tiny_model_dir
+) -> None:
+    """A cancellable sample without a token stream (Tinker's `cancel_future`) carries its state to its
+    worker, whose sampler ends it before its prefill."""
+    service, _ = pool_service
+    cancelled = threading.Event()
+    cancelled.set()
+    request = SampleRequest(
+        [5, 6, 7], SamplingParams(max_tokens=50, stop=[]), num_samples=2, cancelled=cancelled.is_set
+    )
+    kept = SampleRequest([5, 6, 7], SamplingParams(max_tokens=5, stop=[], seed=1))
+
+    (stopped,) = service.backend.sample(str(tiny_model_dir), [request]).result(120)
+    (sampled,) = service.backend.sample(str(tiny_model_dir), [kept]).result(120)
+
+    assert [s.tokens for s in stopped.sequences] == [[], []]
+    assert len(sampled.sequences[0].tokens) == 5
+
+
+def test_the_cancel_watch_hangs_up_a_call_once_its_caller_cancels() -> None:
+    watch = CancelWatch()
+    cancelled, hung_up = threading.Event(), threading.Event()
+    calls: list[str] = []
+    running: concurrent.futures.Future[None] = concurrent.futures.Future()
+    finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+    finished.set_result(None)
+    watch.watch("running", [cancelled.is_set], lambda: (calls.append("running"), hung_up.set()), running)
+    watch.watch("finished", [lambda: True], lambda: calls.append("finished"), finished)  # done: not watched
+
+    cancelled.set()
+
+    assert hung_up.wait(30)
+    running.set_result(None)
+    assert calls == ["running"]

@@ -18,6 +18,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -40,6 +41,7 @@ from eztinker.settings import Settings
 log = logging.getLogger(__name__)
 
 RESTORE_TIMEOUT = 600.0  # seconds a call for a run being re-placed waits for it
+CANCEL_POLL_SECONDS = 0.1  # how often cancellable samples running on workers are checked (`CancelWatch`)
 
 Send = Callable[[Any], Any]  # an actor handle -> the Ray reference of one of its methods' `Reply`
 
@@ -64,6 +66,7 @@ class RayBackend:
         self._restoring: dict[str, threading.Event] = {}  # runs being re-placed after a worker loss
         self._tokenizers: dict[str, Any] = {}
         self.cluster = RayWorkers(settings, options, on_lost=self._lost)
+        self._cancel_watch = CancelWatch()
 
     def _adopt_runs(self) -> set[str]:
         """Learn which runs and sampler snapshots the workers already hold; returns the run ids."""
@@ -376,6 +379,7 @@ class RayBackend:
         adapter = next((r.adapter for r in requests if r.adapter is not None), None)
         if any(r.on_token is not None for r in requests):
             return self._sample_streaming(base_model, adapter, requests)
+        cancels = [r.cancelled for r in requests if r.cancelled is not None]
         requests = [replace(r, cancelled=None) for r in requests]  # (callables stay on this side)
         out: concurrent.futures.Future[list[SampleResult]] = concurrent.futures.Future()
 
@@ -385,7 +389,14 @@ class RayBackend:
             except EngineError as exc:
                 out.set_exception(exc)
                 return
-            (inner,) = self._call(worker, lambda a: a.sample.remote(base_model, requests))
+            call_id = uuid.uuid4().hex if cancels else None
+            cancelled = any(c() for c in cancels)
+            (inner,) = self._call(
+                worker, lambda a: a.sample.remote(base_model, requests, call_id, cancelled=cancelled)
+            )
+            if call_id is not None:  # its worker is told to stop it once a caller cancels
+                actor = self.cluster.get(worker).actor
+                self._cancel_watch.watch(call_id, cancels, lambda: actor.hang_up.remote(call_id), inner)
 
             def done(f: concurrent.futures.Future[Any]) -> None:
                 if isinstance(f.exception(), WorkerLostError) and adapter is None and retries > 0:
@@ -442,6 +453,52 @@ class RayBackend:
     @property
     def running_rows(self) -> int:
         return sum(s.running_rows for s in self.workers())
+
+
+class CancelWatch:
+    """One thread for every cancellable sample running on a worker without a token stream: it polls
+    their callers' `cancelled` every `CANCEL_POLL_SECONDS` and, when one says so, hangs up the call on its
+    worker (its rows stop after their next token), as a stream's relay does for streamed samples."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[str, tuple[list[Callable[[], bool]], Callable[[], object]]] = {}
+        self._running = False
+
+    def watch(
+        self,
+        call_id: str,
+        cancels: list[Callable[[], bool]],
+        hang_up: Callable[[], object],
+        call: concurrent.futures.Future[Any],
+    ) -> None:
+        """Watch `cancels` until `call` is done; `hang_up()` once if one of them says so first."""
+        with self._lock:
+            self._watched[call_id] = (cancels, hang_up)
+            start, self._running = not self._running, True
+        call.add_done_callback(lambda _: self._forget(call_id))
+        if start:
+            threading.Thread(target=self._poll, name="eztinker-ray-cancels", daemon=True).start()
+
+    def _forget(self, call_id: str) -> None:
+        with self._lock:
+            self._watched.pop(call_id, None)
+
+    def _poll(self) -> None:
+        while True:
+            with self._lock:
+                if not self._watched:  # nothing to watch: the next `watch` starts a new thread
+                    self._running = False
+                    return
+                watched = list(self._watched.items())
+            for call_id, (cancels, hang_up) in watched:
+                if any(cancelled() for cancelled in cancels):
+                    self._forget(call_id)
+                    try:
+                        hang_up()
+                    except Exception:  # the worker is gone: its call fails on its own
+                        log.debug("hanging up call %s failed", call_id, exc_info=True)
+            time.sleep(CANCEL_POLL_SECONDS)
 
 
 def _relay(

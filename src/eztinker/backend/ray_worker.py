@@ -93,7 +93,7 @@ class ModelWorker:
         self.backend = LocalBackend(engine, replace(scheduler_options or SchedulerOptions(), workers=1))
         self.backend.start()
         self._memory_bytes = memory_bytes  # a CPU worker's share of host memory (a GPU reports its own)
-        self._hung_up: dict[str, threading.Event] = {}  # streams whose caller has gone: their decoding stops
+        self._hung_up: dict[str, threading.Event] = {}  # calls whose caller has gone: their decoding stops
 
     # --- reads and run bookkeeping: at once, on a thread --------------------------------------------
 
@@ -195,10 +195,30 @@ class ModelWorker:
 
     # --- sampling ------------------------------------------------------------------------------------
 
-    async def sample(self, base_model: str, requests: list[SampleRequest]) -> Reply:
-        """Generate `requests` in this worker's continuous batch for `base_model`."""
-        future = await asyncio.to_thread(self.backend.sample, base_model, requests)  # (may load the model)
-        return await self._one(future)
+    async def sample(
+        self,
+        base_model: str,
+        requests: list[SampleRequest],
+        call_id: str | None = None,
+        *,
+        cancelled: bool = False,
+    ) -> Reply:
+        """Generate `requests` in this worker's continuous batch for `base_model`. With a `call_id`, the
+        caller may cancel it (`hang_up(call_id)`; `cancelled`: it already has): its rows end then."""
+        if call_id is None:
+            future = await asyncio.to_thread(
+                self.backend.sample, base_model, requests
+            )  # (may load the model)
+            return await self._one(future)
+        hung_up = self._hung_up[call_id] = threading.Event()
+        if cancelled:
+            hung_up.set()
+        try:
+            requests = [replace(r, cancelled=hung_up.is_set) for r in requests]
+            future = await asyncio.to_thread(self.backend.sample, base_model, requests)
+            return await self._one(future)
+        finally:
+            self._hung_up.pop(call_id, None)
 
     async def sample_stream(
         self, base_model: str, requests: list[SampleRequest], streamed: list[bool], stream_id: str
@@ -238,7 +258,8 @@ class ModelWorker:
             self._hung_up.pop(stream_id, None)
 
     async def hang_up(self, stream_id: str) -> None:
-        """The caller of stream `stream_id` has gone: its rows end after their next token."""
+        """The caller of stream (or cancellable call) `stream_id` has gone: its rows end after their next
+        token."""
         event = self._hung_up.get(stream_id)
         if event is not None:
             event.set()
