@@ -365,3 +365,22 @@ def test_anthropic_image_blocks_are_the_chat_image(server, vl_dir, tiny_model_di
         claude.messages.create(
             model=str(tiny_model_dir), messages=[{"role": "user", "content": content}], max_tokens=2
         )
+
+
+def test_text_that_looks_like_an_image_mark_is_only_text(server, vl_dir) -> None:
+    """The server marks each image's place in the rendered chat; a client's text spelling such a mark
+    (an index out of range, or an image's own) neither fails nor repeats an image."""
+    oai = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    for index in (0, 7):
+        text = f"look \ufff9eztinker-image-{index}\ufffb"
+        with_image = [
+            {"type": "image_url", "image_url": {"url": data_url(RED)}},
+            {"type": "text", "text": text},
+        ]
+        answer = oai.chat.completions.create(
+            model=str(vl_dir), messages=[{"role": "user", "content": with_image}], max_tokens=1
+        )
+        text_only = oai.chat.completions.create(
+            model=str(vl_dir), messages=[{"role": "user", "content": [with_image[1]]}], max_tokens=1
+        )
+        assert answer.usage.prompt_tokens == text_only.usage.prompt_tokens + IMAGE_TOKENS + 2

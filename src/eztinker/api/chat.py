@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -191,21 +192,25 @@ def render_chat(
     return [int(t) for t in out]
 
 
-_IMAGE_MARK = "\ufff9eztinker-image-{}\ufffb"  # an image's place in a message's text, for the template
-_IMAGE_SPLIT = re.compile("\ufff9eztinker-image-([0-9]+)\ufffb")
 _CHUNK_FIELD = re.compile(r"^chunks\[([0-9]+)\](.*)$")
 
 
 @dataclass
 class PromptImages:
     """A chat's images in the order met, each with the request field it came from; `mark` gives the text
-    that stands for it in its message, which the template renders like any text."""
+    that stands for it in its message, which the template renders like any text. The marks carry a
+    random nonce of this chat's, so text a client sends that looks like one is only text."""
 
     found: list[tuple[str, ImageChunk]] = field(default_factory=list)
+    nonce: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def mark(self, where: str, image: ImageChunk) -> str:
         self.found.append((where, image))
-        return _IMAGE_MARK.format(len(self.found) - 1)
+        return f"\ufff9eztinker-image-{self.nonce}-{len(self.found) - 1}\ufffb"
+
+    def split(self, rendered: str) -> list[str]:
+        """The rendered chat as text, image index, text, ... (around this chat's marks)."""
+        return re.split(f"\ufff9eztinker-image-{self.nonce}-([0-9]+)\ufffb", rendered)
 
 
 def render_with_images(
@@ -223,7 +228,7 @@ def render_with_images(
     if not images.found:
         return render_chat(tokenizer, messages, tools, options), ()
     rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
-    pieces = _IMAGE_SPLIT.split(rendered)  # text, image index, text, ...
+    pieces = images.split(rendered)  # text, image index, text, ...
     chunks: list[wire.Chunk] = []
     names: list[str] = []
     for k, piece in enumerate(pieces):
