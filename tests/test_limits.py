@@ -110,6 +110,18 @@ def test_more_samples_than_the_limit_get_422_naming_n(limited) -> None:
     assert 400 <= response.status_code < 500 and response.json()["error"]["param"] == "n"
     completion["n"] = 2
     assert http.post("/v1/completions", json=completion, headers=KEY_A).status_code == 200
+    # Checked before anything is made per sample: a huge count is refused at once, not after building it.
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "n": 2**40}
+    response = http.post("/v1/chat/completions", json=chat, headers=KEY_A)
+    assert 400 <= response.status_code < 500 and response.json()["error"]["param"] == "n"
+    session = http.post("/api/v1/create_session", json={}, headers=KEY_A).json()["session_id"]
+    sampler = http.post(
+        "/api/v1/create_sampling_session", json={"session_id": session, "base_model": model}, headers=KEY_A
+    ).json()["sampling_session_id"]
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]}
+    body = {"sampling_session_id": sampler, "num_samples": 10**12, "prompt": prompt}
+    response = http.post("/api/v1/asample", json=body, headers=KEY_A)
+    assert response.status_code == 422 and response.json()["field"] == "num_samples"
 
 
 def test_a_key_may_hold_only_so_many_live_runs(limited) -> None:

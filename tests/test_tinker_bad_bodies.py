@@ -61,13 +61,61 @@ def world(tmp_path_factory, tiny_model_dir):
         )
         assert _outcome(url, created)[0] == 200
         model_id = created.json()["model_id"]
-        yield url, str(tiny_model_dir), session_id, model_id
+        made = {"session_id": session_id, "base_model": str(tiny_model_dir)}
+        sampler = _send(url, "POST", "/api/v1/create_sampling_session", made).json()["sampling_session_id"]
+        yield url, str(tiny_model_dir), session_id, model_id, sampler
 
 
-def _bad_bodies(model: str, session_id: str, model_id: str) -> list[tuple[str, str, Any, str]]:
+def _bad_bodies(model: str, session_id: str, model_id: str, sampler: str) -> list[tuple[str, str, Any, str]]:
     """(method, path, body, the field the answer must name)."""
     prompt = {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]}
+    seq = iter(range(1, 100))  # each its own request: a resend (same seq_id) would get the first's answer
+
+    def sample() -> dict[str, Any]:
+        return {"sampling_session_id": sampler, "seq_id": next(seq), "sampling_params": {"max_tokens": 1}}
+
+    rows = len(TOKENS) - 1
+    targets = {"shape": [rows, 1], "dtype": "int64"}
+    sparse_k = {
+        "shape": [rows, 10**13],
+        "data": [1],
+        "sparse_crow_indices": [0] + [1] * rows,
+        "sparse_col_indices": [0],
+    }
     return [
+        *[
+            (
+                "POST",
+                "/api/v1/asample",
+                {**sample(), "prompt": {"chunks": [{"tokens": t}]}},
+                "prompt.chunks[0].tokens",
+            )
+            for t in (None, ["abc"], [[1]], [1.5], [2**70])
+        ],
+        *[
+            (
+                "POST",
+                "/api/v1/asample",
+                {**sample(), "prompt": prompt, "target_prompt_logprobs": t},
+                "target_prompt_logprobs",
+            )
+            for t in (
+                "x",
+                [1, 2],
+                {**targets, "shape": ["a", "b"]},
+                {**targets, "data": ["x"] * rows},
+                {**targets, "data": [2**70] * rows},
+                {**targets, "shape": [rows + 1, 1], "data": [1] * (rows + 1)},  # a row too many
+                sparse_k,  # K beyond the top-k bound: never made dense
+                {**targets, "data": [1], "sparse_crow_indices": "ab", "sparse_col_indices": [0]},
+                {
+                    **targets,
+                    "data": [1],
+                    "sparse_crow_indices": [0, 1, 1],
+                    "sparse_col_indices": [0],
+                },  # rows wrong
+            )
+        ],
         ("POST", "/api/v1/create_session", {"tags": "not-a-list"}, "tags"),
         ("POST", "/api/v1/create_session", {"user_metadata": [1, 2]}, "user_metadata"),
         ("POST", f"/api/v1/sessions/{session_id}/finish", {"reason": "done"}, "reason"),
@@ -208,9 +256,9 @@ def _bad_bodies(model: str, session_id: str, model_id: str) -> list[tuple[str, s
 
 
 def test_each_bad_body_is_a_4xx_naming_the_field(world) -> None:
-    url, model, session_id, model_id = world
+    url, model, session_id, model_id, sampler = world
     wrong = []
-    for method, path, body, field in _bad_bodies(model, session_id, model_id):
+    for method, path, body, field in _bad_bodies(model, session_id, model_id, sampler):
         status, error = _outcome(url, _send(url, method, path, body))
         if not (400 <= status < 500 and field in error):
             wrong.append(f"{method} {path} {json.dumps(body)[:120]} -> {status} {error[:160]}")
@@ -218,7 +266,7 @@ def test_each_bad_body_is_a_4xx_naming_the_field(world) -> None:
 
 
 def test_the_run_is_unchanged_and_still_trains(world) -> None:
-    url, _, _, model_id = world
+    url, _, _, model_id, _ = world
     run = httpx.get(f"{url}/v1/runs/{model_id}", headers=HEADERS, timeout=30).json()
     assert run["step"] == 0 and run["status"] == "active"
     step = {"model_id": model_id, "adam_params": {"learning_rate": 1e-3}}

@@ -206,6 +206,33 @@ def test_after_a_restart_a_sample_that_was_in_flight_is_reported_failed(
         assert "error" in _settle(http, lost)
 
 
+def test_samples_of_a_finished_session_are_still_reported(world, monkeypatch) -> None:
+    """A client closed its session while samples ran: a copy of it in another process may still wait on
+    them (it shares the session), so they are reported as they end."""
+    http, service, model = world
+    held = HeldSamples(service, monkeypatch)
+    session = _post(http, "/create_session", {"tags": []})["session_id"]
+    sampler = _post(http, "/create_sampling_session", {"session_id": session, "base_model": model})[
+        "sampling_session_id"
+    ]
+    requests = {_asample(http, sampler, seq) for seq in (1, 2)}
+    http.post(f"/api/v1/sessions/{session}/finish", json={}, headers={"X-API-Key": KEY})
+
+    held.release()
+
+    assert set(_ended(http, sampler, 2)[0]) == requests
+
+
+def test_a_sample_refused_for_an_unknown_sampling_session_makes_no_queue(world) -> None:
+    http, _, _ = world
+    state_before = len(http.app.state.tinker.completions._queues) if hasattr(http.app.state, "tinker") else 0
+    for i in range(20):
+        body = {"sampling_session_id": f"no-such-{i}", "seq_id": 1, "prompt": PROMPT}
+        assert "error" in _settle(http, _post(http, "/asample", body)["request_id"])
+
+    assert len(http.app.state.tinker.completions._queues) == state_before  # nothing that nobody could poll
+
+
 # --- clone numbers ----------------------------------------------------------------------------------------
 
 
@@ -302,6 +329,9 @@ def test_another_key_reaches_none_of_it(world, monkeypatch) -> None:
 
     assert poll.status_code == join.status_code == cancel.status_code == 404
     assert cancel.json()["error"].replace(request, "req-none") == missing.json()["error"]
+    bobs = _sampling_session(http, model, OTHER_KEY)  # Bob acknowledges Alice's request in his own poll
+    acked = {"target": {"sampling_session_id": bobs}, "timeout": 0, "retrieved_request_ids": [request]}
+    assert http.post("/api/v1/retrieve_futures", json=acked, headers=bob).status_code == 200
     assert not held.requests[0][0].cancelled()
     held.release()
     assert _ended(http, sampler, 1)[0] == {request: "finished"}  # Alice's sample, as if Bob never came

@@ -10,13 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.chat import PromptImages, TemplateOptions, reads_variable
 from eztinker.api.not_served import RefusesNotServed
+from eztinker.api.openai_bodies import PartField
 from eztinker.api.reasoning import require_reasoning
 from eztinker.api.structured import Answer, answer_for, json_answer
 from eztinker.api.tool_calls import ToolUse, call_format
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.types import ImageChunk
+from eztinker.engine.vision import FORMATS
 
 MAX_STOP_SEQUENCES = 16
+# The image formats the model's processor reads (`ImageChunk.format`), as media types.
+MEDIA_TYPES = tuple(sorted(f"image/{fmt}" for fmt in FORMATS))
+# An `image` block's bytes and format are its source's `data` and `media_type`.
+_SOURCE_FIELDS = {".data": ".source.data", ".format": ".source.media_type"}
 
 
 class TextBlock(BaseModel):
@@ -55,8 +61,10 @@ class ContentBlock(BaseModel):
                 "image as base64 data",
             )
         media_type, data = source.get("media_type"), source.get("data")
-        if not isinstance(media_type, str) or not media_type.startswith("image/"):
-            raise InvalidInputError(f"{where}.source.media_type", "must be image/png or image/jpeg")
+        if not isinstance(media_type, str) or media_type.lower() not in MEDIA_TYPES:
+            raise InvalidInputError(
+                f"{where}.source.media_type", f"{media_type!r} is not one of {', '.join(MEDIA_TYPES)}"
+            )
         if not isinstance(data, str) or not data:
             raise InvalidInputError(f"{where}.source.data", "is missing: send the image as base64")
         try:
@@ -89,6 +97,8 @@ class Message(BaseModel):
         messages (before its text, as Anthropic orders them), its `image` blocks marks in its text (their
         images go to `images`), an assistant's `tool_use` blocks its `tool_calls`. A block of another type
         (document, search result...) is refused naming it."""
+        if self.role == "user" and not self.content:  # as Anthropic's: a user turn says something
+            raise InvalidInputError(f"{where}.content", "is empty: send some text or a content block")
         if isinstance(self.content, str):
             return [{"role": self.role, "content": self.content}]
         text, thinking, calls, results = "", "", [], []
@@ -99,7 +109,7 @@ class Message(BaseModel):
                     raise InvalidInputError(f"{name}.text", "is missing")
                 text += block.text
             elif block.type == "image" and self.role == "user":
-                text += images.mark(name, block.image(name))
+                text += images.mark(PartField(name, _SOURCE_FIELDS), block.image(name))
             elif block.type == "thinking" and self.role == "assistant":
                 thinking += block.thinking or ""
             elif block.type == "tool_use" and self.role == "assistant":
@@ -135,7 +145,7 @@ class Tool(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # cache_control... change nothing
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")  # Anthropic's
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None
@@ -265,6 +275,7 @@ class CountTokensRequest(RefusesNotServed):
             call_format(tokenizer, base_model, "tools"),
             "toolu_",
             max_calls=1 if choice.disable_parallel_tool_use or choice.type == "tool" else None,
+            parameters_field="tools[{}].input_schema",
         )
 
     def answer(self, tools: ToolUse | None) -> Answer | None:
@@ -304,7 +315,11 @@ class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
 
     def thinking_budget(self) -> int | None:
-        """The tokens the thinking may take (`thinking` enabled), fewer than `max_tokens`; else None."""
+        """The tokens the thinking may take: with `thinking` enabled, its budget (fewer than `max_tokens`);
+        disabled, none (a template that reads `enable_thinking` closes the thinking in the prompt; any
+        other reasoning model's is closed at once, as vLLM's budget of 0 closes it); else None."""
+        if self.thinking is not None and self.thinking.type == "disabled":
+            return 0
         if self.thinking is None or self.thinking.type != "enabled":
             return None
         budget = self.thinking.budget_tokens

@@ -141,6 +141,7 @@ async def completions(
 ) -> dict[str, Any] | Response:
     """Text completions of a prompt (text, texts, token ids or lists of ids), `n` each."""
     body.refuse_not_served()
+    service.limits.check_num_samples(body.n)  # before a choice is made per sample
 
     def prepare() -> Generation:
         target = resolve_model(service, body.model, owner)
@@ -177,6 +178,7 @@ async def chat_completions(
 def chat_generation(service: Service, body: ChatCompletionRequest, owner: str | None) -> Generation:
     """A chat request's generation: its model resolved, its chat rendered, its sampling parameters and
     answer shape (the chat route's, and the Responses route's, which speaks in chat requests). Blocking."""
+    service.limits.check_num_samples(body.n)  # before a choice is made per sample
     target = resolve_model(service, body.model, owner)
     tokenizer, prompt, images, tools = _chat_prompt(service, target, body)
     if body.thinking_token_budget is not None:

@@ -48,6 +48,8 @@ NOT_SERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "max_tool_calls": ((None,), "max_tool_calls is not served: parallel_tool_calls: false keeps one call"),
     "top_logprobs": ((None, 0), "log-probabilities are not served here: use /v1/chat/completions"),
     "truncation": ((None, "disabled"), "truncation is not served: the input must fit the model's context"),
+    # vLLM's chat extras reach the chat request, but a response is one answer (the API has no `n`).
+    "n": ((None, 1), "n is not served on /v1/responses: a response is one answer; send one request each"),
 }
 _INCLUDES = frozenset({"reasoning.encrypted_content"})  # asked by stateless clients; the thinking is plain
 
@@ -75,6 +77,8 @@ class ResponsesRequest(RefusesNotServed):
             if name not in _INCLUDES:
                 raise InvalidInputError(f"include[{i}]", f"{name!r} is not served")
         messages, wheres = _messages(self.instructions, self.input)
+        if not messages:
+            raise InvalidInputError("input", "holds no message: send at least one (a string or a message)")
         body: dict[str, Any] = {
             **(
                 self.model_extra or {}
@@ -90,9 +94,13 @@ class ResponsesRequest(RefusesNotServed):
             body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(self.tools)]
         if self.tool_choice is not None:
             body["tool_choice"] = _chat_tool_choice(self.tool_choice)
-        text_format = (self.text or {}).get("format")
-        if text_format is not None:
-            body["response_format"] = _response_format(text_format)
+        text = self.text or {}
+        if text.get("verbosity") is not None:  # as the chat route refuses its `verbosity`
+            raise InvalidInputError(
+                "text.verbosity", "is not served: say how long an answer you want in the instructions"
+            )
+        if text.get("format") is not None:
+            body["response_format"] = _response_format(text["format"])
         effort = (self.reasoning or {}).get("effort")
         if effort is not None:
             body["reasoning_effort"] = effort
@@ -216,20 +224,52 @@ def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+_FUNCTION_CHOICE = '{"type": "function", "name": ...}'
+
+
 def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """The chat route's `tool_choice` for this request's (whose shapes name a function at its top level);
+    a malformed one is refused here, in this API's shapes, naming its field."""
     if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidInputError("tool_choice", f"{choice!r} is not none, auto or required")
         return choice
     if choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
+        return {"type": "function", "function": {"name": _function_name(choice, "tool_choice")}}
     if choice.get("type") == "allowed_tools":
-        tools = [{"type": "function", "function": {"name": t.get("name")}} for t in choice.get("tools") or []]
+        refs = choice.get("tools")
+        if not isinstance(refs, list) or not refs:
+            raise InvalidInputError("tool_choice.tools", f"must be a non-empty list of {_FUNCTION_CHOICE}")
+        if choice.get("mode") not in ("auto", "required"):
+            raise InvalidInputError("tool_choice.mode", "must be auto or required")
+        tools = [
+            {"type": "function", "function": {"name": _function_name(ref, f"tool_choice.tools[{i}]")}}
+            for i, ref in enumerate(refs)
+        ]
         return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": tools}}
     raise InvalidInputError(
-        "tool_choice", f"{choice!r} is not served: choose none, auto, required or a function"
+        "tool_choice",
+        f"{choice!r} is not served: choose none, auto, required, {_FUNCTION_CHOICE} or allowed_tools",
     )
 
 
-def _response_format(text_format: dict[str, Any]) -> dict[str, Any]:
+def _function_name(ref: Any, where: str) -> str:
+    """The name in a reference to a function tool, `{"type": "function", "name": ...}`."""
+    if not isinstance(ref, dict) or ref.get("type") != "function":
+        raise InvalidInputError(where, f"must be {_FUNCTION_CHOICE}")
+    name = ref.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"{where}.name", f"is missing: send {_FUNCTION_CHOICE}")
+    return name
+
+
+def _response_format(text_format: Any) -> dict[str, Any]:
+    if not isinstance(text_format, dict):
+        raise InvalidInputError(
+            "text.format",
+            'must be an object: {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "name": ..., "schema": {...}}',
+        )
     if text_format.get("type") == "json_schema":
         spec = {k: text_format[k] for k in ("name", "schema", "strict") if k in text_format}
         return {"type": "json_schema", "json_schema": spec}
@@ -252,6 +292,8 @@ def _field(field: str, wheres: list[str]) -> str:
         index, rest = int(match.group(1)), match.group(2)
         rest = re.sub(r"^(\.content\[\d+\]\.image_url)\.url", r"\1", rest)  # a string here, not {"url"}
         return (wheres[index] if index < len(wheres) else "input") + rest
+    if field == "messages":  # the chat as a whole (e.g. the template refused it)
+        return "input"
     for pattern, replacement in _RENAMED:
         field = pattern.sub(replacement, field)
     return field

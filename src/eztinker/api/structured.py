@@ -69,9 +69,11 @@ def json_answer(schema: Any, field: str) -> Answer:
             schema = json.loads(schema)
         except ValueError as exc:
             raise InvalidInputError(field, f"is not JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidInputError(field, _TOO_DEEP) from None
     if not isinstance(schema, dict):
         raise InvalidInputError(field, "must be a JSON schema (an object)")
-    return Answer(f"%json {_schema(schema)}", field=field)
+    return Answer(f"%json {_compiled_schema(schema, field)}", field=field)
 
 
 def regex_answer(pattern: Any, field: str) -> Answer:
@@ -82,6 +84,8 @@ def regex_answer(pattern: Any, field: str) -> Answer:
         re.compile(pattern)
     except re.error as exc:
         raise InvalidInputError(field, f"is not a regular expression: {exc}") from None
+    except RecursionError:  # Python's parser recurses per group
+        raise InvalidInputError(field, _TOO_DEEP) from None
     return Answer(f"/{llguidance.regex_to_lark(pattern)}/", field=field)
 
 
@@ -99,7 +103,13 @@ def tool_call_answer(
     `names` (None: any of them). A call's arguments follow its tool's schema when its name is in
     `strict` (or the call is forced: `text` False), else they are any JSON object. With `text`, the answer
     may instead be plain text, or text followed by calls (the model chooses; `tool_choice` auto)."""
-    functions = [s["function"] for s in tools.schemas if names is None or s["function"]["name"] in names]
+    callable = [
+        (i, s["function"]) for i, s in enumerate(tools.schemas) if names is None or s["function"]["name"] in names
+    ]
+    for i, function in callable:  # a schema the calls are held to must compile (an error names the tool's)
+        if not text or function["name"] in strict:
+            _compiled_schema(_mapping(function.get("parameters")), tools.parameters_field.format(i))
+    functions = [function for _, function in callable]
     if tools.format == "xml":
         rules = _xml_calls(functions, strict, forced=not text)
     else:
@@ -215,6 +225,25 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 def _schema(schema: dict[str, Any]) -> str:
     return json.dumps({**schema, "x-guidance": _JSON_STYLE}, ensure_ascii=False)
+
+
+_TOO_DEEP = "is nested too deeply: flatten it"
+
+
+def _compiled_schema(schema: dict[str, Any], field: str) -> str:
+    """`_schema(schema)`, once llguidance compiles it: a schema it cannot is a 400 naming `field` with
+    llguidance's reason, before the whole grammar's error (which quotes grammar text the client never
+    wrote, under the field that asked for the answer's shape) could name it."""
+    try:
+        text = _schema(schema)
+        error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(text))
+    except RecursionError:
+        raise InvalidInputError(field, _TOO_DEEP) from None
+    except ValueError as exc:
+        error = str(exc)
+    if error:
+        raise InvalidInputError(field, f"cannot be compiled as a JSON schema ({' '.join(error.split())}): fix it")
+    return text
 
 
 def _literal(text: str) -> str:

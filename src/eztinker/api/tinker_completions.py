@@ -17,8 +17,9 @@ samples in flight holds one open poll, not a thousand.
   at once: the SDK's ack-only poll).
 - **A request leaves the queue once its result is delivered**: by `retrieve_future` (the poller fetches
   each payload that way, and SDKs without the poller fetch only that way) or by the poll's
-  `retrieved_request_ids`, whichever comes first; by `cancel_future` (a cancelled request is never
-  reported: nobody waits for it); or when its Tinker session ends.
+  `retrieved_request_ids` (of that poll's own queue), whichever comes first; by `cancel_future` (a
+  cancelled request is never reported: nobody waits for it). A session that ended keeps its queues
+  until they are empty: a copy of its client in another process may still poll them.
 - **Durable.** Each tracked request is recorded (`PENDING`, one small write at `asample`; deleted, in
   batches, once it left), so after a restart a queue is seeded with its requests that were never delivered: those that
   were in flight, which the restart failed, are reported failed with that reason, and a client waiting on
@@ -63,6 +64,7 @@ class _Queue:
         default_factory=dict
     )  # request -> (cursor, state), by cursor
     changed: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+    ended: bool = False  # its Tinker session finished: dropped once nothing is left in it
 
     def record_key(self, request_id: str) -> str:
         return f"{self.sampler_id}|{self.clone}|{request_id}"
@@ -200,27 +202,31 @@ class Completions:
         """A poll's acknowledgements: events up to `prev_cursor` dropped, `retrieved` requests gone. Returns
         the queue, the future its next event sets, and whether it has no events now. Blocking."""
         queue = self._queue(key, sampler_id, clone, owner)
-        if self.leave(retrieved):
+        if self.leave(retrieved, of=key):
             self.flush()
         with self._lock:
             for request_id in [r for r, (cursor, _) in queue.events.items() if cursor <= prev_cursor]:
                 del queue.events[request_id]
+            if queue.ended and not queue.tracked and not queue.events:  # its session ended: all delivered
+                self._queues.pop(key, None)
             return queue, queue.changed, not queue.events
 
     # --- leaving --------------------------------------------------------------------------------------
 
-    def leave(self, request_ids: list[str]) -> bool:
+    def leave(self, request_ids: list[str], *, of: QueueKey | None = None) -> bool:
         """These requests leave their queues, and then the store: their results reached their client, or
         they were cancelled (never reported then). Never blocks: their records are deleted by `flush`,
         `DELETE_BATCH` at a time, and this says when a batch is due. One left behind by a crash is reported
         once more after the restart, to a client that no longer waits on it (the SDK keeps such a
-        completion by its id, and nothing asks for it)."""
+        completion by its id, and nothing asks for it). With `of`, only requests of that queue leave (a
+        poll acknowledges its own queue's requests, whatever ids it names)."""
         with self._lock:
             for request_id in request_ids:
-                key = self._where.pop(request_id, None)
+                key = self._where.get(request_id)
                 queue = self._queues.get(key) if key is not None else None
-                if queue is None or request_id not in queue.tracked:
+                if queue is None or request_id not in queue.tracked or (of is not None and key != of):
                     continue
+                del self._where[request_id]
                 queue.tracked.discard(request_id)
                 queue.events.pop(request_id, None)
                 self._gone.append(queue.record_key(request_id))
@@ -233,16 +239,22 @@ class Completions:
             gone, self._gone = self._gone, []
         self._durable.delete_many(PENDING, gone)
 
-    def drop_session(self, session_id: str) -> list[str]:
-        """A Tinker session ended: forget its sampling sessions' queues; returns the requests still running."""
+    def end_session(self, session_id: str, *, expired: bool) -> list[str]:
+        """A Tinker session ended; returns its sampling sessions' requests still running.
+
+        Its queues stay until what they hold is delivered, then go: an unpickled copy of its client in
+        another process may still be waiting on them (and if the session expired, the caller cancels
+        what still runs, which is then reported failed to whoever polls). An expired session's records
+        go now: nobody is expected back for them after a restart."""
         prefix = f"{session_id}:sample:"
         running = []
         with self._lock:
             for key in [k for k, q in self._queues.items() if q.sampler_id.startswith(prefix)]:
-                queue = self._queues.pop(key)
+                queue = self._queues[key]
                 running += [r for r in queue.tracked if r not in queue.events]
-                for request_id in queue.tracked:
-                    self._where.pop(request_id, None)
-                queue.wake()
-        self._durable.delete_many(PENDING, prefix=prefix)
+                queue.ended = True
+                if not queue.tracked and not queue.events:
+                    del self._queues[key]
+        if expired:
+            self._durable.delete_many(PENDING, prefix=prefix)
         return running

@@ -119,6 +119,7 @@ def get_sampler(sampler_id: str, service: ServiceDep, owner: OwnerDep, state: St
 def asample(body: bodies.ASample, service: ServiceDep, owner: OwnerDep, state: StateDep) -> dict[str, Any]:
     """`sample` and `compute_logprobs`: a future with one sequence id per sample; a protobuf result."""
     sampler_id, num_samples, seq_id = body.sampling_session_id, body.num_samples, body.seq_id
+    service.limits.check_num_samples(num_samples, "num_samples")  # before an id is made per sample
     key = service.access.key(owner, "sample", sampler_id, str(seq_id))
 
     def make() -> Job:
@@ -139,9 +140,11 @@ def asample(body: bodies.ASample, service: ServiceDep, owner: OwnerDep, state: S
         future = state.futures.get(answer["request_id"])
         clone = seq_id // CLONE_STRIDE
         job = future.job if future is not None else None
-        state.completions.track(
-            _queue_key(state, owner, sampler_id, clone), sampler_id, clone, owner, answer["request_id"], job
-        )
+        # A refused request is reported only in a queue of the caller's own sampling session: a bogus
+        # sampling session id makes no queue that nothing could ever poll.
+        if job is not None or _is_sampling_session(state, service, sampler_id, owner):
+            key = _queue_key(state, owner, sampler_id, clone)
+            state.completions.track(key, sampler_id, clone, owner, answer["request_id"], job)
         return answer
 
     return once(state, key, submitted)
@@ -214,6 +217,14 @@ def _require_sampling_session(
         service.access.require(record.owner, owner, f"no sampling session {sampler_id!r}")
     elif service.sampling.sampler(sampler_id, owner) is None:
         raise NotFoundError(f"no sampling session {sampler_id!r}")
+
+
+def _is_sampling_session(state: TinkerState, service: Service, sampler_id: str, owner: str | None) -> bool:
+    try:
+        _require_sampling_session(state, service, sampler_id, owner)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _queue_key(state: TinkerState, owner: str | None, sampler_id: str, clone: int) -> QueueKey:

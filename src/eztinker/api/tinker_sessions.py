@@ -116,7 +116,7 @@ def _end_session(state: TinkerState, session_id: str, owner: str | None, status:
         SAMPLERS, **service.access.listing(owner), prefix=f"{session_id}:sample:"
     )
     runs = [r.run_id for r in service.views.list_runs(owner) if r.run_id.startswith(f"{session_id}:train:")]
-    running = state.completions.drop_session(session_id)
+    running = state.completions.end_session(session_id, expired=status == "expired")
     if status == "expired":  # its client is gone: nobody will read what its samples make (the SDK's fallback)
         for request_id in running:
             service.sampling.cancel(request_id)

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from eztinker.api.tinker_wire_inputs import _flat, model_input_chunks
+from eztinker.api.tinker_wire_inputs import _flat, csr_to_dense, json_values, model_input_chunks
 from eztinker.engine import SamplingParams
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.sampler import SampleRequest
+from eztinker.engine.sampler_requests import MAX_TOP_K
 
 
 def sample_request(body: Mapping[str, Any]) -> tuple[SampleRequest, dict[str, Any]]:
@@ -19,11 +20,12 @@ def sample_request(body: Mapping[str, Any]) -> tuple[SampleRequest, dict[str, An
     session), and what encoding its answer needs (`target_layout`, `prompt_alt_tokens_k`)."""
     echo: dict[str, Any] = {}
     targets = None
-    if body.get("target_prompt_logprobs") is not None:
-        targets, echo["target_layout"] = target_prompt_tokens(body["target_prompt_logprobs"])
     last_n = body.get("prompt_logprobs_last_n")
     chunks = model_input_chunks(body.get("prompt") or {})
     prompt, images = _flat(chunks)
+    if body.get("target_prompt_logprobs") is not None:  # rows: one per prompt position after the first
+        rows = None if images else len(prompt) - 1  # (images: known once expanded; the engine checks)
+        targets, echo["target_layout"] = target_prompt_tokens(body["target_prompt_logprobs"], rows)
     if images:  # the service expands them on the sampling session's base model (`Sampling.sample`)
         echo["prompt_chunks"] = chunks
     request = SampleRequest(
@@ -58,32 +60,35 @@ def sampling_params(params: Mapping[str, Any]) -> SamplingParams:
     )
 
 
-def target_prompt_tokens(tensor: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+def target_prompt_tokens(tensor: Any, rows: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The JSON `TensorData` of `target_prompt_logprobs` as a dense (P-1, K) id table (-1: nothing asked),
-    and its layout (shape, plus CSR indices if it came sparse) so the answer can use the same one."""
+    and its layout (shape, plus CSR indices if it came sparse) so the answer can use the same one. `rows`:
+    P-1 when it is known here (a prompt without images); K is at most `MAX_TOP_K`."""
     field = "target_prompt_logprobs"
+    if not isinstance(tensor, Mapping):
+        raise InvalidInputError(field, "must be a TensorData object {data, dtype, shape}")
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2:
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise InvalidInputError(field, f"needs a 2-D shape [len(prompt) - 1, K], got {shape!r}")
+    if rows is not None and shape[0] != rows:
+        raise InvalidInputError(
+            field, f"has {shape[0]} rows; the prompt has {rows} positions after its first"
+        )
+    if shape[1] > MAX_TOP_K:
+        raise InvalidInputError(field, f"asks for {shape[1]} tokens per position; at most {MAX_TOP_K}")
     if tensor.get("dtype", "int64") != "int64":
         raise InvalidInputError(field, "must be an int64 tensor of token ids")
-    data = np.asarray(tensor.get("data") or [], dtype=np.int64)
+    data = json_values(tensor.get("data") or [], np.int64, field)
     crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
     if crow is None and col is None:
         if data.size != shape[0] * shape[1]:
             raise InvalidInputError(field, f"has {data.size} values for shape {shape}")
         return torch.from_numpy(data.reshape(shape)), {"shape": list(shape)}
-    crow_a, col_a = np.asarray(crow or [], dtype=np.int64), np.asarray(col or [], dtype=np.int64)
-    valid = (
-        crow_a.size == shape[0] + 1
-        and col_a.size == data.size
-        and (
-            crow_a.size == 0 or (crow_a[0] == 0 and crow_a[-1] == data.size and np.all(np.diff(crow_a) >= 0))
-        )
-        and np.all((col_a >= 0) & (col_a < shape[1]))
-    )
-    if not valid:
-        raise InvalidInputError(field, "sparse_crow_indices / sparse_col_indices are not a valid CSR layout")
-    dense = np.full(shape, -1, dtype=np.int64)
-    dense[np.repeat(np.arange(shape[0]), np.diff(crow_a)), col_a] = data
-    return torch.from_numpy(dense), {"crow": crow_a.tolist(), "col": col_a.tolist(), "shape": list(shape)}
+    filled = csr_to_dense(shape, crow or [], col or [], data + 1, field) - 1  # -1 where nothing is asked
+    crow_list = np.asarray(crow or [], dtype=np.int64).tolist()
+    col_list = np.asarray(col or [], dtype=np.int64).tolist()
+    return torch.from_numpy(filled), {"crow": crow_list, "col": col_list, "shape": list(shape)}

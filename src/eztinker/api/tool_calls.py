@@ -51,13 +51,15 @@ class ToolUse:
 
     `schemas`: OpenAI-style `{"type": "function", "function": {name, description, parameters}}`;
     `max_calls`: 1 when the client asked for no parallel calls (later ones are dropped), else None;
-    `id_prefix`: `call_` (OpenAI) or `toolu_` (Anthropic).
+    `id_prefix`: `call_` (OpenAI) or `toolu_` (Anthropic); `parameters_field`: the request field of tool
+    `i`'s parameters schema, as `parameters_field.format(i)` (an error in a schema names it).
     """
 
     schemas: list[dict[str, Any]]
     format: CallFormat
     id_prefix: str
     max_calls: int | None = None
+    parameters_field: str = "tools[{}].function.parameters"
 
     def reader(self) -> CallReader:
         return CallReader(self)

@@ -53,17 +53,22 @@ class Limits:
                 f"has {tokens} tokens; one op takes at most {self.settings.max_tokens_per_op} (split it)",
             )
 
+    def check_num_samples(self, num_samples: int, field: str = "n") -> None:
+        """At most `max_samples` samples per request: a facade checks this first, before it makes anything
+        per sample (an id, a choice)."""
+        if num_samples > self.settings.max_samples:
+            raise InvalidInputError(
+                field,
+                f"asks for {num_samples} samples; one request may ask for at most "
+                f"{self.settings.max_samples} on this server",
+            )
+
     def check_sampling(
         self, requests: Sequence[SampleRequest], *, n_field: str = "n", prompt_field: str = "prompt"
     ) -> None:
         """`max_samples` per request, and `max_sequence_tokens` for a prompt plus its max tokens."""
         for request in requests:
-            if request.num_samples > self.settings.max_samples:
-                raise InvalidInputError(
-                    n_field,
-                    f"asks for {request.num_samples} samples; one request may ask for at most "
-                    f"{self.settings.max_samples} on this server",
-                )
+            self.check_num_samples(request.num_samples, n_field)
             length = len(request.prompt) + (request.params.max_tokens or 0)
             if length > self.settings.max_sequence_tokens:
                 raise InvalidInputError(
