@@ -180,3 +180,29 @@ def test_run_ids_and_checkpoint_names_are_validated(limited) -> None:
     run_id = create_run(http, model, KEY_A)
     bad_name = http.post(f"/v1/runs/{run_id}/save", json={"name": "../../evil"}, headers=KEY_A)
     assert bad_name.status_code == 422 and bad_name.json()["field"] == "name"
+
+
+def test_text_that_is_not_unicode_is_refused_naming_its_field_on_every_route(limited) -> None:
+    """A lone UTF-16 surrogate is valid JSON but no character (no tokenizer takes it): a 4xx in the
+    route's own error shape, naming the field; an escaped emoji (a surrogate pair) is text as usual."""
+    http, _, model = limited
+    lone = '"\\ud800"'
+    cases = {
+        "/v1/chat/completions": (
+            f'{{"model": "{model}", "max_tokens": 1, "messages": [{{"role": "user", "content": {lone}}}]}}',
+            "messages[0].content",
+        ),
+        "/v1/completions": (f'{{"model": "{model}", "max_tokens": 1, "prompt": {lone}}}', "prompt"),
+        "/anthropic/api/v1/messages": (
+            f'{{"model": "{model}", "max_tokens": 1, "messages": [{{"role": "user", "content": {lone}}}]}}',
+            "messages[0].content",
+        ),
+        "/v1/runs": (f'{{"base_model": "{model}", "name": {lone}}}', "name"),
+    }
+    headers = {**KEY_A, "content-type": "application/json"}
+    for path, (body, field) in cases.items():
+        response = http.post(path, content=body, headers=headers)
+        assert 400 <= response.status_code < 500 and field in response.text, (path, response.text)
+        assert "surrogate" in response.text
+    emoji = f'{{"model": "{model}", "max_tokens": 1, "prompt": "\\ud83d\\ude00"}}'
+    assert http.post("/v1/completions", content=emoji, headers=headers).status_code == 200

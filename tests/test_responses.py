@@ -174,6 +174,38 @@ def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -
         ({"include": ["file_search_call.results"]}, "include[0]"),
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"min_p": 0.1}, "min_p"),  # vLLM's extras are refused here as on the chat route
+        ({"input": []}, "input"),
+        ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "hm"}]}]}, "input"),
+        ({"text": {"format": "json_object"}}, "text.format"),  # a string, not {"type": ...}
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),  # as the chat route refuses `verbosity`
+        ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.name"),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": ["get_weather"]},
+            },
+            "tool_choice.tools[0]",
+        ),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "tools": [{"type": "function", "name": "get_weather"}],
+                },
+            },
+            "tool_choice.mode",
+        ),
+        (  # a schema llguidance cannot compile is the tool's, not the tool choice's
+            {
+                "tools": [
+                    {**WEATHER, "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}
+                ]
+            },
+            "tools[0].parameters",
+        ),
+        ({"n": 2}, "n"),  # the Responses API has no n: a response is one answer
+        ({"n": 2, "stream": True}, "n"),
     ],
 )
 def test_errors_name_the_responses_field(server: str, models, change: dict, param: str) -> None:
@@ -181,10 +213,16 @@ def test_errors_name_the_responses_field(server: str, models, change: dict, para
     answer = httpx.post(f"{server}/v1/responses", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == param, answer.text
+    assert '"function": {' not in answer.json()["error"]["message"]  # this API's shapes, not the chat route's
 
 
 def test_vllms_extras_work_as_on_the_chat_route(oai: openai.OpenAI, models) -> None:
-    seeded = {"model": models["plain"], "input": QUESTION, "max_output_tokens": 8, "extra_body": {"seed": 5}}
+    seeded = {
+        "model": models["plain"],
+        "input": QUESTION,
+        "max_output_tokens": 8,
+        "extra_body": {"seed": 5, "n": 1},
+    }
     assert oai.responses.create(**seeded).output_text == oai.responses.create(**seeded).output_text
     picked = oai.responses.create(
         model=models["plain"],

@@ -391,6 +391,8 @@ def test_anthropic_forced_tool_choice_and_output_format(ant: anthropic.Anthropic
         ({"guided_regex": "("}, "guided_regex"),
         ({"guided_regex": "\\"}, "guided_regex"),
         ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"regex": "(" * 3000 + ")" * 3000}}, "structured_outputs.regex"),  # too deep
+        ({"guided_regex": "(?:" * 1000 + "a" + ")" * 1000}, "guided_regex"),
         ({"guided_choice": ["a", 3]}, "guided_choice"),
         ({"tools": [WEATHER], "tool_choice": _named("nope")}, "tool_choice.function.name"),
         ({"tools": [WEATHER], "tool_choice": {"type": "custom"}}, "tool_choice"),
@@ -439,6 +441,39 @@ def test_odd_schemas_are_answered_or_refused_never_a_server_error(
         assert answer.status_code in (200, 400), answer.text
         if answer.status_code == 400:
             assert answer.json()["error"]["param"], answer.text
+
+
+UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "bogus"}}}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tool_choice": "required"},  # the call is forced: its arguments follow the schema
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": UNCOMPILABLE, "strict": True}}
+            ]
+        },
+    ],
+)
+def test_a_tool_schema_that_cannot_compile_is_blamed_on_the_tool(server: str, models, change: dict) -> None:
+    """Not on `tool_choice` or `tools` as a whole, and with llguidance's reason, not grammar text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": UNCOMPILABLE}}]
+    body = {"model": models["json"], "messages": QUESTION, "max_tokens": 4, "tools": tools, **change}
+    error = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()["error"]
+    assert error["param"] == "tools[0].function.parameters", error
+    assert "Invalid type: bogus" in error["message"] and "%json" not in error["message"]
+    body = {
+        "model": models["json"],
+        "messages": QUESTION,
+        "max_tokens": 4,
+        "tools": [{"name": "f", "input_schema": UNCOMPILABLE}],
+        "tool_choice": {"type": "any"},
+    }
+    answer = httpx.post(f"{server}/anthropic/api/v1/messages", json=body, timeout=60)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"].startswith("tools[0].input_schema: "), answer.text
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI, Response
 
 from eztinker import __version__
 from eztinker.api import anthropic, dashboard, native, openai, responses, tinker, tinker_futures, tinker_rest
-from eztinker.api.deps import ServiceDep, get_owner
+from eztinker.api.deps import ServiceDep, get_owner, text_is_unicode
 from eztinker.api.errors import install_error_handlers
 from eztinker.api.limits import BodySizeLimit
 from eztinker.models.api import Health
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
             tinker_futures.close(app.state)
 
     app = FastAPI(
+        dependencies=[Depends(text_is_unicode)],
         title="EZTinker",
         version=__version__,
         description="A self-hosted Tinker: LoRA training and sampling over HTTP. Every op returns a job.",

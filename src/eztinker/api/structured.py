@@ -104,7 +104,9 @@ def tool_call_answer(
     `strict` (or the call is forced: `text` False), else they are any JSON object. With `text`, the answer
     may instead be plain text, or text followed by calls (the model chooses; `tool_choice` auto)."""
     callable = [
-        (i, s["function"]) for i, s in enumerate(tools.schemas) if names is None or s["function"]["name"] in names
+        (i, s["function"])
+        for i, s in enumerate(tools.schemas)
+        if names is None or s["function"]["name"] in names
     ]
     for i, function in callable:  # a schema the calls are held to must compile (an error names the tool's)
         if not text or function["name"] in strict:
@@ -242,7 +244,9 @@ def _compiled_schema(schema: dict[str, Any], field: str) -> str:
     except ValueError as exc:
         error = str(exc)
     if error:
-        raise InvalidInputError(field, f"cannot be compiled as a JSON schema ({' '.join(error.split())}): fix it")
+        raise InvalidInputError(
+            field, f"cannot be compiled as a JSON schema ({' '.join(error.split())}): fix it"
+        )
     return text
 
 
