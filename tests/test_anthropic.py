@@ -120,6 +120,18 @@ def test_a_bad_body_names_the_field(server: str, model: str) -> None:
     assert raw.status_code == 400 and "messages" in raw.json()["error"]["message"]
 
 
+def test_a_user_turn_with_no_content_is_refused(server: str, model: str) -> None:
+    """As Anthropic's: a user message says something (an empty one would render an empty turn)."""
+    for content in ([], ""):
+        for route, extra in (("messages", {"max_tokens": 2}), ("messages/count_tokens", {})):
+            body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+            raw = httpx.post(
+                f"{server}/anthropic/api/v1/{route}", json=body, headers={"x-api-key": KEY}, timeout=60
+            )
+            assert raw.status_code == 400, raw.text
+            assert raw.json()["error"]["message"].startswith("messages[0].content: is empty")
+
+
 def test_a_wrong_key_is_an_authentication_error(server: str, model: str) -> None:
     with pytest.raises(anthropic.AuthenticationError) as info:
         _client(server, "tml-nobody").messages.create(model=model, max_tokens=2, messages=HI)

@@ -59,6 +59,14 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(limited) -> None:
         headers={**KEY_A, "content-type": "application/json"},
     )
     assert streamed.status_code == 413
+    # On the OpenAI and Anthropic routes the 413 is those APIs' error object, so their SDKs read it.
+    long_chat = {"model": model, "messages": [{"role": "user", "content": "x" * 5000}]}
+    openai_413 = http.post("/v1/chat/completions", json=long_chat, headers=KEY_A)
+    assert openai_413.status_code == 413 and "at most 4096 bytes" in openai_413.json()["error"]["message"]
+    anthropic_413 = http.post(
+        "/anthropic/api/v1/messages", json={**long_chat, "max_tokens": 1}, headers=KEY_A
+    )
+    assert anthropic_413.status_code == 413 and anthropic_413.json()["error"]["type"] == "request_too_large"
 
 
 def test_too_many_tokens_in_one_op_gets_422_naming_data(limited) -> None:

@@ -118,3 +118,13 @@ def test_a_checkpoint_on_its_base_model_as_hosted_tinker_names_it(
         _client(url, "/v1", key=OTHER).completions.create(
             model=f"{tiny_model_dir};{path}", prompt="x", max_tokens=2
         )
+
+
+def test_a_message_of_no_known_role_is_refused_naming_it(served, tiny_model_dir) -> None:
+    """A typo'd role is a 400, as OpenAI's, never a turn of that name in the prompt."""
+    _, url = served
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(url, "/v1").chat.completions.create(
+            model=str(tiny_model_dir), messages=[{"role": "wizard", "content": "Hi"}], max_tokens=1
+        )
+    assert refused.value.param == "messages[0].role"

@@ -123,6 +123,24 @@ def test_anthropic_hands_back_the_thinking_as_a_thinking_block(server: str, mode
     assert ant.messages.count_tokens(model=model, messages=history).input_tokens > 0
 
 
+def test_anthropic_thinking_disabled_closes_the_thinking_at_once(server: str, model: str) -> None:
+    """This template has no `enable_thinking` switch and opens the thinking in the prompt: `disabled` is
+    a thinking budget of 0, so `</think>` comes first and the answer is all text, whole and streamed."""
+    ant = anthropic.Anthropic(base_url=f"{server}/anthropic/api", api_key="unused", max_retries=0)
+    kwargs = {
+        "model": model,
+        "max_tokens": 12,
+        "messages": HI,
+        "thinking": {"type": "disabled"},
+        "extra_body": {"temperature": 0},
+    }
+    message = ant.messages.create(**kwargs)
+    assert [b.type for b in message.content] == ["text"] and "think>" not in message.content[0].text
+    with ant.messages.stream(**kwargs) as stream:
+        streamed = stream.get_final_message()
+    assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in message.content]
+
+
 # --- thinking budgets and switches --------------------------------------------------------------------------
 
 # ChatML whose template reads Qwen3's `enable_thinking`: false closes an empty thinking in the prompt.

@@ -457,15 +457,18 @@ UNCOMPILABLE = {"type": "object", "properties": {"a": {"type": "bogus"}}}
         },
     ],
 )
-def test_a_tool_schema_that_cannot_compile_is_blamed_on_the_tool(server: str, models, change: dict) -> None:
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_a_tool_schema_that_cannot_compile_is_blamed_on_the_tool(
+    server: str, models, change: dict, fmt: str
+) -> None:
     """Not on `tool_choice` or `tools` as a whole, and with llguidance's reason, not grammar text."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": UNCOMPILABLE}}]
-    body = {"model": models["json"], "messages": QUESTION, "max_tokens": 4, "tools": tools, **change}
+    body = {"model": models[fmt], "messages": QUESTION, "max_tokens": 4, "tools": tools, **change}
     error = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()["error"]
     assert error["param"] == "tools[0].function.parameters", error
     assert "Invalid type: bogus" in error["message"] and "%json" not in error["message"]
     body = {
-        "model": models["json"],
+        "model": models[fmt],
         "messages": QUESTION,
         "max_tokens": 4,
         "tools": [{"name": "f", "input_schema": UNCOMPILABLE}],

@@ -266,6 +266,10 @@ def test_tools_on_text_completions_are_refused(server: str, models) -> None:
     [
         ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools[0].type: 'bash_20250124'"),
         ({"tools": [{"name": "get_weather"}]}, "tools[0].input_schema: is missing"),
+        (  # Anthropic's names: ^[a-zA-Z0-9_-]{1,128}$
+            {"tools": [{"name": "get weather", "input_schema": {"type": "object"}}]},
+            "tools[0].name: String should match pattern",
+        ),
         ({"tool_choice": {"type": "tool", "name": "get_time"}}, "tool_choice.name: 'get_time' is not one of"),
         (
             {

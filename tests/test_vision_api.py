@@ -277,9 +277,11 @@ def test_openai_refuses_bad_images_naming_the_part(server, vl_dir, tiny_model_di
     cases = {
         "https://example.com/cat.png": r"messages\[0\]\.content\[1\]\.image_url\.url: .*not a data URL.*fetches no",
         "data:image/png;base64,@@@": r"messages\[0\]\.content\[1\]\.image_url\.url: is not valid base64",
-        data_url(b"not an image"): r"messages\[0\]\.content\[1\]\.data: does not decode",
-        data_url(RED, "image/jpeg"): r"messages\[0\]\.content\[1\]\.data: is a PNG image, not jpeg",
-        data_url(huge_png()): r"messages\[0\]\.content\[1\]\.data: .*pixels",
+        # The image's bytes and format are the data URL's: the error names it, not the engine's chunk.
+        data_url(b"not an image"): r"messages\[0\]\.content\[1\]\.image_url: does not decode",
+        data_url(RED, "image/jpeg"): r"messages\[0\]\.content\[1\]\.image_url: is a PNG image, not jpeg",
+        data_url(huge_png()): r"messages\[0\]\.content\[1\]\.image_url: .*pixels",
+        data_url(b"<svg/>", "image/svg+xml"): r"messages\[0\]\.content\[1\]\.image_url: 'svg\+xml' is not",
     }
     for url, message in cases.items():
         with pytest.raises(openai.BadRequestError, match=message):
@@ -308,9 +310,10 @@ def test_responses_input_image_is_the_chat_image(server, vl_dir, tiny_model_dir)
 
     assert response.usage.input_tokens == chatted.usage.prompt_tokens
     assert response.output_text == chatted.choices[0].message.content
-    bad = {"type": "input_image", "image_url": "https://example.com/cat.png"}
-    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[1\]\.image_url: .*data URL"):
-        oai.responses.create(model=str(vl_dir), input=[{"role": "user", "content": [content[0], bad]}])
+    for url, words in (("https://example.com/cat.png", "data URL"), (data_url(b"junk"), "does not decode")):
+        bad = {"type": "input_image", "image_url": url}
+        with pytest.raises(openai.BadRequestError, match=rf"input\[0\]\.content\[1\]\.image_url: .*{words}"):
+            oai.responses.create(model=str(vl_dir), input=[{"role": "user", "content": [content[0], bad]}])
     with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[0\].*takes no images"):
         oai.responses.create(model=str(tiny_model_dir), input=[{"role": "user", "content": [content[1]]}])
     with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content\[0\]: an image needs image_url"):
@@ -340,6 +343,12 @@ def test_anthropic_image_blocks_are_the_chat_image(server, vl_dir, tiny_model_di
 
     assert message.usage.input_tokens == counted.input_tokens == text_only.input_tokens + IMAGE_TOKENS + 2
     assert message.usage.output_tokens == 3
+    gif = {"type": "base64", "media_type": "image/gif", "data": base64.b64encode(png(fmt="GIF")).decode()}
+    as_gif = claude.messages.count_tokens(
+        model=str(vl_dir),
+        messages=[{"role": "user", "content": [content[0], {"type": "image", "source": gif}]}],
+    )
+    assert as_gif.input_tokens == counted.input_tokens  # any format the processor reads, as the error says
     cases = {
         "url": (
             {"type": "url", "url": "https://example.com/cat.png"},
@@ -351,7 +360,16 @@ def test_anthropic_image_blocks_are_the_chat_image(server, vl_dir, tiny_model_di
         ),
         "not an image": (
             {**image, "data": base64.b64encode(b"not an image").decode()},
-            r"messages\[0\]\.content\[1\]\.data: does not decode",
+            r"messages\[0\]\.content\[1\]\.source\.data: does not decode",
+        ),
+        "not its media type": (
+            {**image, "media_type": "image/jpeg"},
+            r"messages\[0\]\.content\[1\]\.source\.data: is a PNG image, not jpeg",
+        ),
+        "svg": (
+            {**image, "media_type": "image/svg+xml"},
+            r"messages\[0\]\.content\[1\]\.source\.media_type: 'image/svg\+xml' is not one of image/gif, "
+            r"image/jpeg, image/jpg, image/png, image/webp",
         ),
     }
     for source, message_pattern in cases.values():

@@ -21,8 +21,9 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
+        path = scope.get("path", "")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, f"{int(declared)} bytes")
+            await self._refuse(send, f"{int(declared)} bytes", path)
             return
         seen = 0
         refused = False
@@ -34,7 +35,7 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     refused = True
-                    await self._refuse(send, f"more than {self.max_bytes} bytes")
+                    await self._refuse(send, f"more than {self.max_bytes} bytes", path)
                     return {"type": "http.disconnect"}  # the route stops reading; its answer is dropped
             return message
 
@@ -48,15 +49,22 @@ class BodySizeLimit:
             if not refused:
                 raise
 
-    async def _refuse(self, send: Send, size: str) -> None:
-        body = json.dumps(
-            {
-                "error": f"the request body is {size}; this server takes at most {self.max_bytes} bytes "
-                "(split the batch, or raise EZTINKER_MAX_BODY_BYTES)",
-                "field": "body",
-                "category": "user",
-            }
-        ).encode()
+    async def _refuse(self, send: Send, size: str, path: str) -> None:
+        message = (
+            f"the request body is {size}; this server takes at most {self.max_bytes} bytes "
+            "(split the batch, or raise EZTINKER_MAX_BODY_BYTES)"
+        )
+        body = json.dumps(_too_large(message, path)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _too_large(message: str, path: str) -> dict[str, object]:
+    """The 413's body in the shape the route's clients read: OpenAI's or Anthropic's error object on
+    their routes (as those APIs answer a body too large), the native `ErrorBody` elsewhere."""
+    if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/models", "/oai/")):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    if path.startswith("/anthropic/"):
+        return {"type": "error", "error": {"type": "request_too_large", "message": message}}
+    return {"error": message, "field": "body", "category": "user"}
