@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.chat import PromptImages, TemplateOptions, reads_variable
 from eztinker.api.not_served import RefusesNotServed
-from eztinker.api.openai_bodies import PartField
 from eztinker.api.reasoning import require_reasoning
 from eztinker.api.structured import Answer, answer_for, json_answer
 from eztinker.api.tool_calls import ToolUse, call_format
@@ -109,7 +108,7 @@ class Message(BaseModel):
                     raise InvalidInputError(f"{name}.text", "is missing")
                 text += block.text
             elif block.type == "image" and self.role == "user":
-                text += images.mark(PartField(name, _SOURCE_FIELDS), block.image(name))
+                text += images.mark(name, block.image(name), _SOURCE_FIELDS)
             elif block.type == "thinking" and self.role == "assistant":
                 thinking += block.thinking or ""
             elif block.type == "tool_use" and self.role == "assistant":

@@ -10,7 +10,7 @@ import asyncio
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -201,11 +201,13 @@ class PromptImages:
     that stands for it in its message, which the template renders like any text. The marks carry a
     random nonce of this chat's, so text a client sends that looks like one is only text."""
 
-    found: list[tuple[str, ImageChunk]] = field(default_factory=list)
+    found: list[tuple[str, ImageChunk, Mapping[str, str]]] = field(default_factory=list)
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))
 
-    def mark(self, where: str, image: ImageChunk) -> str:
-        self.found.append((where, image))
+    def mark(self, where: str, image: ImageChunk, fields: Mapping[str, str] | None = None) -> str:
+        """`fields`: the request's field, under `where`, of each of the image chunk's own (`.data`,
+        `.format`), which the engine's errors name and no request has."""
+        self.found.append((where, image, fields or {}))
         return f"\ufff9eztinker-image-{self.nonce}-{len(self.found) - 1}\ufffb"
 
     def split(self, rendered: str) -> list[str]:
@@ -230,22 +232,24 @@ def render_with_images(
     rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
     pieces = images.split(rendered)  # text, image index, text, ...
     chunks: list[wire.Chunk] = []
-    names: list[str] = []
+    names: list[tuple[str, Mapping[str, str]]] = []
     for k, piece in enumerate(pieces):
         if k % 2:
-            name, image = images.found[int(piece)]
+            name, image, fields = images.found[int(piece)]
             chunks.append(image)
-            names.append(name)
+            names.append((name, fields))
         else:
             chunks.append([int(t) for t in tokenizer(piece, add_special_tokens=False)["input_ids"]])
-            names.append("messages")
+            names.append(("messages", {}))
     try:
         tokens, found = service.sampling.expand_chunks(target.base_model, chunks, "chunks", frame=True)
-    except InvalidInputError as exc:  # name the message part, not the internal chunk
+    except InvalidInputError as exc:  # name the message part's field, not the internal chunk's
         match = _CHUNK_FIELD.match(exc.field)
         if match is None:
             raise
-        raise InvalidInputError(names[int(match.group(1))] + match.group(2), exc.message) from None
+        name, fields = names[int(match.group(1))]
+        rest = match.group(2)
+        raise InvalidInputError(name + fields.get(rest, rest), exc.message) from None
     return tokens, found
 
 

@@ -45,7 +45,7 @@ from eztinker.api.chat import (
 )
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.errors import openai_response
-from eztinker.api.openai_bodies import ChatCompletionRequest, CompletionRequest, Sampling
+from eztinker.api.openai_bodies import IMAGE_URL_FIELDS, ChatCompletionRequest, CompletionRequest, Sampling
 from eztinker.api.reasoning import Thought, require_reasoning
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.errors import InvalidInputError
@@ -112,7 +112,7 @@ def _chat_prompt(
     for i, m in enumerate(body.messages):
         text = ""
         for name, part in m.parts(f"messages[{i}].content"):
-            text += images.mark(name, part) if isinstance(part, ImageChunk) else part
+            text += images.mark(name, part, IMAGE_URL_FIELDS) if isinstance(part, ImageChunk) else part
         messages.append(m.for_template(text, f"messages[{i}]"))
     complete_history(tokenizer, target.base_model, messages, [f"messages[{i}]" for i in range(len(messages))])
     prompt, found = render_with_images(service, target, tokenizer, messages, images, tools, options)

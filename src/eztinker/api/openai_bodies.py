@@ -268,32 +268,14 @@ class ChatMessage(BaseModel):
                 out.append((name, str(part.get("text", ""))))
             elif kind == "image_url":
                 image = image_from_url(part.get("image_url"), f"{name}.image_url")
-                out.append((PartField(name, _IMAGE_URL_FIELDS), image))
+                out.append((name, image))
             else:
                 raise InvalidInputError(f"{name}.type", f"{kind!r} parts are not supported (text, image_url)")
         return out
 
 
-class PartField(str):
-    """A content part's field name, as errors about its image extend it: the engine names the image
-    chunk's own fields (`.data`, `.format`), which no request has, appended to the part's name
-    (`chat.render_with_images` adds them with `+`). Appended to a `PartField`, each names the request's
-    field that holds it instead (`fields`: chunk suffix -> the request's), so the error names what the
-    client sent."""
-
-    fields: dict[str, str]
-
-    def __new__(cls, name: str, fields: dict[str, str]) -> PartField:
-        part = super().__new__(cls, name)
-        part.fields = fields
-        return part
-
-    def __add__(self, suffix: str, /) -> str:
-        return str(self) + self.fields.get(suffix, suffix)
-
-
-# An `image_url` part's bytes and format are both its data URL.
-_IMAGE_URL_FIELDS = {".data": ".image_url", ".format": ".image_url"}
+# An `image_url` part's bytes and format are both its data URL (`PromptImages.mark`'s `fields`).
+IMAGE_URL_FIELDS = {".data": ".image_url", ".format": ".image_url"}
 
 
 def _decoded_arguments(arguments: str, where: str) -> dict[str, Any]:

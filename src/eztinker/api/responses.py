@@ -228,8 +228,8 @@ _FUNCTION_CHOICE = '{"type": "function", "name": ...}'
 
 
 def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
-    """The chat route's `tool_choice` for this request's (whose shapes name a function at its top level);
-    a malformed one is refused here, in this API's shapes, naming its field."""
+    """This request's `tool_choice` as the chat route's (this API names a function at the top level, not
+    under `function`); a malformed one is refused here, in this API's shapes, naming its field."""
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise InvalidInputError("tool_choice", f"{choice!r} is not none, auto or required")

@@ -51,7 +51,7 @@ class Answer:
         answer = f"answer: {self.head}\n{self.rules}"
         if thinking is None:
             return "start: answer\n" + answer
-        think = f"think[stop={_literal(THINK_END)}]: /(.|\\n)*/\nNL: /\\n+/\n"
+        think = f"think[stop={_literal(THINK_END)}]: /(.|\\n)*/\nNL: /\\n{{1,2}}/\n"
         if thinking:
             return "start: think NL? answer\n" + think + answer
         return f"start: ({_literal(THINK_START)} NL? think NL?)? answer\n" + think + answer
@@ -103,15 +103,15 @@ def tool_call_answer(
     `names` (None: any of them). A call's arguments follow its tool's schema when its name is in
     `strict` (or the call is forced: `text` False), else they are any JSON object. With `text`, the answer
     may instead be plain text, or text followed by calls (the model chooses; `tool_choice` auto)."""
-    callable = [
+    offered = [
         (i, s["function"])
         for i, s in enumerate(tools.schemas)
         if names is None or s["function"]["name"] in names
     ]
-    for i, function in callable:  # a schema the calls are held to must compile (an error names the tool's)
+    for i, function in offered:  # a schema the calls are held to must compile (an error names the tool's)
         if not text or function["name"] in strict:
             _compiled_schema(_mapping(function.get("parameters")), tools.parameters_field.format(i))
-    functions = [function for _, function in callable]
+    functions = [function for _, function in offered]
     if tools.format == "xml":
         rules = _xml_calls(functions, strict, forced=not text)
     else:
