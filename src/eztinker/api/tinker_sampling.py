@@ -43,6 +43,7 @@ from eztinker.api.tinker_futures import (
 from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.scheduler import Job
 from eztinker.service import SampleSpec, Service
+from eztinker.store.facade import FacadeRecord
 
 authed = APIRouter(dependencies=[Depends(get_owner)])
 
@@ -64,10 +65,7 @@ def create_sampling_session(
     """A sampling session on a base model, or on a checkpoint (`model_path`, loaded as a snapshot)."""
     sampler_id = wire.sampling_session_id(body.session_id, body.sampling_session_seq_id)
     sessions.check_new_object(state, body.session_id, owner)
-    existing = state.durable.get(SAMPLERS, sampler_id)
-    if existing is not None:
-        service.access.require(existing.owner, owner, f"no sampling session {sampler_id!r}")
-    else:
+    if _record(state, service, sampler_id, owner) is None:
         if body.model_path:  # held: freed when the session ends, loaded again if named after that
             run_id, name, _ = wire.parse_tinker_path(body.model_path)
             base = service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
@@ -82,9 +80,7 @@ def _sampling_session(
     state: TinkerState, service: Service, sampler_id: str, owner: str | None
 ) -> _SamplingSession:
     """Which weights `sampler_id` samples; a checkpoint's snapshot is loaded again after a restart."""
-    record = state.durable.get(SAMPLERS, sampler_id)
-    if record is not None:
-        service.access.require(record.owner, owner, f"no sampling session {sampler_id!r}")
+    record = _record(state, service, sampler_id, owner)
     live = service.sampling.sampler(sampler_id, owner)
     live_base = live.base_model if live is not None else None
     if record is None:
@@ -212,11 +208,19 @@ def _require_sampling_session(
     state: TinkerState, service: Service, sampler_id: str, owner: str | None
 ) -> None:
     """The caller's sampling session `sampler_id` exists (recorded, or a live snapshot of the caller's)."""
+    if (
+        _record(state, service, sampler_id, owner) is None
+        and service.sampling.sampler(sampler_id, owner) is None
+    ):
+        raise NotFoundError(f"no sampling session {sampler_id!r}")
+
+
+def _record(state: TinkerState, service: Service, sampler_id: str, owner: str | None) -> FacadeRecord | None:
+    """Sampling session `sampler_id`'s record, if it has one; another key's is answered as missing."""
     record = state.durable.get(SAMPLERS, sampler_id)
     if record is not None:
         service.access.require(record.owner, owner, f"no sampling session {sampler_id!r}")
-    elif service.sampling.sampler(sampler_id, owner) is None:
-        raise NotFoundError(f"no sampling session {sampler_id!r}")
+    return record
 
 
 def _is_sampling_session(state: TinkerState, service: Service, sampler_id: str, owner: str | None) -> bool:
