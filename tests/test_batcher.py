@@ -50,6 +50,19 @@ def run(batcher: ContinuousBatcher, requests: list[SampleRequest], out: list) ->
     batcher.add(requests, out.append)
 
 
+def count_prefills(monkeypatch) -> list[int]:
+    """The rows of each prefill forward from now on."""
+    prefilled: list[int] = []
+    real = batcher_module._prefill
+
+    def counting(base, rows):
+        prefilled.append(len(rows))
+        return real(base, rows)
+
+    monkeypatch.setattr(batcher_module, "_prefill", counting)
+    return prefilled
+
+
 def drain(batcher: ContinuousBatcher) -> None:
     while batcher.has_work:
         batcher.step()
@@ -80,14 +93,7 @@ def test_a_request_joining_mid_generation_samples_as_it_would_alone(
 
 def test_samples_of_one_request_share_one_prefill(engine: Engine, model: str, monkeypatch) -> None:
     base = engine.base_model(model)
-    prefilled: list[int] = []
-    real = batcher_module._prefill
-
-    def counting(base, rows):
-        prefilled.append(len(rows))
-        return real(base, rows)
-
-    monkeypatch.setattr(batcher_module, "_prefill", counting)
+    prefilled = count_prefills(monkeypatch)
     (result,) = sample_batch(base, [SampleRequest(PROMPTS[1], seeded(4), num_samples=6)])
     assert prefilled == [1] and len(result.sequences) == 6
     assert len({tuple(s.tokens) for s in result.sequences}) > 1  # each sample its own stream
@@ -244,14 +250,7 @@ def test_a_request_cancelled_while_it_waits_is_never_prefilled(
     engine: Engine, model: str, monkeypatch
 ) -> None:
     base = engine.base_model(model)
-    prefilled: list[int] = []
-    real = batcher_module._prefill
-
-    def counting(base, rows):
-        prefilled.append(len(rows))
-        return real(base, rows)
-
-    monkeypatch.setattr(batcher_module, "_prefill", counting)
+    prefilled = count_prefills(monkeypatch)
     kept = SampleRequest(PROMPTS[0], seeded(1))
     expected = sample_batch(base, [kept])[0]
     prefilled.clear()

@@ -77,7 +77,8 @@ def _token_ids(tokens: Any, where: str) -> list[int]:
     return tokens
 
 
-def _shape(shape: Any, field: str) -> list[int]:
+def tensor_shape(shape: Any, field: str) -> list[int]:
+    """A JSON `TensorData`'s `shape`: a list of non-negative integers."""
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -168,7 +169,7 @@ def tensor_from_json(tensor: Any, field: str) -> torch.Tensor:
     if dtype is None:
         raise InvalidInputError(field, f"unsupported dtype {tensor.get('dtype')!r} (int64 or float32)")
     values = json_values(tensor["data"], dtype, field)
-    shape = _shape(tensor.get("shape") or [values.size], field)
+    shape = tensor_shape(tensor.get("shape") or [values.size], field)
     crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
     if crow is not None and col is not None:
         return torch.from_numpy(csr_to_dense(shape, crow, col, values, field))

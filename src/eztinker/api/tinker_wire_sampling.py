@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from eztinker.api.tinker_wire_inputs import _flat, csr_to_dense, json_values, model_input_chunks
+from eztinker.api.tinker_wire_inputs import (
+    _flat,
+    csr_to_dense,
+    json_values,
+    model_input_chunks,
+    tensor_shape,
+)
 from eztinker.engine import SamplingParams
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.sampler import SampleRequest
@@ -67,12 +73,8 @@ def target_prompt_tokens(tensor: Any, rows: int | None = None) -> tuple[torch.Te
     field = "target_prompt_logprobs"
     if not isinstance(tensor, Mapping):
         raise InvalidInputError(field, "must be a TensorData object {data, dtype, shape}")
-    shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
+    shape = tensor_shape(tensor.get("shape"), field)
+    if len(shape) != 2:
         raise InvalidInputError(field, f"needs a 2-D shape [len(prompt) - 1, K], got {shape!r}")
     if rows is not None and shape[0] != rows:
         raise InvalidInputError(
