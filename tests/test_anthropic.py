@@ -80,6 +80,33 @@ def test_count_tokens_is_the_rendered_prompt_length(
     assert ant.messages.count_tokens(model=model, system="S", messages=HI).input_tokens == len(ids)
 
 
+def test_a_final_assistant_message_is_a_prefill_the_answer_continues(
+    ant: anthropic.Anthropic, model: str, tiny_model_dir
+) -> None:
+    """As Anthropic's: the answer continues the final assistant text (its turn left open, not closed
+    and followed by a new one); an empty one opens the turn afresh; trailing whitespace is refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prefilled = [*HI, {"role": "assistant", "content": "The answer is"}]
+    ids = tokenizer.apply_chat_template(prefilled, continue_final_message=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    assert ant.messages.count_tokens(model=model, messages=prefilled).input_tokens == len(ids)
+    as_blocks = [*HI, {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}]
+    message = ant.messages.create(model=model, max_tokens=2, messages=as_blocks, extra_body=GREEDY)
+    assert message.usage.input_tokens == len(ids)
+    empty = [*HI, {"role": "assistant", "content": ""}]
+    bare = ant.messages.count_tokens(model=model, messages=HI).input_tokens
+    assert ant.messages.count_tokens(model=model, messages=empty).input_tokens == bare
+    trailing = [*HI, {"role": "assistant", "content": "The answer is "}]
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[1\]\.content: .*trailing whitespace"):
+        ant.messages.create(model=model, max_tokens=2, messages=trailing)
+    silent = [*HI, {"role": "assistant", "content": []}, *HI]
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[1\]\.content: is empty"):
+        ant.messages.create(model=model, max_tokens=2, messages=silent)
+
+
 def test_stop_sequences(ant: anthropic.Anthropic, model: str) -> None:
     whole = ant.messages.create(model=model, max_tokens=24, messages=HI, extra_body=GREEDY)
     text = whole.content[0].text

@@ -114,3 +114,34 @@ def test_only_an_assistant_message_can_be_continued(server: str, model: str) -> 
     body = {"model": model, "messages": HI, "add_generation_prompt": False, "continue_final_message": True}
     answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages[0].role"
+
+
+@pytest.mark.parametrize(
+    ("template", "how"),
+    [
+        (CHATML_TEMPLATE.replace("message['content']", "'(content omitted)'"), "leaves it out"),
+        (
+            CHATML_TEMPLATE.replace("message['content']", "message['content'] + message['content']"),
+            "writes it 2",
+        ),
+    ],
+)
+def test_an_image_the_template_drops_or_repeats_is_a_400_naming_its_part(
+    tiny_tokenizer_dir, template: str, how: str
+) -> None:
+    """A template that leaves a message's content out (the image with it) or writes it twice would
+    show the model other images than the request's: refused, naming the image's part."""
+    from types import SimpleNamespace
+
+    from eztinker.api.chat import PromptImages, render_with_images
+    from eztinker.engine.errors import InvalidInputError
+    from eztinker.engine.types import ImageChunk
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tokenizer.chat_template = template
+    images = PromptImages()
+    content = "see " + images.mark("messages[0].content[1]", ImageChunk(data=b"png", format="png"))
+    target = SimpleNamespace(base_model="tiny")
+    with pytest.raises(InvalidInputError, match=how) as caught:
+        render_with_images(None, target, tokenizer, [{"role": "user", "content": content}], images)  # type: ignore[arg-type]
+    assert caught.value.field == "messages[0].content[1]"

@@ -182,7 +182,13 @@ NO_OBJECT = {
 }
 
 
-OPENAI = ("GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses")
+OPENAI = (
+    "GET /v1/models",
+    "GET /v1/models/{model_id}",
+    "POST /v1/completions",
+    "POST /v1/chat/completions",
+    "POST /v1/responses",
+)
 
 
 def _cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] | None]]]:
@@ -377,6 +383,7 @@ def _native_tinker_openai_cases(w: dict[str, Any]) -> dict[str, list[tuple[str, 
         "GET /api/v1/training_runs": [("GET", "/api/v1/training_runs", None)],
         "GET /api/v1/checkpoints": [("GET", "/api/v1/checkpoints", None)],
         "GET /v1/models": [("GET", "/v1/models", None)],
+        "GET /v1/models/{model_id}": [("GET", f"/v1/models/{run}", None), ("GET", f"/v1/models/{smp}", None)],
         "GET /dashboard/api/runs": [("GET", "/dashboard/api/runs", None)],
         "GET /dashboard/api/samplers": [("GET", "/dashboard/api/samplers", None)],
         "GET /dashboard/api/events": [("GET", f"/dashboard/api/events?run={run}", None)],

@@ -140,6 +140,59 @@ def test_function_calls_go_out_and_their_outputs_come_back_in(oai: openai.OpenAI
     ]
 
 
+def test_a_streamed_call_is_in_progress_until_its_arguments_are_done(oai: openai.OpenAI, models) -> None:
+    calling = {"model": models["tools"], "input": QUESTION, "tools": [WEATHER], "tool_choice": "required"}
+    events = list(oai.responses.create(**calling, stream=True, temperature=0, max_output_tokens=60))
+    (added,) = [e.item for e in events if e.type == "response.output_item.added"]
+    (done,) = [e.item for e in events if e.type == "response.output_item.done"]
+    assert (added.type, added.status, added.arguments) == ("function_call", "in_progress", "")
+    assert done.status == "completed" and json.loads(done.arguments)["city"] in ("Paris", "Oslo")
+
+
+LOGPROBS = {"include": ["message.output_text.logprobs"]}
+
+
+def _logprobs(entries) -> list[tuple[str, float, list[str]]]:
+    return [(e.token, round(e.logprob, 4), [t.token for t in e.top_logprobs or ()]) for e in entries]
+
+
+def test_logprobs_are_the_chat_routes_on_the_output_text_whole_and_streamed(
+    oai: openai.OpenAI, models
+) -> None:
+    chat = oai.chat.completions.create(
+        model=models["plain"],
+        messages=[{"role": "user", "content": QUESTION}],
+        max_completion_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    asked = {"model": models["plain"], "input": QUESTION, "top_logprobs": 20, **LOGPROBS, **GREEDY}
+    whole = oai.responses.create(**asked)
+    (part,) = whole.output[0].content
+    assert part.logprobs[0].model_dump().keys() == {"token", "logprob", "bytes", "top_logprobs"}
+    assert _logprobs(part.logprobs) == _logprobs(chat.choices[0].logprobs.content)
+    assert len(part.logprobs) == 12 and all(len(e.top_logprobs) == 20 for e in part.logprobs)
+    assert whole.top_logprobs == 20
+
+    events = list(oai.responses.create(**asked, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert _logprobs(e for delta in deltas for e in delta.logprobs) == _logprobs(part.logprobs)
+    assert _logprobs(done.logprobs) == _logprobs(events[-1].response.output[0].content[0].logprobs)
+    assert _logprobs(done.logprobs) == _logprobs(part.logprobs)
+
+
+def test_logprobs_come_only_when_included(oai: openai.OpenAI, models) -> None:
+    """As OpenAI's: `top_logprobs` alone leaves each text's `logprobs` empty; the include alone gives the
+    chosen tokens' without alternatives."""
+    alone = oai.responses.create(model=models["plain"], input=QUESTION, top_logprobs=5, **GREEDY)
+    assert alone.output[0].content[0].logprobs == []
+    chosen = oai.responses.create(model=models["plain"], input=QUESTION, **LOGPROBS, **GREEDY)
+    entries = chosen.output[0].content[0].logprobs
+    assert len(entries) == 12 and all(e.top_logprobs == [] for e in entries)
+
+
 def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -> None:
     response = oai.responses.create(
         model=models["plain"],
@@ -204,6 +257,22 @@ def test_text_format_json_schema_shapes_the_output(oai: openai.OpenAI, models) -
             },
             "tools[0].parameters",
         ),
+        ({"top_logprobs": 21}, "top_logprobs"),  # OpenAI's limit
+        (  # a call's fields are the item's, not the chat message's `tool_calls[0].id`
+            {
+                "input": [
+                    {"role": "user", "content": "x"},
+                    {"type": "function_call", "name": "f", "arguments": "{}"},
+                ]
+            },
+            "input[1].call_id",
+        ),
+        ({"input": [{"type": "function_call_output", "output": "Sunny"}]}, "input[0].call_id"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+            "input[0].content[0].text",
+        ),
         ({"n": 2}, "n"),  # the Responses API has no n: a response is one answer
         ({"n": 2, "stream": True}, "n"),
     ],
@@ -231,6 +300,21 @@ def test_vllms_extras_work_as_on_the_chat_route(oai: openai.OpenAI, models) -> N
         extra_body={"guided_choice": ["yes", "no"]},
     )
     assert picked.output_text in ("yes", "no")
+
+
+def test_metadata_is_echoed_in_the_response(oai: openai.OpenAI, models) -> None:
+    tags = {"ticket": "T-1"}
+    assert oai.responses.create(model=models["plain"], input="Hi", metadata=tags, **GREEDY).metadata == tags
+    streamed = oai.responses.create(
+        model=models["plain"],
+        input="Hi",
+        metadata=tags,
+        stream=True,
+        stream_options={"include_obfuscation": False},  # a streaming option, never the chat route's
+        **GREEDY,
+    )
+    events = list(streamed)
+    assert events[0].response.metadata == events[-1].response.metadata == tags
 
 
 def test_served_at_hosted_tinkers_prefix_too(server: str, models) -> None:

@@ -285,12 +285,12 @@ def test_tools_on_text_completions_are_refused(server: str, models) -> None:
                     {
                         "role": "user",
                         "content": [
-                            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}
+                            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "document"}]}
                         ],
                     }
                 ]
             },
-            "messages[0].content[0].content[0]: 'image' blocks are not served in a tool result",
+            "messages[0].content[0].content[0]: 'document' blocks are not served in a tool result",
         ),
     ],
 )

@@ -385,6 +385,37 @@ def test_anthropic_image_blocks_are_the_chat_image(server, vl_dir, tiny_model_di
         )
 
 
+def test_anthropic_tool_results_carry_images_on_a_vision_model(server, vl_dir, tiny_model_dir) -> None:
+    """A `tool_result` whose content holds `image` blocks (Claude Code's screenshots) puts each image in
+    the tool's turn, where it stands among the text; a model without vision refuses it naming the block."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=f"{server}/anthropic/api", api_key="unused", max_retries=0)
+    image = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(RED).decode()}
+    text = {"type": "text", "text": "the screen:"}
+
+    def turn(*blocks) -> list[dict]:
+        result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": list(blocks)}
+        return [{"role": "user", "content": [result]}]
+
+    with_image = turn(text, {"type": "image", "source": image})
+    counted = claude.messages.count_tokens(model=str(vl_dir), messages=with_image)
+    text_only = claude.messages.count_tokens(model=str(vl_dir), messages=turn(text))
+    assert counted.input_tokens == text_only.input_tokens + IMAGE_TOKENS + 2
+    message = claude.messages.create(model=str(vl_dir), messages=with_image, max_tokens=2)
+    assert message.usage.input_tokens == counted.input_tokens
+    with pytest.raises(
+        anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]\.content\[1\].*takes no images"
+    ):
+        claude.messages.create(model=str(tiny_model_dir), messages=with_image, max_tokens=2)
+    bad = turn(text, {"type": "image", "source": {**image, "data": "@@@"}})
+    with pytest.raises(
+        anthropic.BadRequestError,
+        match=r"messages\[0\]\.content\[0\]\.content\[1\]\.source\.data: is not valid",
+    ):
+        claude.messages.create(model=str(vl_dir), messages=bad, max_tokens=2)
+
+
 def test_text_that_looks_like_an_image_mark_is_only_text(server, vl_dir) -> None:
     """The server marks each image's place in the rendered chat; a client's text spelling such a mark
     (an index out of range, or an image's own) neither fails nor repeats an image."""

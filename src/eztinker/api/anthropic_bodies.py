@@ -72,17 +72,25 @@ class ContentBlock(BaseModel):
             raise InvalidInputError(f"{where}.source.data", "is not valid base64") from None
         return ImageChunk(data=decoded, format=media_type.removeprefix("image/").lower())
 
-    def result_text(self, where: str) -> str:
-        """A tool_result's content as text (a string or text blocks; other blocks refused naming them)."""
+    def result_content(self, where: str, images: PromptImages) -> str:
+        """A tool_result's content as the `tool` message's text: a string, or text and `image` blocks in
+        order (each image a mark, its image to `images`: Claude Code sends screenshots so; a model
+        without vision refuses it naming the block, as an image anywhere else). Other blocks are refused
+        naming them."""
         if not isinstance(self.content, list):
             return self.content or ""
+        text = ""
         for k, block in enumerate(self.content):
-            if block.type != "text" or block.text is None:
+            name = f"{where}.content[{k}]"
+            if block.type == "image":
+                text += images.mark(name, block.image(name), _SOURCE_FIELDS)
+            elif block.type == "text" and block.text is not None:
+                text += block.text
+            else:
                 raise InvalidInputError(
-                    f"{where}.content[{k}]",
-                    f"{block.type!r} blocks are not served in a tool result: send text",
+                    name, f"{block.type!r} blocks are not served in a tool result: send text or images"
                 )
-        return "".join(block.text or "" for block in self.content)
+        return text
 
 
 class Message(BaseModel):
@@ -90,6 +98,12 @@ class Message(BaseModel):
 
     role: Literal["user", "assistant"]
     content: str | list[ContentBlock]
+
+    def is_empty(self) -> bool:
+        """Whether it says nothing: no content, or only empty text blocks."""
+        if isinstance(self.content, str):
+            return not self.content
+        return all(b.type == "text" and not b.text for b in self.content)
 
     def for_template(self, where: str, images: PromptImages) -> list[dict[str, Any]]:
         """The message as chat templates read it: a user turn's `tool_result` blocks become `tool`
@@ -125,7 +139,11 @@ class Message(BaseModel):
                 if not block.tool_use_id:
                     raise InvalidInputError(f"{name}.tool_use_id", "is missing")
                 results.append(
-                    {"role": "tool", "tool_call_id": block.tool_use_id, "content": block.result_text(name)}
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.tool_use_id,
+                        "content": block.result_content(name, images),
+                    }
                 )
             else:
                 raise InvalidInputError(
@@ -236,8 +254,9 @@ class CountTokensRequest(RefusesNotServed):
         """How the chat renders for `thinking`: a reasoning model's template that reads `enable_thinking`
         (Qwen3's) gets it (false when `disabled`, as vLLM's Anthropic route sets it); `enabled` on a model
         that does not reason in `<think>` blocks is a 400, as Anthropic answers it for such a model."""
+        prefill = self.prefill()
         if self.thinking is None:
-            return TemplateOptions()
+            return TemplateOptions(continue_final=prefill)
         if self.thinking.type == "enabled":
             budget = self.thinking.budget_tokens
             if not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
@@ -251,8 +270,27 @@ class CountTokensRequest(RefusesNotServed):
                     "tool_choice", "thinking may not be enabled when tool_choice forces tool use"
                 )
         if not reads_variable(tokenizer, "enable_thinking"):
-            return TemplateOptions()
-        return TemplateOptions({"enable_thinking": self.thinking.type != "disabled"})
+            return TemplateOptions(continue_final=prefill)
+        return TemplateOptions({"enable_thinking": self.thinking.type != "disabled"}, continue_final=prefill)
+
+    def prefill(self) -> bool:
+        """Whether the chat ends in the assistant's text, which the answer continues (Anthropic's
+        prefill: the answer is what comes after it). Its text may not end in whitespace, as Anthropic
+        answers; an empty one is no prefill (the turn starts afresh); one with tool calls or thinking is
+        history, rendered whole."""
+        last = self.messages[-1]
+        if last.role != "assistant" or last.is_empty():
+            return False
+        blocks = [last.content] if isinstance(last.content, str) else last.content
+        if any(not isinstance(b, str) and b.type != "text" for b in blocks):
+            return False
+        text = "".join(b if isinstance(b, str) else b.text or "" for b in blocks)
+        if text != text.rstrip():
+            raise InvalidInputError(
+                f"messages[{len(self.messages) - 1}].content",
+                "final assistant content cannot end with trailing whitespace: strip it",
+            )
+        return True
 
     def system_text(self) -> str:
         if isinstance(self.system, list):
@@ -304,6 +342,12 @@ class CountTokensRequest(RefusesNotServed):
             messages.append({"role": "system", "content": self.system_text()})
             wheres.append("system")
         for i, message in enumerate(self.messages):
+            if message.role == "assistant" and message.is_empty():
+                if i == len(self.messages) - 1:
+                    break  # the assistant's turn, still to write: the template opens it
+                raise InvalidInputError(  # as Anthropic's: an empty turn in the history says nothing
+                    f"messages[{i}].content", "is empty: only the final assistant message may be"
+                )
             rendered = message.for_template(f"messages[{i}]", images)
             messages += rendered
             wheres += [f"messages[{i}]"] * len(rendered)

@@ -231,6 +231,7 @@ def render_with_images(
         return render_chat(tokenizer, messages, tools, options), ()
     rendered = render_chat(tokenizer, messages, tools, options, tokenize=False)
     pieces = images.split(rendered)  # text, image index, text, ...
+    _require_each_image_once(images, [int(i) for i in pieces[1::2]], target.base_model)
     chunks: list[wire.Chunk] = []
     names: list[tuple[str, Mapping[str, str]]] = []
     for k, piece in enumerate(pieces):
@@ -251,6 +252,19 @@ def render_with_images(
         rest = match.group(2)
         raise InvalidInputError(name + fields.get(rest, rest), exc.message) from None
     return tokens, found
+
+
+def _require_each_image_once(images: PromptImages, rendered: list[int], base_model: str) -> None:
+    """A 400 naming an image's part when the chat template dropped it (e.g. it leaves out that role's
+    content, or escapes it as JSON) or wrote it twice: the model would silently see other images than
+    the request's."""
+    for index, (where, _, _) in enumerate(images.found):
+        count = rendered.count(index)
+        if count != 1:
+            how = "leaves it out" if count == 0 else f"writes it {count} times"
+            raise InvalidInputError(
+                where, f"the chat template of {base_model!r} {how}: send the image in a user message"
+            )
 
 
 def chat_template_ids(

@@ -48,7 +48,7 @@ from eztinker.api.errors import openai_response
 from eztinker.api.openai_bodies import IMAGE_URL_FIELDS, ChatCompletionRequest, CompletionRequest, Sampling
 from eztinker.api.reasoning import Thought, require_reasoning
 from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
-from eztinker.engine.errors import InvalidInputError
+from eztinker.engine.errors import InvalidInputError, NotFoundError
 from eztinker.engine.types import ImageChunk, SamplingParams
 from eztinker.scheduler import Job
 from eztinker.service import ModelTarget, Service
@@ -126,12 +126,27 @@ def _chat_prompt(
 async def list_models(service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
     """Base models, the caller's live runs and sampler snapshots: each usable as `model`."""
     models = await run_in_threadpool(service.views.list_models, owner)
+    return {"object": "list", "data": [_model_entry(m) for m in models]}
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, service: ServiceDep, owner: OwnerDep) -> dict[str, Any]:
+    """One model of the caller's listing (OpenAI's `models.retrieve`): a base model's id holds slashes
+    when it is a path. Another key's run or snapshot is missing, as in the listing."""
+    models = await run_in_threadpool(service.views.list_models, owner)
+    for m in models:
+        if m["id"] == model_id:
+            return _model_entry(m)
+    raise NotFoundError(f"the model {model_id!r} does not exist: GET /v1/models lists the models you can use")
+
+
+def _model_entry(model: dict[str, Any]) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {"id": m["id"], "object": "model", "created": m["created"], "owned_by": "eztinker", **m}
-            for m in models
-        ],
+        "id": model["id"],
+        "object": "model",
+        "created": model["created"],
+        "owned_by": "eztinker",
+        **model,
     }
 
 
@@ -258,10 +273,13 @@ async def _events(
     kind: Kind,
 ) -> AsyncIterator[str]:
     chunk_kind = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
+    with_usage = body.stream_options is not None and body.stream_options.include_usage
+    # As OpenAI's: with include_usage, every chunk has a `usage` (null until the last, which has no choices).
+    usage: dict[str, Any] = {"usage": None} if with_usage else {}
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         payload = {"id": response_id, "object": chunk_kind, "created": created, "model": body.model}
-        return f"data: {json.dumps({**payload, 'choices': choices, **extra})}\n\n"
+        return f"data: {json.dumps({**payload, 'choices': choices, **usage, **extra})}\n\n"
 
     if kind == "chat.completion":
         yield chunk(
@@ -298,7 +316,7 @@ async def _events(
     for index, reason in enumerate(reasons):
         pieces, indices = generation.choices[index].pieces(final=True)
         yield chunk([_chunk_choice(generation, index, pieces, indices, reason, kind, body)])
-    if body.stream_options is not None and body.stream_options.include_usage:
+    if with_usage:
         yield chunk([], usage=_usage(generation))
     yield "data: [DONE]\n\n"
 
@@ -394,18 +412,21 @@ def _chat_logprobs(
 ) -> dict[str, Any] | None:
     if not isinstance(body, ChatCompletionRequest) or not body.logprobs:
         return None
-    tok = generation.tokenizer
+    return {"content": token_logprobs(generation.tokenizer, choice, indices)}
+
+
+def token_logprobs(tokenizer: Any, choice: Choice, indices: list[int]) -> list[dict[str, Any]]:
+    """The choice's tokens at `indices` as OpenAI's chat (and Responses) logprobs: each token's text, its
+    log-probability and UTF-8 bytes, and its top alternatives in the same shape."""
 
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = token_text(tok, token)
+        text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {
-        "content": [
-            {
-                **entry(choice.tokens[i], choice.logprobs[i]),
-                "top_logprobs": [entry(t, lp) for t, lp in (choice.topk[i] or [])],
-            }
-            for i in indices
-        ]
-    }
+    return [
+        {
+            **entry(choice.tokens[i], choice.logprobs[i]),
+            "top_logprobs": [entry(t, lp) for t, lp in (choice.topk[i] or [])],
+        }
+        for i in indices
+    ]

@@ -88,6 +88,11 @@ class Sampling(RefusesNotServed):
     guided_regex: Any = None
     guided_choice: Any = None
 
+    def refuse_not_served(self) -> None:
+        super().refuse_not_served()
+        if self.stream_options is not None and not self.stream:  # as OpenAI (and vLLM) answer it
+            raise InvalidInputError("stream_options", "is only allowed with stream: true")
+
     def output_answer(self) -> Answer | None:
         """What the answer must be, as `response_format`, vLLM's `structured_outputs` or its `guided_*`
         ask it (at most one of them); None for free text."""
@@ -257,15 +262,25 @@ class ChatMessage(BaseModel):
     def parts(self, where: str) -> list[tuple[str, str | ImageChunk]]:
         """The content as (field name, text or image) parts, in order: `text` parts, and `image_url` parts
         with a base64 data URL (`data:image/png;base64,...`) as images. An image that is not a data URL
-        (this server fetches nothing), or a part of another type, is refused naming `where[j]`."""
+        (this server fetches nothing), or a part of another type, is refused naming `where[j]`. As
+        OpenAI's: only an assistant's calls may stand without content, and a list holds a part."""
+        if self.content is None:
+            if self.role == "assistant" and self.tool_calls:
+                return [(where, "")]
+            raise InvalidInputError(where, "is missing: send a string or a list of content parts")
         if not isinstance(self.content, list):
-            return [(where, self.content or "")]
+            return [(where, self.content)]
+        if not self.content:
+            raise InvalidInputError(where, "is an empty list: send at least one content part, or a string")
         out: list[tuple[str, str | ImageChunk]] = []
         for j, part in enumerate(self.content):
             name = f"{where}[{j}]"
             kind = part.get("type")
             if kind == "text":
-                out.append((name, str(part.get("text", ""))))
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InvalidInputError(f"{name}.text", "must be a string: the part's text")
+                out.append((name, text))
             elif kind == "image_url":
                 image = image_from_url(part.get("image_url"), f"{name}.image_url")
                 out.append((name, image))
