@@ -61,6 +61,8 @@ def world(tmp_path_factory, tiny_model_dir):
         )
         assert _outcome(url, created)[0] == 200
         model_id = created.json()["model_id"]
+        kept = {"model_id": model_id, "path": "kept"}  # a checkpoint to copy (into a taken model id)
+        assert _outcome(url, _send(url, "POST", "/api/v1/save_weights", kept))[0] == 200
         made = {"session_id": session_id, "base_model": str(tiny_model_dir)}
         sampler = _send(url, "POST", "/api/v1/create_sampling_session", made).json()["sampling_session_id"]
         yield url, str(tiny_model_dir), session_id, model_id, sampler
@@ -206,6 +208,17 @@ def _bad_bodies(model: str, session_id: str, model_id: str, sampler: str) -> lis
             {"model_id": model_id, "path": "e", "age_encryption_recipients": "age1"},
             "age_encryption_recipients",
         ),
+        (  # beyond what a torch generator takes: was an "internal error" of category "server"
+            "POST",
+            "/api/v1/create_model",
+            {
+                "session_id": session_id,
+                "model_seq_id": 7,
+                "base_model": model,
+                "lora_config": {"seed": 10**30},
+            },
+            "lora_config.seed",
+        ),
         ("POST", "/api/v1/load_weights", {"model_id": model_id, "path": 7}, "path"),
         ("POST", "/api/v1/load_weights", {"model_id": model_id, "seq_id": 1}, "path"),
         (
@@ -252,6 +265,12 @@ def _bad_bodies(model: str, session_id: str, model_id: str, sampler: str) -> lis
         ("POST", "/api/v1/save_weights", {"model_id": model_id, "path": "b", "overwrite": [1]}, "overwrite"),
         ("POST", "/api/v1/copy_weights", {"source_path": "tinker://x/weights/a"}, "destination_project_id"),
         ("POST", "/api/v1/copy_weights", {"source_path": 5, "destination_project_id": "p"}, "source_path"),
+        (  # a taken model id is for good: not a 409, which the SDK retries for minutes
+            "POST",
+            "/api/v1/copy_weights",
+            {"source_path": f"tinker://{model_id}/weights/kept", "session_id": session_id, "model_seq_id": 0},
+            "model_seq_id",
+        ),
     ]
 
 

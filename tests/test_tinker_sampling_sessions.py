@@ -143,6 +143,38 @@ def test_a_poll_reports_ended_requests_once_and_an_acknowledged_cursor_drops_the
     assert _poll(http, sampler, 0, timeout=0)["completions"] == []  # delivered: gone from the queue
 
 
+def test_a_finished_event_gives_the_size_of_its_protobuf_payload(world) -> None:
+    """As hosted Tinker does (`FutureFinished.response_payload_uncompressed_size`): the SDK reserves that
+    much of its in-flight response budget before it fetches the payload. A failed event has no payload."""
+    http, _, model = world
+    sampler = _sampling_session(http, model)
+    request = _asample(http, sampler, 1)
+    refused = _post(
+        http,
+        "/asample",
+        {"sampling_session_id": sampler, "seq_id": 2, "prompt": PROMPT, "sampling_params": {"max_tokens": 0}},
+    )["request_id"]
+    events: dict[str, dict[str, Any]] = {}
+    cursor = 0
+    while len(events) < 2:
+        answer = _poll(http, sampler, cursor)
+        events |= {c["request_id"]: c for c in answer["completions"]}
+        cursor = answer["cursor"]
+
+    payload = http.post(
+        "/api/v1/retrieve_future",
+        json={"request_id": request, "allow_metadata_only": False},
+        headers={"X-API-Key": KEY, "Accept": "application/x-protobuf"},
+    )
+    assert payload.headers["content-type"] == "application/x-protobuf"
+    assert events[request] == {
+        "state": "finished",
+        "request_id": request,
+        "response_payload_uncompressed_size": len(payload.content),
+    }
+    assert events[refused] == {"state": "failed", "request_id": refused}
+
+
 def test_an_ack_only_poll_answers_at_once_while_samples_run(world, monkeypatch) -> None:
     http, service, model = world
     held = HeldSamples(service, monkeypatch)

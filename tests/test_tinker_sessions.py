@@ -89,7 +89,7 @@ def test_a_session_without_heartbeats_expires_and_frees_its_snapshots(world) -> 
     assert state.durable.get("session", idle).value["status"] == "expired"
     assert state.durable.get("session", alive).value["status"] == "active"
     late = http.post("/api/v1/session_heartbeat", json={"session_id": idle}, headers=HEADERS)
-    assert late.status_code == 404 and "create a new ServiceClient" in late.text
+    assert late.status_code == 410 and "create a new ServiceClient" in late.text  # the SDK stops on 410
     # the expired session's training run is the caller's as before: only the snapshot went
     assert http.get("/api/v1/training_runs", headers=HEADERS).json()["training_runs"]
 
@@ -127,3 +127,70 @@ def test_a_session_from_before_a_restart_expires_from_the_first_check(world) -> 
     assert state.durable.get("session", "sess-before-restart").value["status"] == "expired"
     assert state.durable.get("session", "sess-finished-before").value["status"] == "finished"
     assert "sess-before-restart" not in state.heartbeats
+
+
+def test_a_finished_sessions_heartbeat_is_gone_so_the_sdk_stops_heartbeating(world) -> None:
+    """The SDK's heartbeat loop ends only on a 410 (`internal_client_holder._session_heartbeat`); on any
+    other error it heartbeats on every 10 s and warns of an unreliable connection, e.g. in the unpickled
+    `SamplingClient` of a worker process whose parent closed its `ServiceClient`."""
+    http, _, _ = world
+    session = _post(http, "/create_session", {"tags": []})["session_id"]
+    _post(http, f"/sessions/{session}/finish", {"reason": {"type": "success"}})
+
+    late = http.post("/api/v1/session_heartbeat", json={"session_id": session}, headers=HEADERS)
+
+    assert late.status_code == 410
+    assert late.json() == {
+        "error": f"session {session!r} has ended (success): create a new ServiceClient to continue",
+        "category": "user",
+    }
+
+
+def test_nothing_new_is_made_in_an_ended_session(world) -> None:
+    """What an ended session held was freed when it ended, and nothing would free what is made in it
+    later (a checkpoint's sampling snapshot, a model's): each is refused, naming the session. Its
+    existing models still train."""
+    http, service, model = world
+    session = _post(http, "/create_session", {"tags": []})["session_id"]
+    model_id = _post(
+        http,
+        "/create_model",
+        {"session_id": session, "model_seq_id": 0, "base_model": model, "lora_config": {"rank": 2}},
+    )["model_id"]
+    path = _post(http, "/save_weights_for_sampler", {"model_id": model_id, "path": "w", "seq_id": 1})["path"]
+    _post(http, f"/sessions/{session}/finish", {"reason": {"type": "success"}})
+    held = _snapshots(service)
+
+    new_model = {"session_id": session, "model_seq_id": 1, "base_model": model, "lora_config": {"rank": 2}}
+    on_checkpoint = {"session_id": session, "sampling_session_seq_id": 5, "model_path": path}
+    from_state = {"session_id": session, "model_seq_id": 2, "path": path, "optimizer": False}
+    for route, body in [
+        ("/create_model", new_model),
+        ("/create_sampling_session", on_checkpoint),
+        ("/load_weights", from_state),
+    ]:
+        refused = http.post(f"/api/v1{route}", json=body, headers=HEADERS)
+        assert refused.status_code == 404, (route, refused.text)
+        assert "has ended (success): create a new ServiceClient" in refused.text
+    snapshot = http.post(
+        "/api/v1/save_weights_for_sampler",
+        json={"model_id": model_id, "sampling_session_seq_id": 6, "seq_id": 2},
+        headers=HEADERS,
+    ).json()
+    failed = _post_raw(http, "/retrieve_future", {"request_id": snapshot["request_id"]})
+    assert "has ended (success)" in failed["error"] and failed["category"] == "user"
+
+    assert _snapshots(service) == held  # no snapshot made that nothing would free
+    trained = _post(
+        http, "/optim_step", {"model_id": model_id, "seq_id": 3, "adam_params": {"learning_rate": 0.1}}
+    )
+    assert "metrics" in trained
+
+
+def _post_raw(http: TestClient, path: str, body: dict[str, Any]) -> Any:
+    """A retrieve_future's settled answer, a failure included."""
+    while (answer := http.post(f"/api/v1{path}", json=body, headers=HEADERS).json()).get(
+        "type"
+    ) == "try_again":
+        pass
+    return answer

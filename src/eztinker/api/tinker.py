@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -133,7 +134,13 @@ async def _forward_backward(
         if "json" in request.headers.get("content-type", ""):
             call = wire.decode_forward_backward_json(_json_body(body), forward_only=forward_only)
         else:
-            call = wire.decode_forward_backward(body, request.headers.get("content-encoding"))
+            parsed = wire.parse_forward_backward(body, request.headers.get("content-encoding"))
+            try:
+                call = wire.forward_backward_call(parsed)
+            except InvalidInputError as exc:  # refused, in its turn: else the model's next op waits
+                return await run_in_threadpool(  # out the seq_id gap, for an op that will never come
+                    ordered, state, owner, parsed.model_id, parsed.seq_id, _refused(exc)
+                )
     except InvalidInputError as exc:
         return refuse(state, owner, str(exc))
 
@@ -148,6 +155,15 @@ async def _forward_backward(
         return service.forward_backward(call.model_id, data, loss, owner, backward=not call.forward_only)
 
     return await run_in_threadpool(ordered, state, owner, call.model_id, call.seq_id, make)
+
+
+def _refused(exc: InvalidInputError) -> Callable[[], Job]:
+    """An op's `make` that refuses it (its future fails with `exc`, as a user error)."""
+
+    def make() -> Job:
+        raise exc
+
+    return make
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
@@ -247,6 +263,7 @@ def save_weights_for_sampler(
     inflight = body.kind == "inflight"
 
     def make() -> Job:
+        sessions.check_new_object(state, session, owner)  # a new sampling session: only in an active one
         if inflight:
             job = service.sampling.save_inflight(model_id, sampler_id, owner)
         else:
@@ -294,12 +311,15 @@ def load_weights(
         model_id = body.model_id
 
         def load() -> Job:
+            _refuse_access_token(body)
             source_run, name, _ = wire.parse_tinker_path(path)
             chosen = wire.optimizer_from_config(body.optimizer_config)
             if chosen is not None and chosen != service.views.get_run(model_id, owner).optimizer:
                 raise InvalidInputError(
                     "optimizer_config", f"cannot change the optimizer of existing model {model_id!r}"
                 )
+            if optimizer:
+                _require_optimizer_state(service, source_run, name, owner)
             request = api.LoadRequest(name=name, source_run_id=source_run, with_optimizer=optimizer)
             return service.load(model_id, request, owner)
 
@@ -320,9 +340,18 @@ def _create_from_checkpoint(
     sessions.check_new_object(state, session_id, owner)
 
     def create() -> Job:
+        _refuse_access_token(body)
         source_run, name, _ = wire.parse_tinker_path(path)
         chosen = wire.optimizer_from_config(body.optimizer_config)
         base_model = service.views.checkpoint_run(source_run, name, owner).base_model
+        if optimizer:
+            _require_optimizer_state(service, source_run, name, owner)
+        if body.base_model is not None and body.base_model != base_model:  # never trained on another base
+            raise InvalidInputError(
+                "base_model",
+                f"{body.base_model!r} is not the checkpoint's base model {base_model!r}; this server trains a "
+                "checkpoint only on the base model it was saved from (omit base_model)",
+            )
         # `optimizer` true (…_with_optimizer): weights and optimizer state, whose optimizer the model keeps;
         # false (create_training_client_from_state): the weights only, and a fresh optimizer (AdamW by default).
         request = api.CreateRunRequest(
@@ -341,6 +370,28 @@ def _create_from_checkpoint(
 
     expect(state, owner, model_id, 1)  # the load is the model's op 0
     return submit(state, owner, create, model_id=model_id)
+
+
+def _require_optimizer_state(service: Service, run_id: str, name: str, owner: str | None) -> None:
+    """A load `_with_optimizer` needs a checkpoint that holds optimizer state (`save_state`'s): from one of
+    weights only it is refused, never run with a fresh optimizer instead."""
+    _, checkpoint = service.access.readable_checkpoint(run_id, name, owner)
+    if checkpoint.kind != "state":
+        raise InvalidInputError(
+            "path",
+            f"{wire.tinker_path_of(run_id, name)} holds weights only, no optimizer state (save_state makes a "
+            "checkpoint with it); load it without the optimizer (create_training_client_from_state)",
+        )
+
+
+def _refuse_access_token(body: bodies.LoadWeights) -> None:
+    """Refused, never ignored: another key's private checkpoint would be answered as missing, for no reason
+    the caller could see."""
+    if body.weights_access_token is not None:
+        raise InvalidInputError(
+            "weights_access_token",
+            "access tokens are not served; the owner can publish the checkpoint instead",
+        )
 
 
 @_authed.post("/weights_info")

@@ -75,9 +75,12 @@ class AssignProject(_Body):
     project_id: str | None = None
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take: a seed outside is the caller's mistake
+
+
 class LoraConfig(_Body):
     rank: int = Field(32, ge=1, le=1024)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
@@ -134,6 +137,7 @@ class LoadWeights(_Body):
     base_model: str | None = None
     user_metadata: JsonObject | None = None
     optimizer_config: JsonObject | None = None
+    weights_access_token: str | None = None
 
 
 class CreateSamplingSession(_Body):

@@ -10,6 +10,10 @@ samples in flight holds one open poll, not a thousand.
   sampling session and clone (`seq_id // CLONE_STRIDE`: 0 for the original client, the `client_counter` of
   `join_sampling_session` for an unpickled copy). When the request's job ends, the queue gets an event
   `{"state": "finished" | "failed", "request_id"}` under the next cursor.
+- **A finished event carries `response_payload_uncompressed_size`**, the byte length of the result's
+  protobuf, as hosted Tinker sends it: the SDK reserves that much of its in-flight response budget
+  (`inflight_response_bytes_semaphore_size`) before it fetches the payload. Left out where the result is
+  not at hand (a request of an earlier process): the SDK then fetches without reserving.
 - **Cursors** are integers that only grow, over the server's whole life: this process's start from its
   start time in milliseconds × 1000, above every cursor an earlier process gave out. A poll's `prev_cursor`
   acknowledges the events up to it (they are dropped); it gets every later event, at once if there is one,
@@ -35,6 +39,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -87,8 +92,12 @@ class Completions:
         durable: FacadeState,
         outcome: Callable[[str], State | None],
         live: Callable[[str], Job | None],
+        size: Callable[[str], int | None] = lambda _: None,
     ) -> None:
-        self._durable, self._outcome, self._live = durable, outcome, live
+        self._durable, self._outcome, self._live, self._size = durable, outcome, live, size
+        # Sizes measured, by request: an event is reported at every poll until it is acknowledged, and its
+        # result is encoded once for that, not at each poll.
+        self._sizes: OrderedDict[str, int | None] = OrderedDict()
         self._lock = threading.Lock()
         self._queues: dict[QueueKey, _Queue] = {}
         self._where: dict[str, QueueKey] = {}  # tracked request -> its queue
@@ -186,9 +195,32 @@ class Completions:
                 await waiting
         with self._lock:
             events = list(queue.events.items())
-        completions = [{"state": state, "request_id": request_id} for request_id, (_, state) in events]
+        completions = await asyncio.to_thread(self._completions, events)
         cursor = max((c for _, (c, _) in events), default=prev_cursor)
         return {"completions": completions, "cursor": cursor}
+
+    def _completions(self, events: list[tuple[str, tuple[int, State]]]) -> list[dict[str, Any]]:
+        """The wire form of `events`, each finished one with its payload's size where known. Blocking (a
+        size is the length of the encoded result)."""
+        completions: list[dict[str, Any]] = []
+        for request_id, (_, state) in events:
+            completion: dict[str, Any] = {"state": state, "request_id": request_id}
+            size = self._payload_size(request_id) if state == "finished" else None
+            if size is not None:
+                completion["response_payload_uncompressed_size"] = size
+            completions.append(completion)
+        return completions
+
+    def _payload_size(self, request_id: str) -> int | None:
+        with self._lock:
+            if request_id in self._sizes:
+                return self._sizes[request_id]
+        size = self._size(request_id)
+        with self._lock:
+            self._sizes[request_id] = size
+            while len(self._sizes) > MAX_EVENTS_PER_QUEUE:
+                self._sizes.popitem(last=False)
+        return size
 
     def _acknowledge(
         self,
@@ -229,6 +261,7 @@ class Completions:
                 del self._where[request_id]
                 queue.tracked.discard(request_id)
                 queue.events.pop(request_id, None)
+                self._sizes.pop(request_id, None)
                 self._gone.append(queue.record_key(request_id))
             return len(self._gone) >= DELETE_BATCH
 

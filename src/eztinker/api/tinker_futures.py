@@ -95,7 +95,20 @@ class TinkerState:
     completions: Completions = field(init=False)  # each sampling client's completion queue
 
     def __post_init__(self) -> None:
-        self.completions = Completions(self.durable, self._outcome, self.service.scheduler.get)
+        self.completions = Completions(
+            self.durable, self._outcome, self.service.scheduler.get, self._payload_size
+        )
+
+    def _payload_size(self, request_id: str) -> int | None:
+        """The byte length of finished sample `request_id`'s protobuf result, if its job is at hand."""
+        job = self.service.scheduler.get(request_id)
+        if job is None or job.status != "completed" or job.result is None:
+            return None
+        try:
+            encoded = answer(job.op, job.run_id, job.result, protobuf=True)
+        except EngineError:  # retrieve_future reports it as the request's failure
+            return None
+        return len(encoded) if isinstance(encoded, bytes) else None
 
     def _outcome(self, request_id: str) -> Literal["finished", "failed"] | None:
         """How sample `request_id` (its job's id) ended; None while it runs in this process."""

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
@@ -34,7 +34,7 @@ from eztinker.api.tinker_futures import (
     TinkerState,
     once,
 )
-from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.errors import ConflictError, InvalidInputError, NotFoundError
 from eztinker.models import api
 from eztinker.service import Service
 from eztinker.store import CheckpointRecord
@@ -200,8 +200,9 @@ def list_training_runs(
     page: bodies.Page20,
     project_id: str | None = None,
 ) -> dict[str, Any]:
-    """The caller's training runs, oldest first; with `project_id`, only those in that project."""
-    runs = service.views.list_runs(owner)
+    """The caller's training runs, newest first, as hosted Tinker lists them (`tinker run list` shows the
+    latest); with `project_id`, only those in that project."""
+    runs = _newest_first(service.views.list_runs(owner))
     if project_id is not None:
         runs = [r for r in runs if run_project(state, r.run_id) == project_id]
     listed = [_training_run(service, state, r, owner) for r in page.of(runs)]
@@ -228,11 +229,21 @@ def list_run_checkpoints(
 def list_user_checkpoints(
     service: ServiceDep, owner: OwnerDep, state: StateDep, page: bodies.Page100
 ) -> dict[str, Any]:
-    checkpoints = service.views.list_checkpoints(None, owner)
+    """Every checkpoint of the caller's, newest first, as hosted Tinker lists them (`tinker checkpoint
+    list` shows the latest)."""
+    checkpoints = _newest_first(service.views.list_checkpoints(None, owner))
     return {
         "checkpoints": _rest_checkpoints(service, state, page.of(checkpoints), None),
         "cursor": page.cursor(len(checkpoints)),
     }
+
+
+_Created = TypeVar("_Created", api.Run, api.Checkpoint)
+
+
+def _newest_first(items: list[_Created]) -> list[_Created]:
+    """By creation, newest first (a stable order, so paging with `offset` neither skips nor repeats)."""
+    return sorted(items, key=lambda item: item.created_at, reverse=True)
 
 
 # `checkpoint_id` is `<kind>/<name>`, with a slash: these routes take it as a `path` parameter, so the ones
@@ -394,7 +405,10 @@ def copy_weights(
         if body.session_id is not None and body.model_seq_id is not None:
             sessions.check_new_object(state, body.session_id, owner)
             new_run_id = wire.model_id(body.session_id, body.model_seq_id)
-        copied = service.checkpoints.copy(run_id, name, owner, new_run_id=new_run_id)
+        try:
+            copied = service.checkpoints.copy(run_id, name, owner, new_run_id=new_run_id)
+        except ConflictError as exc:  # a 409 the SDK would retry for minutes: the id is taken for good
+            raise InvalidInputError("model_seq_id", f"{exc}: the session already has that model") from None
         if body.destination_project_id is not None:
             state.durable.put(
                 RUN_META, copied.run_id, {"project_id": body.destination_project_id}, owner=owner

@@ -68,12 +68,23 @@ def create_sampling_session(
     if _record(state, service, sampler_id, owner) is None:
         if body.model_path:  # held: freed when the session ends, loaded again if named after that
             run_id, name, _ = wire.parse_tinker_path(body.model_path)
+            _check_base_model(body.base_model, service.views.checkpoint_run(run_id, name, owner).base_model)
             base = service.sampling.from_checkpoint(run_id, name, sampler_id, owner, held=True)
             value = {"base_model": base, "model_path": body.model_path}
         else:
             value = {"base_model": body.base_model or service.sampling.default_base_model()}
         state.durable.put(SAMPLERS, sampler_id, value, owner=owner)
     return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+def _check_base_model(given: str | None, checkpoint_base: str) -> None:
+    """A checkpoint is sampled on the base model it was trained on: another `base_model` is refused, never
+    ignored (the SDK takes the given name for its tokenizer without asking the server)."""
+    if given is not None and given != checkpoint_base:
+        raise InvalidInputError(
+            "base_model",
+            f"{given!r} is not the base model of the checkpoint, {checkpoint_base!r}; omit base_model, or pass that",
+        )
 
 
 def _sampling_session(

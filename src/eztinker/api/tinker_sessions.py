@@ -5,9 +5,12 @@ named after.
 A session ends when its client calls `finish`, or when it has sent no heartbeat for
 `session_timeout_seconds` (the SDK heartbeats every 10 s from a background task, so only a client that
 crashed, was killed or lost the network stops): its status becomes `expired`, its samples still running
-are cancelled (nobody is left to read them), and its sampling snapshots are freed as `finish` frees them. Expiry is checked whenever a client creates a session or heartbeats
-(at most once per tenth of the timeout) — while no client is connected nothing needs the memory back.
-A heartbeat for an ended session is a 404 that says to start a new client."""
+are cancelled (nobody is left to read them), and its sampling snapshots are freed as `finish` frees them.
+Expiry is checked whenever a client creates a session or heartbeats (at most once per tenth of the
+timeout) — while no client is connected nothing needs the memory back.
+
+A heartbeat for an ended session is a 410 that says to start a new client (the SDK then stops
+heartbeating it); its models still train, but nothing new (a model, a sampling session) is made in it."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from eztinker.api import tinker_bodies as bodies
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
@@ -78,22 +82,26 @@ def create_session(body: bodies.CreateSession, owner: OwnerDep, state: StateDep)
     return {"type": "create_session", "session_id": session_id}
 
 
-@authed.post("/session_heartbeat")
+@authed.post("/session_heartbeat", response_model=None)
 def session_heartbeat(
     owner: OwnerDep, state: StateDep, body: bodies.SessionHeartbeat | None = None
-) -> dict[str, Any]:
+) -> dict[str, Any] | JSONResponse:
     session_id = body.session_id if body is not None else None
     record = state.durable.get(SESSIONS, session_id) if session_id is not None else None
     if record is not None:  # an unknown id is answered as before sessions existed: the SDK only logs it
         state.service.access.require(record.owner, owner, f"no session {record.key!r}")
-        status = record.value.get("status")
-        if status != "active":
-            raise NotFoundError(
-                f"session {record.key!r} has ended ({status}): create a new ServiceClient to continue"
-            )
+        if record.value.get("status") != "active":
+            # 410, as hosted Tinker answers: the SDK stops its heartbeat loop on a 410 only (any other
+            # error it logs and retries every 10 s, warning of an unreliable connection after 2 minutes).
+            return JSONResponse({"error": _ended(record), "category": "user"}, status_code=410)
         state.heartbeats[record.key] = state.clock()
     expire_idle_sessions(state)
     return {"type": "session_heartbeat"}
+
+
+def _ended(record: FacadeRecord) -> str:
+    status = record.value.get("status")
+    return f"session {record.key!r} has ended ({status}): create a new ServiceClient to continue"
 
 
 @authed.post("/sessions/{session_id}/finish")
@@ -163,9 +171,14 @@ def _session(state: TinkerState, session_id: str, owner: str | None) -> FacadeRe
 
 def check_new_object(state: TinkerState, session_id: str, owner: str | None) -> None:
     """A model or sampling session named after `session_id` may be made only in the caller's session
-    (or in one this server never created: SDKs before 0.16 sent no `create_session`)."""
+    (or in one this server never created: SDKs before 0.16 sent no `create_session`), while it is active.
+
+    An ended session's snapshots were freed when it ended, and nothing frees what is made in it after
+    that; its client has stopped heartbeating too (on the heartbeat's 410), so it would expire at once."""
     if state.durable.get(SESSIONS, session_id) is not None:
-        _session(state, session_id, owner)
+        record = _session(state, session_id, owner)
+        if record.value.get("status") != "active":
+            raise NotFoundError(_ended(record))
 
 
 @authed.get("/sessions")

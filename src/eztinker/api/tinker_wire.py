@@ -66,12 +66,14 @@ __all__ = [
     "encode_forward_backward_output",
     "encode_sample_response",
     "expand_images",
+    "forward_backward_call",
     "forward_backward_output_json",
     "model_id",
     "model_input_chunks",
     "native_checkpoint_name",
     "optim_params",
     "optimizer_from_config",
+    "parse_forward_backward",
     "parse_tinker_path",
     "prompt_tokens",
     "sample_request",
@@ -140,6 +142,12 @@ def _decompress(body: bytes, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
 
 def decode_forward_backward(body: bytes, content_encoding: str | None) -> ForwardBackwardCall:
     """A `ForwardBackwardRequest` body (zstd-compressed if `content_encoding` says so) as engine data."""
+    return forward_backward_call(parse_forward_backward(body, content_encoding))
+
+
+def parse_forward_backward(body: bytes, content_encoding: str | None) -> Any:
+    """The `ForwardBackwardRequest` protobuf of a body, its content not yet checked (`forward_backward_call`
+    does): a body refused for its content still names the model and `seq_id` whose turn it takes."""
     if content_encoding and "zstd" in content_encoding.lower():
         body = _decompress(body)
     request = pb.ForwardBackwardRequest()
@@ -147,6 +155,11 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> Forwar
         request.ParseFromString(body)
     except Exception as exc:  # the protobuf runtime raises its own DecodeError
         raise InvalidInputError("body", f"not a tinker ForwardBackwardRequest protobuf: {exc}") from None
+    return request
+
+
+def forward_backward_call(request: Any) -> ForwardBackwardCall:
+    """A parsed `ForwardBackwardRequest` as engine data; `InvalidInputError` names what is refused."""
     config: dict[str, Any] = dict(request.loss_fn_config)
     for key, value in request.loss_fn_config_v2.items():  # v2 wins: it also carries strings
         config[key] = value.text if value.WhichOneof("value") == "text" else value.number
