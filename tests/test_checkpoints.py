@@ -228,6 +228,23 @@ def test_resumed_training_is_bit_identical_to_straight_through(
     assert_identical(expected, snapshot(run_of(third, from_dir)))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused CUDA AdamW kernel needs a GPU")
+def test_training_resumed_on_cuda_is_identical_to_straight_through(qwen2_dir: str, tmp_path: Path) -> None:
+    """A restored state keeps `step` on the CPU (the run's unfused optimizer's place for it); the fused
+    CUDA update reads it on the device, so it must move there before the step."""
+    lora = {"r": 4, "lora_alpha": 8, "seed": 7}
+    straight = Engine(EngineConfig(device="cuda", dtype=torch.float32))
+    run_id = straight.create_run(qwen2_dir, lora).run_id
+    train(straight, run_id, range(4))
+    straight.save_state(run_id, tmp_path / "step-4")
+    train(straight, run_id, range(4, 6))
+
+    resumed = Engine(EngineConfig(device="cuda", dtype=torch.float32))
+    from_dir = resumed.create_run(qwen2_dir, adapter_path=tmp_path / "step-4").run_id
+    train(resumed, from_dir, range(4, 6))
+    assert_identical(snapshot(run_of(straight, run_id)), snapshot(run_of(resumed, from_dir)))
+
+
 def test_loaded_checkpoint_is_not_aliased_by_the_run(qwen2_dir: str, tmp_path: Path) -> None:
     """Training after a restore must not write into the LoadedCheckpoint (it may be restored again)."""
     engine = new_engine()

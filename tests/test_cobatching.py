@@ -137,6 +137,20 @@ def test_forward_and_forward_backward_of_different_runs_share_a_call(tiny_model_
     assert_close(torch.tensor(result_b.loss), torch.tensor(solo_b.loss))
 
 
+def test_two_ops_of_one_run_in_one_call_accumulate_as_two_calls(tiny_model_dir) -> None:
+    # Both fit one block; a shared backward would hand each op the sum of both gradients (2x in all).
+    together, alone = make_engine(tiny_model_dir, "b"), make_engine(tiny_model_dir, "b")
+    ops = [op_for("b", 0), op_for("b", 1)]
+    results = together.forward_backward_many(ops)
+    for op, result in zip(ops, results, strict=True):
+        assert not isinstance(result, Exception), result
+        solo = alone.forward_backward(op.run_id, op.data, op.loss)
+        assert_close(torch.tensor(result.loss), torch.tensor(solo.loss))
+    for a, b in zip(state(together, "b"), state(alone, "b"), strict=True):
+        assert_close(a, b)
+    assert together._run("b").pending_grad_ops == alone._run("b").pending_grad_ops == 2
+
+
 def _nan_loss(logits, labels, weights=None, **kwargs):
     return logits.sum() * float("nan")
 

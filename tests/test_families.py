@@ -557,3 +557,24 @@ def test_merged_expert_adapter_computes_what_the_run_computes(
     for a, b in zip(engine.forward(run_id, token_data(seqs), "cross_entropy").logprobs, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     engine.delete_run(run_id)
+
+
+def test_a_merged_vision_model_takes_images_as_the_adapted_one(
+    family_dirs, engine: Engine, tmp_path: Path
+) -> None:
+    from eztinker.engine.checkpoint import merge_into_base
+
+    model_dir = family_dirs["qwen3_vl"]
+    run_id = new_run(engine, model_dir, r=4, seed=15)
+    engine.save_weights(run_id, tmp_path / "adapter")
+    merged = merge_into_base(tmp_path / "adapter", str(model_dir), tmp_path / "merged")
+    tokens, images = image_prompt(engine, model_dir, [5, 6], ImageChunk(png(32, 32), "png"), [7, 8, 9])
+    data = [Datum(tokens[:-1], {"target_tokens": tokens[1:]}, images=images)]
+    ours = engine.forward(run_id, data, "cross_entropy").logprobs[0]
+    # The merged directory carries the image processor, so it serves images as a base model of its own.
+    plain = engine.create_run(str(merged), {"r": 1}).run_id  # B = 0: the merged weights alone
+    torch.testing.assert_close(
+        engine.forward(plain, data, "cross_entropy").logprobs[0], ours, atol=1e-5, rtol=0
+    )
+    engine.delete_run(run_id)
+    engine.delete_run(plain)

@@ -223,6 +223,25 @@ def test_co_batched_steps_of_both_optimizers_equal_stepping_alone(tiny_model_dir
     assert not torch.equal(together._run("a1").params[1], together._run("d1").params[1])
 
 
+def test_a_run_named_twice_in_one_call_steps_twice_in_order(tiny_model_dir) -> None:
+    """Its second step starts where the first left it: no gradients left (grad norm 0), moments moved on."""
+    together, alone = Engine(EngineConfig(device="cpu")), Engine(EngineConfig(device="cpu"))
+    adam = AdamParams(learning_rate=1e-2, weight_decay=0.01)
+    for engine in (together, alone):
+        engine.create_run(str(tiny_model_dir), {"r": 4, "seed": 0}, run_id="a")
+        engine.create_run(str(tiny_model_dir), {"r": 2, "seed": 1}, run_id="b")
+        for name in "ab":
+            engine.forward_backward(name, _data(), "cross_entropy")
+    outcomes = together.optim_step_many([("a", adam), ("b", adam), ("a", adam)])
+    solos = [alone.optim_step(name, adam) for name in "aba"]
+    for outcome, solo in zip(outcomes, solos, strict=True):
+        assert not isinstance(outcome, Exception), outcome
+        assert (outcome.step, outcome.grad_norm) == (solo.step, solo.grad_norm)
+    assert outcomes[2].grad_norm == 0.0
+    for name in "ab":
+        _assert_same(_snapshot(together, name), _snapshot(alone, name))
+
+
 def test_dimuon_checkpoints_resume_bit_identically(engine: Engine, tiny_model_dir, tmp_path: Path) -> None:
     step = DimuonParams(learning_rate=0.05, beta1=0.7)
     run_id = engine.create_run(str(tiny_model_dir), {"r": 4, "seed": 0}, optimizer="dimuon").run_id

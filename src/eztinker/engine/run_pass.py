@@ -288,6 +288,8 @@ def _pack(works: Sequence[_Work], budget: int) -> list[list[_Piece]]:
     """Blocks of chunks whose rows × widest row fit the budget (first fit, widest first).
 
     Forward-only and backward requests never share a block: adapter dropout is on only while training.
+    Nor do two backward requests of one run: a block's backward yields one gradient per parameter, which
+    could not be split between them (each would get their sum).
     """
     pieces = [_Piece(w, c, s) for w in works for c, s in zip(w.chunks, w.chunk_scales, strict=True)]
     pieces.sort(key=lambda p: p.width, reverse=True)
@@ -295,7 +297,7 @@ def _pack(works: Sequence[_Work], budget: int) -> list[list[_Piece]]:
     for piece in pieces:
         for block in blocks:  # block[0] is the block's widest piece
             fits = (sum(p.rows for p in block) + piece.rows) * block[0].width <= budget
-            if fits and block[0].work.request.backward == piece.work.request.backward:
+            if fits and _may_share(block, piece):
                 block.append(piece)
                 break
         else:
@@ -304,6 +306,16 @@ def _pack(works: Sequence[_Work], budget: int) -> list[list[_Piece]]:
     for block in blocks:  # a run's rows side by side: one routing segment per run
         block.sort(key=lambda p: order[id(p.work)])
     return blocks
+
+
+def _may_share(block: list[_Piece], piece: _Piece) -> bool:
+    """Whether `piece` may join `block`: the same direction (forward or backward), and with backward no
+    other request of the same run in it (a chunk of the same request is fine: its gradients add up)."""
+    backward = piece.work.request.backward
+    if block[0].work.request.backward != backward:
+        return False
+    run = piece.work.request.run
+    return not backward or all(p.work is piece.work or p.work.request.run is not run for p in block)
 
 
 def _run_block(base: BaseModel, block: list[_Piece], memory: PassMemory) -> None:

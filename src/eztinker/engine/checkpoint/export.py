@@ -33,7 +33,8 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
     A base that ties its output head to its input embedding (`tie_word_embeddings`) is untied first when
     the adapter changes the head: the head gets its own copy of the weight, and the delta; the input
     embedding keeps the base's values, as in the adapted model. Merging into the shared weight would
-    move every input embedding too. The tokenizer is copied along. Written atomically like a checkpoint.
+    move every input embedding too. The tokenizer is copied along, and a vision-language base's image
+    processor (without it the merged model takes no images). Written atomically like a checkpoint.
     """
     from transformers import AutoTokenizer
 
@@ -77,6 +78,7 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
     try:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
+        _save_image_processor(model, source, extra, temp)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(temp, target)
@@ -84,6 +86,20 @@ def merge_into_base(adapter_dir: str | Path, base_model: str, out_dir: str | Pat
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return target
+
+
+def _save_image_processor(model: Any, source: str, extra: dict, out: Path) -> None:
+    """Save the base's image processor into `out` if the base takes images and has one."""
+    config = model.config
+    if getattr(config, "vision_config", None) is None or getattr(config, "image_token_id", None) is None:
+        return
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(source, **extra)
+    except (OSError, ValueError):  # a multimodal family's text-only checkpoint: no processor files
+        return
+    processor.save_pretrained(out)
 
 
 def _expert_weights_of(model: torch.nn.Module, loaded: LoadedCheckpoint) -> dict[str, str]:
