@@ -46,6 +46,19 @@ def test_a_plain_message_and_its_usage(ant: anthropic.Anthropic, model: str) -> 
     assert 1 <= message.usage.output_tokens <= 6
 
 
+def test_the_api_is_also_at_anthropics_own_path(server: str, ant: anthropic.Anthropic, model: str) -> None:
+    """`ANTHROPIC_BASE_URL=http://<server>` (Anthropic's and vLLM's `/v1/messages`) reaches the same route
+    as hosted Tinker's `/anthropic/api`: the same answer, the same errors in Anthropic's shape."""
+    plain = anthropic.Anthropic(base_url=server, api_key=KEY, max_retries=0)
+    a = plain.messages.create(model=model, max_tokens=6, messages=HI, extra_body=GREEDY)
+    b = ant.messages.create(model=model, max_tokens=6, messages=HI, extra_body=GREEDY)
+    assert a.content == b.content and a.usage.input_tokens == b.usage.input_tokens
+    assert plain.messages.count_tokens(model=model, messages=HI).input_tokens == a.usage.input_tokens
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        plain.messages.create(model=model, max_tokens=0, messages=HI)
+    assert refused.value.body["type"] == "error" and "max_tokens" in refused.value.body["error"]["message"]
+
+
 def test_max_tokens_stop(ant: anthropic.Anthropic, model: str) -> None:
     message = ant.messages.create(
         model=model, max_tokens=1, messages=HI, extra_body={"temperature": 1.0, "top_k": 50, "top_p": 0.9}

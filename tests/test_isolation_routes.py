@@ -189,16 +189,24 @@ OPENAI = (
     "POST /v1/chat/completions",
     "POST /v1/responses",
 )
+ANTHROPIC = ("POST /anthropic/api/v1/messages", "POST /anthropic/api/v1/messages/count_tokens")
 
 
 def _cases(w: dict[str, Any]) -> dict[str, list[tuple[str, str, dict[str, Any] | None]]]:
-    """`METHOD route` -> Bob's requests aimed at Alice's objects; the OpenAI routes under both prefixes."""
+    """`METHOD route` -> Bob's requests aimed at Alice's objects; the OpenAI and Anthropic routes under
+    both of their prefixes."""
     cases = _native_tinker_openai_cases(w)
     for route in OPENAI:
         method, path = route.split(" ")
         hosted = path.replace("/v1/", "/oai/api/v1/", 1)
         cases[f"{method} {hosted}"] = [
             (m, p.replace("/v1/", "/oai/api/v1/", 1), b) for m, p, b in cases[route]
+        ]
+    for route in ANTHROPIC:
+        method, path = route.split(" ")
+        plain = path.replace("/anthropic/api/v1/", "/v1/", 1)
+        cases[f"{method} {plain}"] = [
+            (m, p.replace("/anthropic/api/v1/", "/v1/", 1), b) for m, p, b in cases[route]
         ]
     return cases
 

@@ -1,5 +1,6 @@
 """Anthropic's Messages API, as hosted Tinker serves it: `POST /anthropic/api/v1/messages` (whole or as
-server-sent events) and `/messages/count_tokens`.
+server-sent events) and `/messages/count_tokens` — and at `/v1/messages`, where Anthropic's own API and
+vLLM's serve it, so `ANTHROPIC_BASE_URL=http://<server>` works as well as `http://<server>/anthropic/api`.
 
 `model` names what the OpenAI routes accept (a base model, a run id, a tinker:// sampler path): the same
 resolution, chat template, generation, detokenising / stop-string choices and token stream (`api/chat.py`)
@@ -40,7 +41,7 @@ from eztinker.api.tool_calls import ToolCall, ToolUse, complete_history
 from eztinker.engine.types import ImageChunk, SamplingParams
 from eztinker.service import Service
 
-PREFIX = "/anthropic/api/v1"
+PREFIXES = ("/anthropic/api/v1", "/v1")  # where `router` is mounted: hosted Tinker's path, and Anthropic's
 
 
 def anthropic_response(exc: BaseException) -> JSONResponse:

@@ -47,7 +47,8 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     for prefix in openai.PREFIXES:  # one implementation, at EZTinker's path and hosted Tinker's
         app.include_router(openai.router, prefix=prefix)
         app.include_router(responses.router, prefix=prefix)
-    app.include_router(anthropic.router, prefix=anthropic.PREFIX)
+    for prefix in anthropic.PREFIXES:
+        app.include_router(anthropic.router, prefix=prefix)
     app.include_router(dashboard.router)
     app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="dashboard-static")
 

@@ -65,6 +65,6 @@ def _too_large(message: str, path: str) -> dict[str, object]:
     their routes (as those APIs answer a body too large), the native `ErrorBody` elsewhere."""
     if path.startswith(("/v1/chat/", "/v1/completions", "/v1/responses", "/v1/models", "/oai/")):
         return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-    if path.startswith("/anthropic/"):
+    if path.startswith(("/anthropic/", "/v1/messages")):
         return {"type": "error", "error": {"type": "request_too_large", "message": message}}
     return {"error": message, "field": "body", "category": "user"}
