@@ -76,9 +76,13 @@ def test_token_loss_fn_runs_each_datum_on_its_real_positions() -> None:
     lp = -torch.rand(2, 5, K)
     teacher = torch.rand(2, 5, K)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-    per_datum = graph.token_loss_fn()(lp, {"teacher": teacher}, mask)
+    per_datum, metrics = graph.token_loss_fn()(lp, {"teacher": teacher}, mask)
     assert per_datum.shape == (2,)
-    assert torch.allclose(per_datum[1], topk_distill(lp[1, :3], teacher[1, :3])[0])
+    want_loss, want_metrics = topk_distill(lp[1, :3], teacher[1, :3])
+    assert torch.allclose(per_datum[1], want_loss)
+    # Each metric comes back per datum, from the datum's own positions.
+    assert metrics["custom/topk:sum"].shape == (2,)
+    assert torch.allclose(metrics["custom/topk:sum"][1], want_metrics["custom/topk:sum"])
 
 
 def _graph(*nodes: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +254,15 @@ def test_server_side_custom_loss_equals_the_client_side_path(alice, tiny_model_d
 
     a, b = on_server.metrics["loss:sum"], on_client.metrics["loss:sum"]
     assert math.isfinite(a) and abs(a - b) <= 1e-6 * max(1.0, abs(b)), (a, b)
+    # The loss's own metrics come back as the SDK combines them: summed, or meaned for `:mean`, over datums.
+    own = {k: v for k, v in on_client.metrics.items() if k.startswith("custom/")}
+    assert own and own.keys() == {k for k in on_server.metrics if k.startswith("custom/")}
+    for key, want in own.items():
+        assert abs(on_server.metrics[key] - want) <= 1e-5 * max(1.0, abs(want)), (
+            key,
+            on_server.metrics[key],
+            want,
+        )
     for lp_s, lp_c in zip(on_server.loss_fn_outputs, on_client.loss_fn_outputs, strict=True):
         assert torch.allclose(lp_s["logprobs"].to_torch(), lp_c["logprobs"].to_torch(), atol=1e-6, rtol=0)
     # The weights after the step agree: both runs give the same log-probs, and they moved.
@@ -377,3 +390,13 @@ def test_an_uploaded_loss_outlives_a_server_restart(tmp_path, tiny_model_dir, mo
             finally:
                 client.close("success").result()
     assert math.isfinite(results[0]) and results[0] == pytest.approx(results[1], rel=1e-6, abs=1e-6)
+
+
+def test_a_metric_that_is_not_a_scalar_is_refused_naming_it() -> None:
+    def per_token_metric(logprobs):
+        return -logprobs.sum(), {"custom/per_token:sum": logprobs}
+
+    up = _upload(per_token_metric, {"logprobs": 1})
+    graph = parse_loss_graph(up["name"], up["inputs"], up["graph"])
+    with pytest.raises(InvalidInputError, match="custom/per_token:sum.*scalar"):
+        graph.evaluate(-torch.rand(4))

@@ -291,6 +291,14 @@ class LossGraph:
                     raise InvalidInputError(
                         _FIELD, f"loss {self.name!r} must return a scalar loss, got {shape}"
                     )
+                for key, value in metrics.items():
+                    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                        shape = (
+                            tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                        )
+                        raise InvalidInputError(
+                            _FIELD, f"metric {key!r} must be a scalar tensor, got {shape}"
+                        )
                 return loss, dict(metrics)
             call_args = _resolve(node.args, env, device)
             call_kwargs = _resolve(node.kwargs, env, device)
@@ -334,21 +342,26 @@ class LossGraph:
             supports_topk=self.input_ranks[0] == 2,
         )
 
-    def token_loss_fn(self) -> Callable[..., torch.Tensor]:
-        """The token-family loss ``fn(logprobs (B,T[,K]), inputs, mask (B,T)) -> (B,)``: the graph on each
-        datum's real positions, the per-datum losses stacked."""
+    def token_loss_fn(self) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The token-family loss ``fn(logprobs (B,T[,K]), inputs, mask (B,T)) -> ((B,), metrics)``: the
+        graph on each datum's real positions, the per-datum losses stacked, and each metric the graph
+        returns as its (B,) per-datum values (the engine sums them, or means a `:mean` key, over the
+        request, as the SDK does when it runs the loss itself)."""
 
         def fn(
             logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor
-        ) -> torch.Tensor:
+        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             lengths = mask.sum(dim=1).tolist()
-            losses = []
+            losses: list[torch.Tensor] = []
+            metrics: dict[str, list[float]] = {}
             for row, n in enumerate(lengths):
                 n = int(n)
                 own = [inputs[name][row, :n] for name in self.loss_fn_inputs]
-                loss, _ = self.evaluate(logprobs[row, :n], *own)
+                loss, datum_metrics = self.evaluate(logprobs[row, :n], *own)
                 losses.append(loss.to(device=logprobs.device, dtype=logprobs.dtype))
-            return torch.stack(losses)
+                for key, value in datum_metrics.items():
+                    metrics.setdefault(key, [0.0] * len(lengths))[row] = float(value.detach())
+            return torch.stack(losses), {key: torch.tensor(values) for key, values in metrics.items()}
 
         return fn
 

@@ -63,6 +63,23 @@ class _Outputs:
         )
 
 
+ChunkLoss = tuple[torch.Tensor, list[torch.Tensor], dict[str, float]]
+"""One chunk's loss: its (scaled-later) scalar loss, each row's log-probs, and its metrics summed over rows."""
+
+
+def _per_datum(
+    out: torch.Tensor | tuple[torch.Tensor, Mapping[str, torch.Tensor]],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A token loss's per-datum losses (B,), and its own metrics summed over the chunk's datums: a token
+    loss returns (B,) losses, or ``((B,) losses, {key: (B,) values})`` when it reports metrics of its own
+    (an uploaded custom loss does). How a key combines across the request's datums is its suffix's
+    business (`run_pass._metrics`)."""
+    if not isinstance(out, tuple):
+        return out, {}
+    losses, metrics = out
+    return losses, {key: float(values.detach().double().sum()) for key, values in metrics.items()}
+
+
 def _scatter(values: torch.Tensor, index: tuple[torch.Tensor, ...], shape: torch.Size) -> torch.Tensor:
     """A tensor of `shape`, `values` at the (row, column) positions of `index` and 0 elsewhere."""
     out = values.new_zeros(shape)
@@ -71,7 +88,7 @@ def _scatter(values: torch.Tensor, index: tuple[torch.Tensor, ...], shape: torch
 
 def _chunked_native_loss(
     base: BaseModel, outputs: _Outputs, hidden: torch.Tensor, piece: _Piece
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> ChunkLoss:
     """A native built-in (or `token_terms` loss) from the piece's hidden states, in head chunks: its token
     terms at every non-ignored shifted target, reduced as `fn` reduces them; and each row's log-probs."""
     work, chunk = piece.work, piece.chunk
@@ -98,12 +115,10 @@ def _chunked_native_loss(
     w = torch.where(valid, w, torch.zeros_like(w))
     loss = reduce_token_terms(terms, valid, w, weighted_mean=terms_spec.weighted_mean)
     out = lp.detach().cpu()
-    return loss.reshape(()), [out[row, : n - 1] for row, n in enumerate(chunk.lengths)]
+    return loss.reshape(()), [out[row, : n - 1] for row, n in enumerate(chunk.lengths)], {}
 
 
-def _chunked_token_loss(
-    base: BaseModel, outputs: _Outputs, hidden: torch.Tensor, piece: _Piece
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _chunked_token_loss(base: BaseModel, outputs: _Outputs, hidden: torch.Tensor, piece: _Piece) -> ChunkLoss:
     """Tinker's token-level loss from the piece's hidden states, in head chunks: the log-probs of its
     targets at every real position (0 at padding, which every loss masks), then the loss on them."""
     work, chunk = piece.work, piece.chunk
@@ -113,14 +128,14 @@ def _chunked_token_loss(
     lp_sel, _ = outputs.head_logprobs(base, work.request.run.run_id, hidden[index], targets[index], "token")
     logprobs = _scatter(lp_sel, index, targets.shape)
     inputs = {k: v.to(base.device) for k, v in chunk.inputs.items() if k != "target_tokens"}
-    per_datum = work.spec.fn(logprobs, inputs, mask, **work.kwargs)  # (B,)
+    per_datum, metrics = _per_datum(work.spec.fn(logprobs, inputs, mask, **work.kwargs))  # (B,)
     out = logprobs.detach().cpu()
-    return per_datum.sum(), [out[row, :n] for row, n in enumerate(chunk.lengths)]
+    return per_datum.sum(), [out[row, :n] for row, n in enumerate(chunk.lengths)], metrics
 
 
 def _native_loss(
     base: BaseModel, logits: torch.Tensor, chunk: Chunk, spec: LossSpec, kwargs: Mapping
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> ChunkLoss:
     """The user's loss on one chunk's logits, and each row's log-probs of its shifted labels (N-1,)."""
     labels = chunk.inputs["labels"].to(base.device)
     weights = chunk.inputs.get("weights")
@@ -129,19 +144,19 @@ def _native_loss(
         raise TypeError(f"a loss function must return a scalar tensor, got {type(loss).__name__}")
     with torch.no_grad():
         lp = shifted_target_logprobs(logits.detach(), labels).cpu()  # (B, T-1)
-    return loss.reshape(()), [lp[row, : n - 1] for row, n in enumerate(chunk.lengths)]
+    return loss.reshape(()), [lp[row, : n - 1] for row, n in enumerate(chunk.lengths)], {}
 
 
 def _token_loss(
     base: BaseModel, logits: torch.Tensor, chunk: Chunk, spec: LossSpec, config: Mapping
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> ChunkLoss:
     """Tinker's token-level loss on one chunk: the chunk's summed loss, and each row's target log-probs."""
     targets = chunk.inputs["target_tokens"].to(base.device)
     logprobs = target_logprobs(logits, targets)  # (B, T) or (B, T, K)
     inputs = {k: v.to(base.device) for k, v in chunk.inputs.items() if k != "target_tokens"}
-    per_datum = spec.fn(logprobs, inputs, chunk.mask.to(base.device), **config)  # (B,)
+    per_datum, metrics = _per_datum(spec.fn(logprobs, inputs, chunk.mask.to(base.device), **config))  # (B,)
     out = logprobs.detach().cpu()
-    return per_datum.sum(), [out[row, :n] for row, n in enumerate(chunk.lengths)]
+    return per_datum.sum(), [out[row, :n] for row, n in enumerate(chunk.lengths)], metrics
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -190,6 +190,7 @@ class _Work:
     max_tokens: int = 2**62  # the longest sequence memory allows for it
     grads: list[torch.Tensor] | None = None
     loss_total: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)  # a loss's own metrics, summed over datums
     num_tokens: int = 0
     error: EngineError | None = None
     shared_failure: bool = False  # a pass shared with other runs failed: retry this request alone
@@ -397,22 +398,22 @@ def _piece_loss(base: BaseModel, outputs: _Outputs, piece: _Piece) -> torch.Tens
         if outputs.logits is not None:
             own_logits = outputs.logits[rows, : piece.width]
             if work.spec.family == "native":
-                loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
+                loss, rows_logprobs, metrics = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
             else:
-                loss, rows_logprobs = _token_loss(base, own_logits, chunk, work.spec, work.kwargs)
+                loss, rows_logprobs, metrics = _token_loss(base, own_logits, chunk, work.spec, work.kwargs)
         else:
             assert outputs.hidden is not None
             own_hidden = outputs.hidden[rows, : piece.width]
             if work.spec.family == "token":
-                loss, rows_logprobs = _chunked_token_loss(base, outputs, own_hidden, piece)
+                loss, rows_logprobs, metrics = _chunked_token_loss(base, outputs, own_hidden, piece)
             elif work.spec.token_terms is not None:
-                loss, rows_logprobs = _chunked_native_loss(base, outputs, own_hidden, piece)
+                loss, rows_logprobs, metrics = _chunked_native_loss(base, outputs, own_hidden, piece)
             else:  # a registered loss takes full logits, by contract
                 assert outputs.head is not None
                 own_logits = head_logits(
                     outputs.head, base.routing, own_hidden, work.request.run.run_id, base.routing.train
                 )
-                loss, rows_logprobs = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
+                loss, rows_logprobs, metrics = _native_loss(base, own_logits, chunk, work.spec, work.kwargs)
         if work.spec.family == "native":
             loss = loss * piece.scale
         value = float(loss.detach())
@@ -432,6 +433,8 @@ def _piece_loss(base: BaseModel, outputs: _Outputs, piece: _Piece) -> torch.Tens
         work.error.__cause__ = exc
         return None
     work.loss_total += value
+    for key, total in metrics.items():
+        work.metric_sums[key] = work.metric_sums.get(key, 0.0) + total
     work.num_tokens += int(chunk.mask.sum())
     for row, index in enumerate(chunk.indices):
         work.logprobs[index] = rows_logprobs[row]
@@ -486,9 +489,22 @@ def _commit(work: _Work) -> ForwardBackwardResult | EngineError:
     return ForwardBackwardResult(
         loss=work.loss_total,
         logprobs=[lp if lp is not None else torch.empty(0) for lp in work.logprobs],
-        metrics={f"loss:{reduction}": work.loss_total, "num_tokens:sum": float(work.num_tokens)},
+        metrics={
+            f"loss:{reduction}": work.loss_total,
+            "num_tokens:sum": float(work.num_tokens),
+            **_own_metrics(work),
+        },
         loss_family=spec.family,
     )
+
+
+def _own_metrics(work: _Work) -> dict[str, float]:
+    """The loss's own metrics over the request, as the SDK combines them client-side: a `:mean` key is
+    the mean over the request's datums, any other key their sum."""
+    datums = len(work.logprobs)
+    return {
+        key: total / datums if key.endswith(":mean") else total for key, total in work.metric_sums.items()
+    }
 
 
 def _count_targets(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
