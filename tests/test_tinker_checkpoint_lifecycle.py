@@ -78,9 +78,17 @@ def trained(alice, tiny_model_dir):
 # --- overwrite ---------------------------------------------------------------------------------------------
 
 
+def test_a_name_in_use_is_refused_with_the_path_the_sdk_knows(trained) -> None:
+    sampler = trained.save_weights_for_sampler("lifecycle-taken").result().path
+    with pytest.raises(Exception, match=f"{sampler} already exists: choose another name"):
+        trained.save_weights_for_sampler("lifecycle-taken").result()
+
+
 def test_save_state_overwrite_replaces_weights_and_metadata(alice, trained) -> None:
     first = trained.save_state("lifecycle-x", user_metadata={"v": "1"}).result().path
-    with pytest.raises(Exception, match="already has a checkpoint named"):
+    with pytest.raises(
+        Exception, match=f"{first} already exists: choose another name, or save with overwrite"
+    ):
         trained.save_state("lifecycle-x").result()  # without overwrite, a name is never replaced
     _train(trained)
     now = _logprobs(trained)

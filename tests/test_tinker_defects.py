@@ -157,3 +157,17 @@ def test_a_forward_backward_refused_for_its_content_still_takes_its_turn(tmp_pat
         assert http.app.state.tinker.futures[stepped["request_id"]].submitted.done()  # not held for seq 1
         assert "dmel chunks are not supported" in _settled(http, fb["request_id"])["error"]
         assert _settled(http, stepped["request_id"])["metrics"]["step:max"] == 1.0
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_without_the_servers_paths(
+    service_client, checkpoints, tiny_model_dir
+) -> None:
+    """A rank-2 checkpoint loaded into a rank-4 run is refused naming `path` and the shapes; the message
+    says nothing of where the server keeps its files (the caller named the checkpoint by its tinker path)."""
+    state_path, _ = checkpoints
+    wider = service_client.create_lora_training_client(base_model=str(tiny_model_dir), rank=4).result()
+    with pytest.raises(
+        tinker.RequestFailedError, match=r"path: the checkpoint does not fit run .*r=2, run r=4"
+    ) as refused:
+        wider.load_state(state_path).result()
+    assert "checkpoints/" not in str(refused.value) and "/tmp" not in str(refused.value)

@@ -46,7 +46,7 @@ from eztinker.api.tinker_futures import (
     submit,
 )
 from eztinker.engine.checkpoint import parse_age_recipients
-from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
+from eztinker.engine.errors import ConflictError, EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.optimizers import optimizer_config
 from eztinker.models import LoRAConfig, api
 from eztinker.scheduler import Job
@@ -225,7 +225,13 @@ def _save(
         if export.get("age_recipients") is not None:  # refused naming the wire's field
             parse_age_recipients(export["age_recipients"], field="age_encryption_recipients")
         request = api.SaveRequest(name=native, kind=native_kind, overwrite=overwrite)
-        job = service.checkpoints.save(model_id, request, owner, **export)
+        try:
+            job = service.checkpoints.save(model_id, request, owner, **export)
+        except ConflictError:  # said with the path the SDK knows, not the service's internal name
+            path = wire.tinker_path_of(model_id, native)
+            raise ConflictError(
+                f"{path} already exists: choose another name, or save with overwrite=True"
+            ) from None
         if ttl is not None or overwrite:  # the service deletes the checkpoint once it expires (None: never)
             service.checkpoints.set_expiry(
                 model_id, native, None if ttl is None else time.time() + ttl, owner

@@ -36,7 +36,7 @@ def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimiz
     if use_optimizer and loaded.optimizer_name != run.optimizer_name:
         raise InvalidInputError(
             "path",
-            f"checkpoint {str(loaded.path)!r} holds {loaded.optimizer_name} optimizer state, but run "
+            f"the checkpoint holds {loaded.optimizer_name} optimizer state, but run "
             f"{run.run_id!r} uses {run.optimizer_name} (fixed when it was created): load its weights only, "
             "or create a run from it",
         )
@@ -74,9 +74,8 @@ def restore_into_run(run: TrainingRun, loaded: LoadedCheckpoint, *, with_optimiz
 
 def _check_compatible(run: TrainingRun, loaded: LoadedCheckpoint) -> None:
     def mismatch(message: str) -> InvalidInputError:
-        return InvalidInputError(
-            "path", f"checkpoint {str(loaded.path)!r} does not fit run {run.run_id!r}: {message}"
-        )
+        # Not the directory it was read from: that is the server's, and the caller named the checkpoint.
+        return InvalidInputError("path", f"the checkpoint does not fit run {run.run_id!r}: {message}")
 
     missing = sorted(set(run.slots) - set(loaded.tensors))
     if missing:
