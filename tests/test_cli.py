@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -134,6 +135,16 @@ def test_checkpoints_export_writes_a_peft_adapter_and_a_merged_model(
     assert "not empty" in line
 
 
+def test_checkpoints_export_merge_names_a_base_model_missing_here(
+    server: str, trained_run: str, tmp_path: Path
+) -> None:
+    missing, out = tmp_path / "no-such-model", tmp_path / "merged"
+    args = ("checkpoints", "export", trained_run, "ckpt", str(out), "--merge", "--base-model", str(missing))
+    line = friendly_error(cli(server, *args))
+    assert str(missing) in line and "give --base-model with a local copy" in line
+    assert not out.exists()
+
+
 # --- sampling ------------------------------------------------------------------------------------------------
 
 
@@ -233,6 +244,20 @@ def test_train_sft_continues_a_run(
     assert client.get_run(run_id).step == 1
 
 
+def test_train_sft_refuses_a_base_model_other_than_the_runs_it_continues(
+    server: str, client: EZTinkerClient, tiny_model_dir, tiny_model_dirs, tmp_path: Path
+) -> None:
+    """The examples would be tokenized with another model's tokenizer and trained into this run."""
+    run_id = client.create_run(str(tiny_model_dir), lora_config={"r": 2})
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_LINES[:2])
+    other = str(tiny_model_dirs["gpt2"])
+    line = friendly_error(cli(server, "train-sft", str(data), "--run-id", run_id, "--base-model", other))
+    assert other in line and str(tiny_model_dir) in line and "leave --base-model out" in line
+    assert client.get_run(run_id).step == 0
+    ok(cli(server, "train-sft", str(data), "--run-id", run_id, "--base-model", str(tiny_model_dir)))
+    assert client.get_run(run_id).step == 1
+
+
 def test_read_sft_examples_trains_on_completions_and_assistant_turns_only(
     tiny_model_dir, tmp_path: Path
 ) -> None:
@@ -289,6 +314,45 @@ def test_train_sft_reports_a_bad_line_with_its_number(
     assert f"bad.jsonl:3: {expected}" in line
 
 
+def test_train_sft_reports_a_file_that_is_not_utf8_with_its_line(
+    server: str, tiny_model_dir, tmp_path: Path
+) -> None:
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(json.dumps(SFT_LINES[0]).encode() + b'\n{"text": "caf\xe9"}\n')
+    line = friendly_error(cli(server, "train-sft", str(data), "--base-model", str(tiny_model_dir)))
+    assert "latin1.jsonl:2: not UTF-8 text" in line
+
+
+def test_train_sft_refuses_a_bad_checkpoint_name_before_it_trains(
+    server: str, client: EZTinkerClient, tiny_model_dir, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_LINES)
+    runs_before = {r.run_id for r in client.get_runs()}
+    line = friendly_error(
+        cli(server, "train-sft", str(data), "--base-model", str(tiny_model_dir), "--save", "bad name/x")
+    )
+    assert "name" in line and "should match pattern" in line
+    assert {r.run_id for r in client.get_runs()} == runs_before  # no run created, nothing trained
+
+
+def test_train_sft_names_a_tokenizer_it_cannot_load_here_before_it_creates_a_run(
+    server: str, client: EZTinkerClient, tmp_path: Path
+) -> None:
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_LINES)
+    runs_before = {r.run_id for r in client.get_runs()}
+    for base_model in (str(tmp_path / "no-such-model"), str(tmp_path)):  # missing; not a tokenizer
+        line = friendly_error(cli(server, "train-sft", str(data), "--base-model", base_model))
+        assert base_model in line and "give --tokenizer with a local copy" in line
+    assert {r.run_id for r in client.get_runs()} == runs_before
+
+
+def test_train_sft_says_which_turns_train_when_none_does(server: str, tiny_model_dir, tmp_path: Path) -> None:
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello!"}]}
+    data = write_jsonl(tmp_path / "bots.jsonl", [chat])
+    line = friendly_error(cli(server, "train-sft", str(data), "--base-model", str(tiny_model_dir)))
+    assert "no example has a token to train on" in line and "role 'assistant'" in line
+
+
 def test_train_sft_needs_a_base_model_or_a_run(server: str, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "sft.jsonl", SFT_LINES)
     assert "--base-model" in friendly_error(cli(server, "train-sft", str(data)))
@@ -330,6 +394,19 @@ def test_a_bug_keeps_its_traceback(server: str, monkeypatch: pytest.MonkeyPatch)
     assert isinstance(result.exception, RuntimeError) and "error:" not in result.output
 
 
+def test_a_closed_output_pipe_ends_the_command_quietly(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eztinker runs list | head`: once the reader has gone there is nothing to report, and no one to
+    report it to."""
+
+    def reader_gone(self: object, *args: object, **kwargs: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("eztinker.cli.console.print", reader_gone)  # stdout's; stderr still works
+    result = cli(server, "runs", "list")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "error" not in result.output
+
+
 def test_help_lists_the_commands() -> None:
     out = ok(runner.invoke(app, ["--help"]))
     for command in ("server", "runs", "checkpoints", "sample", "train-sft"):
@@ -345,6 +422,9 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Settings, bool]]:
     calls: list[tuple[Settings, bool]] = []
     monkeypatch.setattr(sys, "path", list(sys.path))  # `server` adds the working directory for plugins
     monkeypatch.setattr("eztinker.server.run_server", lambda s, *, reload=False: calls.append((s, reload)))
+    monkeypatch.setattr(
+        "eztinker.cli_server._check_port_free", lambda host, port: None
+    )  # whatever else listens
     for name in ("PORT", "HOST", "MODELS", "API_KEYS", "PLUGINS", "DATA_DIR", "DTYPE", "DEVICE", "WORKERS"):
         monkeypatch.delenv(f"EZTINKER_{name}", raising=False)
     return calls
@@ -391,6 +471,20 @@ def test_server_options_from_the_environment(
     [(from_env, _), (from_flags, _)] = started
     assert from_env.port == 9123 and from_env.api_keys == ["k1", "k2"] and from_env.models == ["m1"]
     assert from_flags.port == 9200 and from_flags.api_keys == ["k3"] and from_flags.models == ["m1"]
+
+
+def test_server_refuses_a_port_in_use_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[Settings] = []
+    monkeypatch.setattr("eztinker.server.run_server", lambda s, *, reload=False: calls.append(s))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = friendly_error(runner.invoke(app, ["server", "--port", port, "--data-dir", str(tmp_path)]))
+    assert f"127.0.0.1:{port}" in line and "--port" in line
+    assert calls == []
 
 
 def test_server_rejects_a_bad_option_in_one_line(started: list[tuple[Settings, bool]]) -> None:

@@ -481,6 +481,23 @@ def test_path_segments_are_quoted(client: EZTinkerClient, server: FakeServer) ->
     assert server.requests[-1].url.raw_path == b"/v1/runs/a%2F..%2Fb"
 
 
+def test_a_dot_segment_name_cannot_climb_to_another_route(client: EZTinkerClient, server: FakeServer) -> None:
+    """httpx resolves `.` and `..`: unquoted, deleting checkpoint `..` would send DELETE /v1/runs/r."""
+    run_id = client.create_run("m")
+    for name in ("..", "."):
+        server.checkpoints[(run_id, name)] = {}  # (what the fake deletes: a server has none so named)
+        client.delete_checkpoint(run_id, name)
+    sent = [r.url.raw_path for r in server.requests if r.method == "DELETE"]
+    assert sent == [
+        f"/v1/runs/{run_id}/checkpoints/%2E%2E".encode(),
+        f"/v1/runs/{run_id}/checkpoints/%2E".encode(),
+    ]
+    assert client.get_run(run_id).run_id == run_id  # the run is still there
+    with pytest.raises(NotFoundError):
+        client.get_run("..")
+    assert server.requests[-1].url.raw_path == b"/v1/runs/%2E%2E"
+
+
 # --- futures -----------------------------------------------------------------------------------------------
 
 
@@ -713,6 +730,22 @@ def test_api_key_header_is_sent(server: FakeServer, monkeypatch: pytest.MonkeyPa
     assert server.requests[-1].headers["User-Agent"].startswith("eztinker-python/")
 
 
+@pytest.mark.parametrize(
+    ("base_url", "suggested"),
+    [
+        ("localhost:8000", "http://localhost:8000"),  # no scheme: httpx reads `localhost` as one
+        ("127.0.0.1:8000", "http://127.0.0.1:8000"),
+        ("ftp://example.com", "http://localhost:8000"),
+        ("", "http://localhost:8000"),
+    ],
+)
+def test_a_base_url_that_is_not_http_is_refused_saying_what_to_give(base_url: str, suggested: str) -> None:
+    """Not a connection error (`is it running?`) on every request: the URL is wrong, and it says so."""
+    for client_class in (EZTinkerClient, AsyncEZTinkerClient):
+        with pytest.raises(ValueError, match=f"give one such as {suggested}$"):
+            client_class(base_url=base_url)
+
+
 def test_use_after_close_raises_client_closed_error(client: EZTinkerClient, server: FakeServer) -> None:
     with client:
         future = client.forward_backward("r", [1])
@@ -785,6 +818,24 @@ def test_forward_backward_custom_rejects_a_loss_without_gradient(client: EZTinke
         client.forward_backward_custom("r", data, lambda d, lps: (torch.tensor(1.0), {}))
     with pytest.raises(ValueError, match="token datum"):
         client.forward_backward_custom("r", [{"input_ids": [1]}], squares_loss)
+
+
+def test_forward_backward_custom_names_a_loss_functions_mistake_and_sends_nothing(
+    client: EZTinkerClient, server: FakeServer
+) -> None:
+    torch = pytest.importorskip("torch")
+    data = [{"tokens": [1, 2], "loss_inputs": {"target_tokens": [2, 3]}}]
+    mistakes = [
+        (lambda d, lps: lps[0].sum(), "must return \\(loss, metrics\\)"),  # the loss alone, no tuple
+        (lambda d, lps: (lps[0].sum(), None), "metrics a dict, not NoneType"),
+        (lambda d, lps: (lps[0].sum(), {"kl": "high"}), "metric 'kl' is 'high', not a number"),
+        (lambda d, lps: (lps[0].sum() * float("nan"), {}), "loss is nan; nothing was sent"),
+        (lambda d, lps: (torch.sqrt(lps[0] * 0).sum(), {}), "gradient has NaN or infinity"),  # d√x at 0
+    ]
+    for loss_fn, message in mistakes:
+        with pytest.raises(ValueError, match=message):
+            client.forward_backward_custom("r", data, loss_fn)
+    assert not server.bodies("POST", "/v1/runs/r/forward_backward")  # only the forward passes were sent
 
 
 # --- the async client ----------------------------------------------------------------------------------

@@ -327,6 +327,15 @@ def test_invalid_json_names_the_line(tmp_path: Path) -> None:
     assert int(info.value.where.split()[-1]) <= text.count("\n", 0, first_line_of_second) + 1
 
 
+def test_a_file_that_is_not_utf8_names_the_file_and_line(tmp_path: Path) -> None:
+    latin1 = tmp_path / "chats.jsonl"
+    latin1.write_bytes(json.dumps(DIALECTS["messages"]).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DatasetFormatError, match="chats.jsonl line 2: is not UTF-8 text"):
+        load_sharegpt(latin1)
+    with pytest.raises(DatasetFormatError, match="chats.jsonl line 2: is not UTF-8 text"):
+        load_gsm8k(latin1)
+
+
 # --- rendering -------------------------------------------------------------------------------------------
 
 

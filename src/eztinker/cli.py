@@ -13,17 +13,14 @@ A user's mistake (a missing file, a malformed line, an unknown run, no server at
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-import types
-import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,8 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
+from eztinker.cli_server import server
 from eztinker.dataset.sft_jsonl import Example, encode_sft_records, read_sft_records
-from eztinker.settings import Settings
 
 if TYPE_CHECKING:
     from eztinker.client import EZTinkerClient
@@ -74,12 +71,21 @@ def _user_error_message(exc: Exception) -> str | None:
     return None
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    with contextlib.suppress(OSError, ValueError):  # (a test runner's stdout has no file descriptor)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class _FriendlyErrors(TyperGroup):
     """Every command runs inside `invoke`: user errors become one `error:` line and exit code 1."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader of our output has gone (`eztinker runs list | head`)
+            _silence_stdout()
+            raise typer.Exit(code=1) from None
         except Exception as exc:
             message = _user_error_message(exc)
             if message is None:
@@ -111,106 +117,7 @@ def _client(url: str, api_key: str | None) -> EZTinkerClient:
     return EZTinkerClient(base_url=url, api_key=api_key)
 
 
-# --- server ----------------------------------------------------------------------------------------------
-
-
-# The server's flags are `Settings`' fields (defaults, types and help come from there, and Settings reads
-# the EZTINKER_* environment): `--max-queue`, `--token-budget`, ... A few read better under another name.
-_FLAG_NAMES = {"models": "--model", "api_keys": "--api-key", "plugins": "--plugin"}
-_NOT_FLAGS = ("worker_pool",)  # set by `--workers ray`
-_METAVARS: dict[Any, str] = {int: "INTEGER", float: "FLOAT", Path: "PATH"}
-_WORKERS_HELP = "Worker threads in this process (a number), or `ray`: model workers as Ray actors."
-
-
-def _cli_type(annotation: Any) -> Any:
-    """The type Typer parses a `Settings` field's flag as (Settings validates the value itself)."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _cli_type(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _cli_type(args[0]) if len(args) == 1 else str
-    if origin is Literal:
-        return str
-    if origin is list:
-        return list[str]
-    return annotation
-
-
-def _server_flags() -> list[inspect.Parameter]:
-    params = []
-    for name, field in Settings.model_fields.items():
-        if name in _NOT_FLAGS:
-            continue
-        default = field.get_default(call_default_factory=True)
-        shown: str | bool = False if default in (None, []) else str(default)
-        if name == "workers":
-            option = typer.Option(
-                None, "--workers", envvar="EZTINKER_WORKERS", help=_WORKERS_HELP, show_default=shown
-            )
-            params.append(
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=str | None)
-            )
-            continue
-        kind = _cli_type(field.annotation)
-        repeat = " Repeatable." if kind == list[str] else ""
-        option = typer.Option(
-            None,
-            _FLAG_NAMES.get(name, "--" + name.replace("_", "-")),
-            help=f"{field.description}{repeat} Or EZTINKER_{name.upper()}.",
-            show_default=shown,
-            metavar=_METAVARS.get(kind, "TEXT"),
-        )
-        params.append(
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None)
-        )
-    reload = typer.Option(False, "--reload", help="Restart on code changes (development).")
-    params.append(
-        inspect.Parameter("reload", inspect.Parameter.KEYWORD_ONLY, default=reload, annotation=bool)
-    )
-    return params
-
-
-def server(**flags: Any) -> None:
-    """Start the EZTinker server (SQLite and an in-process worker by default; models load on first use)."""
-    from eztinker.server import run_server
-
-    reload = flags.pop("reload")
-    workers = flags.pop("workers")
-    if workers == "ray":
-        flags["worker_pool"] = "ray"
-    elif workers is not None:
-        flags["workers"] = _worker_threads(workers)
-    # Flags given win; Settings reads the rest (EZTINKER_MODELS="a,b", EZTINKER_API_KEYS, ...) from the env.
-    settings = Settings(**{name: value for name, value in flags.items() if value is not None and value != []})
-    _check_plugins(settings.plugins)
-    console.print(f"EZTinker on http://{settings.host}:{settings.port}  (docs: /docs, health: /health)")
-    run_server(settings, reload=reload)
-
-
-_signature = inspect.Signature(_server_flags())
-server.__signature__ = _signature  # ty: ignore[missing-attribute]  (Typer reads the flags from it)
-server.__annotations__ = {p.name: p.annotation for p in _signature.parameters.values()}
-app.command()(server)
-
-
-def _worker_threads(value: str) -> int:
-    if not value.isdigit():
-        raise _fail(f"--workers {value!r}: give a number of worker threads, or `ray`")
-    return int(value)
-
-
-def _check_plugins(modules: list[str]) -> None:
-    """Make `--plugin my_losses` find ./my_losses.py (as `python -m` would), and fail early if it is nowhere."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a console script's sys.path starts at its bin/ directory
-    for module in modules:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # a parent package is missing
-            found = False
-        if not found:
-            raise _fail(f"plugin {module!r}: no such module in {os.getcwd()} or the installed packages")
+app.command()(server)  # `eztinker server`: its flags are `Settings`' fields (eztinker.cli_server)
 
 
 # --- runs ------------------------------------------------------------------------------------------------
@@ -406,12 +313,31 @@ def checkpoints_export(
             console.print(f"PEFT adapter written to {escape(str(out_dir))}")
             return
         base_model = base_model or client.get_run(run_id).base_model
+        _check_local(base_model, "the merge reads the base model here: give --base-model with a local copy")
         with tempfile.TemporaryDirectory(prefix="eztinker-export-") as tmp:
             adapter_dir = client.download_checkpoint(run_id, name, Path(tmp) / "adapter")
             from eztinker.engine.checkpoint import merge_into_base
 
             merge_into_base(adapter_dir, base_model, out_dir)
     console.print(f"merged model written to {escape(str(out_dir))}")
+
+
+def _check_local(model: str, hint: str) -> None:
+    """A model named by a path must exist on this machine (a hub id is transformers' to look up)."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise _fail(f"{model}: no such file or directory on this machine; {hint}")
+
+
+def _local_tokenizer(name: str) -> Any:
+    """The tokenizer train-sft encodes with, loaded here; one that cannot be is a user's error."""
+    from transformers import AutoTokenizer
+
+    hint = "the tokenizer is loaded on this machine: give --tokenizer with a local copy of it"
+    _check_local(name, hint)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:  # not on the hub or in its cache, offline, or not a tokenizer
+        raise _fail(f"cannot load the tokenizer {name!r}: {exc}; {hint}") from None
 
 
 # --- sampling --------------------------------------------------------------------------------------------
@@ -515,15 +441,22 @@ def train_sft(
     api_key: ApiKey = None,
 ) -> None:
     """Supervised fine-tuning over FILE through the client, with a progress bar showing the loss."""
-    records = read_sft_records(file)  # a bad file fails here, before anything loads
-    from transformers import AutoTokenizer
+    if save is not None:  # a name the server would refuse fails now, not after the whole loop has run
+        from eztinker.client_core import _dump
+        from eztinker.models.api import SaveRequest
 
+        _dump(SaveRequest, name=save)
+    records = read_sft_records(file)  # a bad file fails here, before anything loads
     with _client(url, api_key) as client:
-        if base_model is None:
-            if run_id is None:
-                raise _fail("give --base-model to start a run, or --run-id to continue one")
-            base_model = client.get_run(run_id).base_model
-        tok = AutoTokenizer.from_pretrained(tokenizer or base_model)
+        if run_id is not None:  # a run trains on its own base, so its tokenizer is that base's
+            run_base = client.get_run(run_id).base_model
+            if base_model is not None and base_model != run_base:
+                message = f"--base-model {base_model!r}, but run {run_id} is on {run_base!r}"
+                raise _fail(f"{message}: leave --base-model out to continue the run")
+            base_model = run_base
+        elif base_model is None:
+            raise _fail("give --base-model to start a run, or --run-id to continue one")
+        tok = _local_tokenizer(tokenizer or base_model)
         examples = encode_sft_records(file, records, tok, max_length)
         if len(examples) < len(records):
             console.print(f"left out {len(records) - len(examples)} examples with nothing to train on")

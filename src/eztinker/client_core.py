@@ -122,8 +122,12 @@ def _advance(plan: Plan[Any], outcome: Any) -> _Call | _Pause | _Done:
 
 
 def _seg(value: str) -> str:
-    """One path segment: run ids and checkpoint names are quoted, so no value can change the route."""
-    return quote(value, safe="")
+    """One path segment: run ids and checkpoint names are quoted, so no value can change the route.
+
+    `.` and `..` are quoted too: httpx resolves them as dot-segments, so `delete_checkpoint(run, "..")`
+    would otherwise send `DELETE /v1/runs/{run}` and delete the run itself."""
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 def _dump(schema: type[BaseModel], **fields: Any) -> dict[str, Any]:
@@ -410,7 +414,7 @@ class _ClientBase:
             raise ValueError(f"poll_wait must be between 1 and {MAX_POLL_WAIT} seconds, not {poll_wait}")
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV) or None  # read once, here, never mid-request
-        self.base_url = httpx.URL(str(base_url))
+        self.base_url = _server_url(base_url)
         self.max_retries = max_retries
         self.poll_wait = poll_wait
         self.timeout = httpx.Timeout(timeout)
@@ -514,6 +518,20 @@ class _ClientBase:
             "is it running (`eztinker server`)?",
             request=request,
         )
+
+
+def _server_url(base_url: str | httpx.URL) -> httpx.URL:
+    """The server's URL; one without `http://` or `https://` is refused here, saying so, rather than
+    failing every request as a server that cannot be reached."""
+    text = str(base_url)
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        example = f"http://{text}" if text and "://" not in text else DEFAULT_BASE_URL
+        raise ValueError(f"base_url {text!r} is not an http:// or https:// URL; give one such as {example}")
+    return url
 
 
 def _safe_to_resend(method: str, error: Exception | None) -> bool:

@@ -193,12 +193,21 @@ def _custom_backward(
         torch.tensor(lp[: len(d["loss_inputs"]["target_tokens"])], dtype=torch.float32, requires_grad=True)
         for lp, d in zip(forward["logprobs"], datums, strict=True)
     ]
-    loss, metrics = loss_fn(list(data), logprobs)
+    returned = loss_fn(list(data), logprobs)
+    loss, metrics = returned if isinstance(returned, tuple) and len(returned) == 2 else (None, None)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
         raise ValueError(
             "loss_fn must return (loss, metrics) with loss a scalar tensor computed from the logprobs"
         )
+    metrics = _custom_metrics(metrics)
+    if not torch.isfinite(loss.detach()).all():  # its gradient would be too: nothing is sent
+        raise ValueError(
+            f"loss_fn's loss is {float(loss.detach())}; nothing was sent and the run is unchanged"
+        )
     loss.backward()
+    grads = [lp.grad for lp in logprobs if lp.grad is not None]
+    if not all(torch.isfinite(g).all() for g in grads):
+        raise ValueError("loss_fn's gradient has NaN or infinity; nothing was sent and the run is unchanged")
     weighted = [
         {
             "tokens": d["tokens"],
@@ -211,7 +220,22 @@ def _custom_backward(
         }
         for d, lp in zip(datums, logprobs, strict=True)
     ]
-    return weighted, float(loss.detach()), {name: float(value) for name, value in metrics.items()}
+    return weighted, float(loss.detach()), metrics
+
+
+def _custom_metrics(metrics: Any) -> dict[str, float]:
+    """`loss_fn`'s metrics as names -> floats; anything else is the loss function's mistake, named."""
+    if not isinstance(metrics, Mapping):
+        raise ValueError(
+            f"loss_fn must return (loss, metrics) with metrics a dict, not {type(metrics).__name__}"
+        )
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"loss_fn's metric {name!r} is {value!r}, not a number") from None
+    return out
 
 
 def _with_custom_loss(loss: float, metrics: dict[str, float]) -> Callable[[dict[str, Any]], dict[str, Any]]:

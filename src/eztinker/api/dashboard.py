@@ -31,7 +31,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from eztinker.api.deps import OwnerDep, ServiceDep, get_owner
 from eztinker.api.native import archive_response
@@ -79,8 +79,11 @@ class SamplerView(BaseModel):
 
 
 class TokensRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # as the native bodies: a misspelt field is named, not ignored
+
     base_model: str
-    tokens: list[int] = Field(..., max_length=65536)
+    # Ids a tokenizer can decode: a negative one, or one past 32 bits, made the tokenizer raise (a 500).
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(..., max_length=65536)
 
 
 class TokensView(BaseModel):
@@ -148,7 +151,8 @@ def samplers(service: ServiceDep, owner: OwnerDep) -> list[SamplerView]:
 
 @_api.post("/tokens", dependencies=[Depends(get_owner)])
 def token_texts(body: TokensRequest, service: ServiceDep) -> TokensView:
-    """Each token's text in a loaded base model's tokenizer."""
+    """Each token's text in a loaded base model's tokenizer ("" for an id it lacks: a model's embedding
+    may be padded past its tokenizer, and the page shows whatever the model sampled)."""
     return TokensView(texts=service.views.token_texts(body.base_model, body.tokens))
 
 

@@ -109,13 +109,16 @@ def step_params(body: api.OptimStepRequest, optimizer: OptimizerName) -> AdamPar
 def _sample_spec(
     service: Service, run_id: str | None, body: api.SampleRequest, owner: str | None
 ) -> SampleSpec:
-    """A run's live adapter, a sampler snapshot, or a base model; a text prompt is tokenized when the job starts."""
+    """A run's live adapter, a sampler snapshot, or a base model. The request is checked now when its
+    model is loaded (a bad one is a 422, not a failed job); else its text is tokenized when the job starts."""
     if run_id is not None:
         target = service.sampling.target(owner, run_id=run_id)
     elif body.sampler_id is not None:
         target = service.sampling.target(owner, sampler_id=body.sampler_id)
     else:
         target = service.sampling.target(owner, base_model=body.base_model)
+    _check_target_fields(body, run_id, target.base_model)
+    check_now = target.base_model in service.backend.loaded_models  # (checking needs the model itself)
     same = body.model_dump(
         include={
             "temperature",
@@ -138,18 +141,35 @@ def _sample_spec(
         prompt = chat_template_ids(tokenizer, [turn.model_dump() for turn in body.messages])
         if answer is not None:  # a reasoning model thinks first: the answer after it has the shape
             params = replace(params, grammar=answer.grammar(opens_thinking(tokenizer, prompt)))
-    elif answer is not None:
-        if text is not None:  # tokenized now, so that the grammar is checked with the request
+    else:
+        if text is not None and (check_now or answer is not None):  # tokenized now, to check it with the rest
             tokenizer = service.backend.tokenizer(target.base_model)
             prompt, text = list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
-        params = replace(params, grammar=answer.grammar(None))
+        if answer is not None:
+            params = replace(params, grammar=answer.grammar(None))
     request = SampleRequest(
         prompt=prompt,
         params=params,
         num_samples=body.n,
         prompt_logprobs=body.prompt_logprobs,
     )
-    return SampleSpec(target, [request], text_prompt=text, decode=True, check_now=answer is not None)
+    check_now = check_now or answer is not None
+    return SampleSpec(target, [request], text_prompt=text, decode=True, check_now=check_now)
+
+
+def _check_target_fields(body: api.SampleRequest, run_id: str | None, base_model: str) -> None:
+    """Refuse a `sampler_id` or `base_model` the route would not sample: answering from another model
+    than the one asked for, as if the field had not been sent, would hide the caller's mistake."""
+    if run_id is not None and body.sampler_id is not None:
+        raise InvalidInputError(
+            "sampler_id",
+            f"this route samples run {run_id!r}; sample a snapshot with POST /v1/sample, or leave it out",
+        )
+    if body.base_model is not None and body.base_model != base_model:
+        sampled = f"run {run_id!r}" if run_id is not None else f"sampler {body.sampler_id!r}"
+        raise InvalidInputError(
+            "base_model", f"is {body.base_model!r}, but {sampled} is on {base_model!r}: leave it out"
+        )
 
 
 def _answer(body: api.SampleRequest) -> Answer | None:
@@ -168,11 +188,23 @@ def _sample(service: Service, run_id: str | None, body: api.SampleRequest, owner
     spec = _sample_spec(service, run_id, body, owner)
     try:
         return service.sampling.sample(spec, owner)
-    except InvalidInputError as exc:
-        if exc.field != "sampling_params.grammar":
+    except InvalidInputError as exc:  # named by the engine's request: renamed to what the caller sent
+        field = _sample_field(body, exc.field)
+        if field == exc.field:
             raise
-        asked = next(f for f in ("json_schema", "regex", "choice") if getattr(body, f) is not None)
-        raise InvalidInputError(asked, exc.message) from None
+        raise InvalidInputError(field, exc.message) from None
+
+
+def _sample_field(body: api.SampleRequest, field: str) -> str:
+    """The native body's name for an engine `SampleRequest` field (`sampling_params.top_k` -> `top_k`)."""
+    if field == "sampling_params.grammar":
+        return next(f for f in ("json_schema", "regex", "choice") if getattr(body, f) is not None)
+    if field == "sampling_params.max_tokens":
+        return "max_new_tokens"
+    name = field.removeprefix("sampling_params.")
+    if name != field and name in api.SampleRequest.model_fields:
+        return name
+    return field  # `prompt` names the prompt in whichever form it came (as the limits name it)
 
 
 # --- job results -> native JSON ----------------------------------------------------------------------
@@ -287,7 +319,21 @@ def optim_step(run_id: str, body: api.OptimStepRequest, service: ServiceDep, own
             "optimizer",
             f"is {body.optimizer!r}, but run {run_id!r} uses {optimizer} (fixed when it was created)",
         )
-    return _ref(service.optim_step(run_id, step_params(body, optimizer), owner))
+    try:
+        return _ref(service.optim_step(run_id, step_params(body, optimizer), owner))
+    except InvalidInputError as exc:  # the engine names a setting as the Tinker wire does (adam_params.x)
+        field = _optim_field(exc.field)
+        if field == exc.field:
+            raise
+        raise InvalidInputError(field, exc.message) from None
+
+
+def _optim_field(field: str) -> str:
+    """The engine's name for an optim_step setting -> the native body's (its fields are top-level)."""
+    for wire in ("adam_params.", "optimizer_params."):
+        if field.startswith(wire):
+            return field[len(wire) :]
+    return field
 
 
 @router.post("/runs/{run_id}/sample", status_code=status.HTTP_202_ACCEPTED)
@@ -364,7 +410,9 @@ async def get_job(
     ] = 0,
 ) -> api.Job:
     """A job's status and result; with `wait`, answers as soon as it finishes (long-poll)."""
+    view = service.views.get_job(job_id, owner)  # first: another key's job is missing at once, not waited on
     job = service.scheduler.get(job_id)
-    if job is not None and wait > 0:
-        await while_connected(request, job.wait(wait))
+    if job is None or wait <= 0 or view.status in ("completed", "failed"):
+        return job_model(view)
+    await while_connected(request, job.wait(wait))
     return job_model(service.views.get_job(job_id, owner))

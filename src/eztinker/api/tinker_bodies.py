@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from eztinker.models.configs import SEED_RANGE
+
 JsonObject = dict[str, Any]
 T = TypeVar("T")
 
@@ -73,9 +75,6 @@ class FinishSession(_Body):
 
 class AssignProject(_Body):
     project_id: str | None = None
-
-
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take: a seed outside is the caller's mistake
 
 
 class LoraConfig(_Body):

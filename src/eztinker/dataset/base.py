@@ -147,7 +147,11 @@ def read_json_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     record before the error, and the error names the line where the bad record starts.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # named like any bad record: the file and where, not a bare codec error
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise DatasetFormatError(f"{path.name} line {line}", "", "is not UTF-8 text") from None
     stripped = text.lstrip()
     if path.suffix == ".jsonl" or not stripped.startswith(("[", "{")) or _looks_like_jsonl(stripped):
         for number, line in enumerate(text.splitlines(), start=1):

@@ -23,7 +23,12 @@ def read_sft_examples(path: Path, tokenizer: Any, max_length: int) -> list[Examp
 def read_sft_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """The JSONL file's records with their line numbers; ValueError names the first bad line."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -81,7 +86,10 @@ def encode_sft_records(
         if any(label != -100 for label in labels[1:]):  # labels[0] is never predicted
             examples.append((ids, labels))
     if not examples:
-        raise ValueError(f"{path}: no example has a token to train on within {max_length} tokens")
+        raise ValueError(
+            f"{path}: no example has a token to train on within {max_length} tokens (texts, completions "
+            "and the turns of role 'assistant' are trained on; a chat's other turns are context)"
+        )
     return examples
 
 

@@ -20,6 +20,8 @@ Op = str  # forward_backward, forward, optim_step, sample, save, load, ... (open
 def field_path(loc: tuple | list) -> str:
     """A pydantic error location as a field name: `("body", "data", 0, "input_ids")` -> `data[0].input_ids`."""
     out = ""
+    if len(loc) == 2 and loc[0] == "body" and isinstance(loc[1], int):
+        return "body"  # a body that is not JSON: the number is the offset where decoding failed
     if loc and loc[0] in ("body", "query", "path", "header"):  # where it was, not a field: a body
         loc = loc[1:]  # may itself have a field named "path"
     for part in loc:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generators take: a seed outside is the caller's mistake
+
 
 class LoRAConfig(BaseModel):
     """A LoRA adapter: `delta W = B @ A * lora_alpha / r` on each targeted linear layer (PEFT's convention)."""
@@ -25,7 +27,10 @@ class LoRAConfig(BaseModel):
         "family's default: every attention and MLP projection.",
     )
     seed: int | None = Field(
-        None, description="Seed for a reproducible initialisation of A (B starts at zero)."
+        None,
+        ge=SEED_RANGE[0],
+        le=SEED_RANGE[1],
+        description="Seed for a reproducible initialisation of A (B starts at zero).",
     )
 
     @field_validator("target_modules")

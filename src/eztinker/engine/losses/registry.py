@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, cast
 
 from torch import Tensor
 
@@ -33,11 +33,14 @@ class LossSpec:
     * `supports_topk` (token family): True when (N, K) `target_tokens` are allowed (only `cross_entropy`).
     * `token_terms` (native family): the loss in token-separable form (`TokenTerms`), so the engine can
       compute it in chunks from hidden states; None: the engine calls `fn` on full (B, T, V) logits.
+
+    A token-family `fn` returns the per-datum losses (B,), or ``((B,) losses, {key: (B,) values})`` when
+    the loss reports metrics of its own (an uploaded custom loss does).
     """
 
     name: str
     family: LossFamily
-    fn: Callable[..., Tensor]
+    fn: Callable[..., Tensor | tuple[Tensor, Mapping[str, Tensor]]]
     required_inputs: tuple[str, ...] = ()
     optional_inputs: tuple[str, ...] = ()
     config_defaults: Mapping[str, float] = field(default_factory=dict)
@@ -164,7 +167,7 @@ def unregister_loss_function(name: str) -> None:
 
 def get_loss_function(name: str) -> Callable[..., Tensor]:
     """The native-family loss registered under `name` (raises `UnknownLossError`)."""
-    return get_loss_spec(name, "native").fn
+    return cast(Callable[..., Tensor], get_loss_spec(name, "native").fn)  # native losses return a scalar
 
 
 def get_loss_spec(name: str, family: LossFamily) -> LossSpec:
