@@ -10,9 +10,11 @@ import time
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 import eztinker
 from eztinker import EZTinkerClient, LossFunctionConfig
+from eztinker.api import create_app
 from eztinker.exceptions import (
     AuthenticationError,
     ConflictError,
@@ -21,6 +23,8 @@ from eztinker.exceptions import (
     NotFoundError,
     ValidationError,
 )
+from eztinker.service import Service
+from eztinker.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +314,18 @@ def test_the_server_never_blocks_health_while_training(
     assert time.perf_counter() - start < 2.0
     for f in futures:
         f.result(timeout=120)
+
+
+def test_a_bug_of_ours_is_still_answered_as_json(tmp_path, monkeypatch) -> None:
+    """An exception no error class names (a server bug) is a 500 in the native error shape, category
+    server, saying what went wrong — not Starlette's plain-text page that no client can parse."""
+    service = Service(Settings(data_dir=tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the views broke")
+
+    monkeypatch.setattr(service.views, "health", broken)
+    with TestClient(create_app(service=service), raise_server_exceptions=False) as http:
+        answer = http.get("/health")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error: RuntimeError: the views broke", "category": "server"}

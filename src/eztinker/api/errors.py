@@ -144,10 +144,13 @@ _HANDLED: Sequence[type[Exception]] = (StarletteHTTPException, *(cls for cls, _ 
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every class of the table answered with `native_response` (the OpenAI routes answer for themselves)."""
+    """Every error answered with `native_response` (the OpenAI and Anthropic routes answer for themselves)."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return native_response(exc)
 
     for cls in _HANDLED:
         app.add_exception_handler(cls, handle)
+    # Anything else is a bug of ours: still answered as JSON (`internal error: <type>: <message>`, category
+    # server) rather than Starlette's plain-text page, so every client can read it. Starlette logs it too.
+    app.add_exception_handler(Exception, handle)
