@@ -23,6 +23,7 @@ import torch
 import eztinker
 from eztinker.api.structured import choice_answer, json_answer, regex_answer, tool_call_answer
 from eztinker.api.tool_calls import ToolUse
+from eztinker.engine.batcher import ContinuousBatcher
 from eztinker.engine.engine import Engine, EngineConfig
 from eztinker.engine.errors import InvalidInputError
 from eztinker.engine.sampler import SampleRequest, prompt_logprobs, sample_batch
@@ -124,6 +125,33 @@ def test_a_bad_grammar_is_refused_before_any_compute_naming_the_request(base, gr
     with pytest.raises(InvalidInputError) as caught:
         sample_batch(base, [good, bad])
     assert caught.value.field == "requests[1].sampling_params.grammar"
+
+
+def test_a_grammar_too_large_to_decode_fails_its_own_request_and_no_other(base) -> None:
+    """`a{1000000}` compiles, then llguidance stops at its lexer's size limit on the first token: that
+    request fails, naming its grammar and saying what to change (the caller's to fix: never a server
+    error the SDK would retry); a request decoding beside it in the same batch still gets its tokens."""
+    huge = regex_answer("a{1000000}", "regex").grammar(None)
+    free = SampleRequest(PROMPT, SamplingParams(max_tokens=6, temperature=1.0, seed=5), num_samples=2)
+    bound = SampleRequest(PROMPT, SamplingParams(max_tokens=6, seed=5, grammar=huge), num_samples=2)
+    batcher = ContinuousBatcher(base)
+    outcomes: dict[str, object] = {}
+    batcher.add([bound], lambda outcome: outcomes.__setitem__("bound", outcome))
+    batcher.add([free], lambda outcome: outcomes.__setitem__("free", outcome))
+    while batcher.has_work:
+        batcher.step()
+    error = outcomes["bound"]
+    assert isinstance(error, InvalidInputError) and error.field == "sampling_params.grammar"
+    assert "too large for the decoder" in str(error) and "<backtrace>" not in str(error)
+    (result,) = outcomes["free"]  # type: ignore[misc]
+    assert [s.tokens for s in result.sequences] == [s.tokens for s in sample_batch(base, [free])[0].sequences]
+
+
+def test_a_grammar_too_large_to_compile_is_refused_without_a_backtrace(base) -> None:
+    grammar = choice_answer([f"option{i}" for i in range(70_000)], "choice").grammar(None)
+    with pytest.raises(InvalidInputError, match="is not a valid grammar") as caught:
+        sample_batch(base, [SampleRequest(PROMPT, SamplingParams(max_tokens=4, grammar=grammar))])
+    assert "<backtrace>" not in str(caught.value) and "<unknown>" not in str(caught.value)
 
 
 def test_the_device_path_unpacks_a_bitmask_as_the_host_path_does() -> None:

@@ -302,7 +302,8 @@ class ContinuousBatcher:
             ticket = self._tickets.pop(id(row))
             ticket.pending -= 1
             if ticket.pending == 0:
-                ticket.on_done(_collect(ticket.num_requests, ticket.rows))
+                error = next((r.error for r in ticket.rows if r.error is not None), None)
+                ticket.on_done(error if error is not None else _collect(ticket.num_requests, ticket.rows))
 
     def _fail(self, rows: list[_Row], error: Exception) -> None:
         failed: dict[int, _Ticket] = {}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from eztinker.engine.errors import ComputeError, InvalidInputError
+from eztinker.engine.errors import InvalidInputError
 
 if TYPE_CHECKING:
     import llguidance
@@ -68,6 +68,8 @@ def compile_grammar(
 
 
 def _first_lines(message: str, lines: int = 4) -> str:
+    """The head of llguidance's message: where and what; never a Rust panic's backtrace."""
+    message = message.split("<backtrace>", 1)[0].split("<state>", 1)[0]
     return "\n".join(message.strip().splitlines()[:lines])
 
 
@@ -105,7 +107,15 @@ def _executor() -> llguidance.LLExecutor:
 
 
 def advance(matcher: Matcher, token: int) -> bool:
-    """Feed the drawn token to the row's matcher; True when the grammar is finished (nothing can follow)."""
-    if not matcher.consume_token(token):  # cannot happen: the draw was masked to what the grammar allows
-        raise ComputeError(f"the grammar refused a drawn token: {_first_lines(matcher.get_error())}")
+    """Feed the drawn token to the row's matcher; True when the grammar is finished (nothing can follow).
+
+    The draw was masked to what the grammar allows, so a refusal means llguidance gave up on the grammar
+    itself: it builds its lexer lazily and stops at its size limits (`a{1000000}` compiles, then fails on
+    its first token). That is the request's grammar being too big, so it is the caller's to fix."""
+    if not matcher.consume_token(token):
+        raise InvalidInputError(
+            "sampling_params.grammar",
+            f"is too large for the decoder ({_first_lines(matcher.get_error(), 1)}): simplify it, e.g. "
+            "smaller repetition counts or fewer alternatives",
+        )
     return matcher.is_stopped()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from eztinker.engine import grammar, vision
-from eztinker.engine.errors import InvalidInputError, NotFoundError
+from eztinker.engine.errors import EngineError, InvalidInputError, NotFoundError
 from eztinker.engine.model import BaseModel
 from eztinker.engine.types import Budget, ImageChunk, PromptAltTokens, SamplingParams, TopLogprobs
 
@@ -127,6 +127,7 @@ class _Row:
     grammar_ends: frozenset[int] = frozenset()  # end tokens the grammar allows that the row must not draw
     section: _Section | None = None  # its budget's section (`SamplingParams.budget`)
     forced: list[int] = field(default_factory=list)  # tokens to emit next, drawn or not (a closed budget)
+    error: EngineError | None = None  # why the row ended without a result (its request fails, no other)
 
     def __post_init__(self) -> None:
         section = self.section

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from eztinker.engine import grammar
+from eztinker.engine.errors import EngineError
 from eztinker.engine.model import BaseModel
 from eztinker.engine.sampler_requests import SampleRequest, _PromptExtras, _Row, _row_seed, _Section
 from eztinker.engine.types import PromptAltTokens, SampledSequence, SampleResult, SamplingParams, TopLogprobs
@@ -272,15 +273,26 @@ def _record(
             row.topk_logprobs.append(topk[b][: row.topk])
         if token in row.stops.token_ids or _hit_stop_string(base, row):
             row.stop_reason = "stop"
-        elif row.matcher is not None and grammar.advance(row.matcher, token) and not row.stops.token_ids:
-            row.stop_reason = "stop"  # the grammar is complete, and the row has no stop token to end on
+        elif row.matcher is not None and _grammar_done(row, token):
+            row.stop_reason = "stop"  # complete with no stop token to end on, or failed (`row.error`)
         elif len(row.tokens) >= row.max_new or (row.cancelled is not None and row.cancelled()):
             row.stop_reason = "length"
         done.append(row.stop_reason is not None)
-        if row.on_token is not None:
+        if row.on_token is not None and row.error is None:  # a failed row's request ends with its error
             top = row.topk_logprobs[-1] if row.topk and topk is not None else None
             row.on_token(row.sample, token, logprob, top, row.stop_reason is not None)
     return done
+
+
+def _grammar_done(row: _Row, token: int) -> bool:
+    """Advance the row's grammar: True when it is complete and the row has no stop token to end on, or
+    when the grammar failed (`row.error`: this row's request fails, never the rows decoding beside it)."""
+    assert row.matcher is not None
+    try:
+        return grammar.advance(row.matcher, token) and not row.stops.token_ids
+    except EngineError as exc:
+        row.error = exc
+        return True
 
 
 def _track_section(base: BaseModel, row: _Row, section: _Section) -> None:
