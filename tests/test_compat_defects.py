@@ -96,3 +96,27 @@ def test_a_model_is_retrieved_by_id_and_another_keys_run_is_missing(server: str,
         with pytest.raises(openai.NotFoundError) as missing:
             _oai(server, key).models.retrieve(name)
         assert missing.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": 5}], "max_tokens": 2},
+            "messages[0].content",
+        ),
+        ("/v1/responses", {"input": 5}, "input"),
+        ("/anthropic/api/v1/messages", {"system": 5, "messages": HI, "max_tokens": 2}, "system"),
+    ],
+)
+def test_a_value_of_no_accepted_type_names_the_field_not_a_type(
+    server: str, model: str, route, body, param
+) -> None:
+    """A field that takes a string or a list, sent as neither, is named as the caller sent it: never with
+    the union member's type appended (`messages[0].content.str`)."""
+    answer = httpx.post(f"{server}{route}", json={"model": model, **body}, headers=AUTH, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    named = error.get("param") or error["message"]
+    assert named == param or error["message"].startswith(f"{param}:"), answer.text

@@ -27,11 +27,19 @@ def field_path(loc: tuple | list) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not (
-            (isinstance(part, str) and part.startswith(("function-", "list[", "union["))) or "[" in str(part)
-        ):
+        elif not _is_union_member(part):
             out += f".{part}" if out else str(part)
     return out or "body"
+
+
+# A union's member is named in the location by its type: `content: str | list[Part]` sent as 5 is at
+# ("messages", 0, "content", "str"). The caller sent `messages[0].content`; the type is not a field.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list", "tuple", "set"})
+
+
+def _is_union_member(part: object) -> bool:
+    text = str(part)
+    return text in _TYPE_TAGS or text.startswith(("function-", "constrained-")) or "[" in text
 
 
 class _Strict(BaseModel):
