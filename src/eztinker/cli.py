@@ -260,7 +260,7 @@ def runs_delete(
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Delete a run (its checkpoints stay until deleted)."""
+    """Delete a run with its checkpoints (copies made of them with copy_weights stay)."""
     if not yes:
         typer.confirm(f"Delete run {run_id}?", abort=True)
     with _client(url, api_key) as client:

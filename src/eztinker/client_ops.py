@@ -94,7 +94,8 @@ def get_runs(client: _ClientBase) -> Plan[list[Run]]:
 
 
 def delete_run(client: _ClientBase, run_id: str) -> Plan[None]:
-    """Free the run's adapter on the server. Its checkpoints stay until deleted."""
+    """Delete the run: its adapter, its checkpoints (files, records, publication) and its metrics. Copies
+    made of its checkpoints with `copy_weights` stay: their files are their own."""
     yield from client._request(_Call("DELETE", f"/v1/runs/{_seg(run_id)}"))
 
 

@@ -10,6 +10,7 @@ sampling engines decode between passes on the same threads (the scheduler's back
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from eztinker.engine.paging import PagingStats
 from eztinker.engine.sampler import SampleRequest
 from eztinker.engine.types import ForwardBackwardResult, ImageChunk, OptimStepResult, SampleResult
 from eztinker.scheduler.jobs import PassRunner
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}  # a save that failed for want of space: the caller can act on it
 
 
 def engine_config(
@@ -168,12 +171,20 @@ class LocalBackend:
         self, run_id: str, path: Path, options: base.SaveOptions
     ) -> concurrent.futures.Future[CheckpointInfo]:
         def save() -> CheckpointInfo:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if options.kind == "state":
-                return self.engine.save_state(run_id, path)
-            return self.engine.save_weights(
-                run_id, path, module_names=options.module_names, age_recipients=options.age_recipients
-            )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if options.kind == "state":
+                    return self.engine.save_state(run_id, path)
+                return self.engine.save_weights(
+                    run_id, path, module_names=options.module_names, age_recipients=options.age_recipients
+                )
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                raise ComputeError(  # the write is atomic: its partial files are gone already
+                    f"the server's disk is full ({exc.strerror}): nothing was saved and the run is unchanged; "
+                    "delete checkpoints you no longer need (or ask the operator to free space), then save again"
+                ) from exc
 
         return outcome(save)
 

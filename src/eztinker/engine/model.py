@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -126,17 +128,52 @@ class BaseModel:
 
 
 def _source_kwargs(name: str) -> tuple[str, dict]:
-    """(pretrained_model_name_or_path, extra from_pretrained kwargs) for a hub id, directory or GGUF file."""
+    """(pretrained_model_name_or_path, extra from_pretrained kwargs) for a hub id, directory or GGUF file.
+
+    A name that is neither an existing path nor a well-formed hub id is refused here, naming `base_model`,
+    so that the hub client's own messages ("Repo id must be ...") and the file system's errors (a name too
+    long for it) never reach the caller."""
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise NotFoundError(f"GGUF file {name!r} does not exist")
+        if not _exists(path, name, file=True):
+            raise InvalidInputError("base_model", f"GGUF file {name!r} does not exist")
         return str(path.parent), {"gguf_file": path.name}
-    if path.exists():
+    if _exists(path, name):
         if not (path / "config.json").is_file():
             raise InvalidInputError("base_model", f"{name!r} is a path but has no config.json")
         return str(path), {}
+    if _looks_like_path(name):
+        raise InvalidInputError("base_model", f"path {name!r} does not exist on the server")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise InvalidInputError(
+            "base_model",
+            f"{_shown(name)} is neither a path on the server nor a Hugging Face repo id "
+            "('name' or 'namespace/name', at most 96 letters, digits, '-', '_' or '.')",
+        ) from None
     return name, {}
+
+
+def _exists(path: Path, name: str, *, file: bool = False) -> bool:
+    """Whether `path` exists (is a file, with `file`); a name the file system cannot even look up (too long)
+    is refused as the caller's mistake rather than raised as an OSError."""
+    try:
+        return path.is_file() if file else path.exists()
+    except OSError as exc:
+        raise InvalidInputError(
+            "base_model", f"{_shown(name)} is not a usable path: {exc.strerror}"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name only a path can mean: absolute, home- or dot-relative, or with more than one '/'."""
+    return name.startswith(("/", "~", "./", "../", "\\")) or name.count("/") > 1
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """`name` quoted for a message, cut short if it is long (a 5,000-character name is not echoed back)."""
+    return repr(name) if len(name) <= limit else f"{name[:limit]!r}... ({len(name)} characters)"
 
 
 def load_base_model(

@@ -102,8 +102,14 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> OptimizerName:
     return "dimuon" if isinstance(optimizer, Dimuon) else "adamw"
 
 
-def check_step_params(optimizer: OptimizerName, params: AdamParams | DimuonParams, run_id: str) -> None:
+def check_step_params(
+    optimizer: OptimizerName, params: AdamParams | DimuonParams, run_id: str, *, rank: int | None = None
+) -> None:
     """Refuse (before any compute) a step of the other family than the run's, or an out-of-range value.
+
+    Every value must be finite as a float32 (the optimizers compute in it: a larger one fails inside torch
+    as an OverflowError); a Dimuon step also needs the learning rate it applies, `learning_rate ×
+    (rank / 32) ** rank_lr_correction_exponent` for the run's LoRA `rank` (when given), to be one.
 
     The field names are the Tinker wire's: `adam_params` carries `AdamParams`, `optimizer_params`
     carries `DimuonParams`.
@@ -134,6 +140,11 @@ def check_step_params(optimizer: OptimizerName, params: AdamParams | DimuonParam
             "grad_clip_norm": params.grad_clip_norm >= 0,
         }
     _check_ranges(field, params, checks)
+    if isinstance(params, DimuonParams) and rank is not None:
+        _check_dimuon_rate(field, params, rank)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_ranges(prefix: str, params: Any, checks: Mapping[str, bool]) -> None:
@@ -143,6 +154,40 @@ def _check_ranges(prefix: str, params: Any, checks: Mapping[str, bool]) -> None:
             raise InvalidInputError(f"{prefix}.{name}", f"must be a number, got {value!r}")
         if not ok or not math.isfinite(value):
             raise InvalidInputError(f"{prefix}.{name}", f"{value} is out of range")
+        if abs(value) > FLOAT32_MAX:
+            raise InvalidInputError(
+                f"{prefix}.{name}", f"{value} is out of range: at most {FLOAT32_MAX:.3g} in magnitude"
+            )
+
+
+def _applied_rate(learning_rate: float, rank: int, exponent: float) -> float:
+    """The rate a Dimuon step applies; an overflow (the step was not checked with the rank) is refused
+    before any weight changes, naming the setting."""
+    _check_dimuon_rate(
+        "optimizer_params", DimuonParams(learning_rate, rank_lr_correction_exponent=exponent), rank
+    )
+    return learning_rate * rank_lr_factor(rank, exponent)
+
+
+def _check_dimuon_rate(prefix: str, params: DimuonParams, rank: int) -> None:
+    """The rate Dimuon applies at `rank` must be a float32: a huge exponent overflows it (OverflowError)."""
+    exponent = params.rank_lr_correction_exponent
+    try:
+        factor = rank_lr_factor(rank, exponent)
+    except OverflowError:
+        factor = math.inf
+    if not factor <= FLOAT32_MAX:
+        raise InvalidInputError(
+            f"{prefix}.rank_lr_correction_exponent",
+            f"{exponent} is out of range: at LoRA rank {rank} the rank correction (rank / "
+            f"{DIMUON_REFERENCE_RANK}) ** exponent overflows; use an exponent near the default 0.175",
+        )
+    if not params.learning_rate * factor <= FLOAT32_MAX:
+        raise InvalidInputError(
+            f"{prefix}.learning_rate",
+            f"{params.learning_rate} is out of range: times the rank correction {factor:.3g} (LoRA rank "
+            f"{rank}) it overflows a float32",
+        )
 
 
 # --- Dimuon ------------------------------------------------------------------------------------------
@@ -226,7 +271,7 @@ class Dimuon(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter with a gradient (`closure` is not used: no re-evaluation)."""
         for group in self.param_groups:
-            lr = group["lr"] * rank_lr_factor(self.rank, group["rank_lr_correction_exponent"])
+            lr = _applied_rate(group["lr"], self.rank, group["rank_lr_correction_exponent"])
             beta1 = group["beta1"]
             by_shape: dict[tuple[Any, ...], list[nn.Parameter]] = {}
             for p in group["params"]:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from eztinker.backend import BackendHooks, RunSpec, SchedulerOptions, make_backend
 from eztinker.engine import (
     AdamParams,
@@ -36,18 +38,17 @@ from eztinker.engine import (
     TokenLoss,
     TrainOp,
 )
-from eztinker.engine.checkpoint import (
-    remove_stale_temp_dirs,
-)
+from eztinker.engine.checkpoint import is_encrypted, remove_stale_temp_dirs
 from eztinker.engine.errors import ConflictError, NotFoundError
 from eztinker.engine.optimizers import OptimizerName, check_step_params
 from eztinker.models import LossFunctionConfig, api
 from eztinker.scheduler import Batchable, Deferred, Job, JobResult, QueueFullError, when_done
 from eztinker.service import restore
-from eztinker.service.access import Access
-from eztinker.service.checkpoints import Checkpoints
+from eztinker.service.access import PUBLIC_CHECKPOINTS, Access
+from eztinker.service.checkpoints import CHECKPOINT_EXPIRY, Checkpoints
 from eztinker.service.errors import RunLostError
 from eztinker.service.limits import Limits, train_tokens
+from eztinker.service.loss_config import check_loss_config
 from eztinker.service.results import (
     ForwardBackwardOutput,
     OptimStepOutput,
@@ -58,7 +59,7 @@ from eztinker.service.sampling import Sampling
 from eztinker.service.views import Views
 from eztinker.settings import Settings
 from eztinker.store import CheckpointRecord, JobRecord, RunRecord, StepMetricsRecord, Store
-from eztinker.store.facade import FacadeState
+from eztinker.store.facade import FacadeState, delete_in
 from eztinker.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class Service:
         for module in self.settings.plugins:
             importlib.import_module(module)
             log.info("plugin %s imported", module)
+        self.checkpoints.start_up()  # finish (or undo) run deletions a crash cut short
+        remove_stale_temp_dirs(self.settings.checkpoint_dir)  # an import's staging directory
         for run_dir in self.settings.checkpoint_dir.glob("*/"):  # leftovers of saves cut short by a crash
             remove_stale_temp_dirs(run_dir)
         alive = self.backend.start()  # runs whose adapters outlived the old process (detached Ray workers)
@@ -167,17 +170,9 @@ class Service:
         if record.status == "copy":
             raise ConflictError(_COPY_IS_FROZEN.format(run_id=run_id))
         if record.status == "lost":
-            latest = self.latest_checkpoint(run_id)
-            resume = (
-                f"resume it by loading a checkpoint: its latest is {latest.name!r} (step {latest.step}), "
-                f'POST /v1/runs/{run_id}/load {{"name": "{latest.name}"}}, or '
-                f"client.load_checkpoint({run_id!r}, {latest.name!r})"
-                if latest is not None
-                else "it has no checkpoint: load one of another run's into it (source_run_id), or start a new run"
-            )
             raise RunLostError(
                 f"run {run_id!r} lost its in-memory adapter (the server restarted, or its model worker "
-                f"died before the run had a checkpoint); {resume}"
+                f"died before the run had a checkpoint); {self._resume_hint(run_id)}"
             )
         self.active[run_id] = record
         return record
@@ -187,6 +182,7 @@ class Service:
         if request.run_id is not None and self.store.get_run(request.run_id) is not None:
             raise ConflictError(f"run id {request.run_id!r} is already in use; choose another or omit run_id")
         self.limits.check_runs(sum(1 for record in list(self.active.values()) if record.owner == owner))
+        check_loss_config(request.loss_config)  # a bad parameter is refused now, not by every later op
         source = request.from_checkpoint
         info = self.backend.create_run(
             RunSpec(
@@ -238,15 +234,39 @@ class Service:
         self._optimizers[run_id] = name
 
     def delete_run(self, run_id: str, owner: str | None) -> None:
-        """Forget the run: its adapter is freed; its checkpoints' files stay on disk until deleted."""
+        """Delete the run and everything saved of it: its adapter, its checkpoints (files and records,
+        published ones too — they are gone for every key — with their expiries), its metrics and its held
+        sampler snapshots. Copies of its checkpoints (`Checkpoints.copy`) stay: their files are their own.
+        The job history stays.
+
+        Atomic: the run's checkpoint directory is renamed aside, then every row of the run goes in one
+        transaction, then the files; a failure puts the directory back, and a crash in between is finished
+        (or undone) at the next start."""
         self.access.run(run_id, owner)
+        # Its queued ops were sent against this run: they must not run on a later run of the same id.
+        self.scheduler.cancel_queued(run_id, f"run {run_id!r} was deleted before this op ran")
         with contextlib.suppress(NotFoundError):  # a lost run has nothing in memory
             self.backend.delete_run(run_id)
-        self.store.delete_run(run_id)
-        self.durable.delete(RUN_OPTIMIZERS, run_id)
+        names = [c.name for c in self.store.list_checkpoints(run_id=run_id, include_all=True)]
+        aside = self.checkpoints.set_aside(run_id)
+        try:
+            self.store.delete_run(run_id, also=lambda session: self._delete_run_state(session, run_id))
+        except BaseException:
+            self.checkpoints.put_back(run_id, aside)
+            raise
+        self.checkpoints.purge(aside)
         self._optimizers.pop(run_id, None)
+        self.checkpoints.deleted_with_run(run_id, names)
         self.sampling.release(run_ids=[run_id])  # its sessions' snapshots, once no sample uses them
         self.forget(run_id)
+
+    @staticmethod
+    def _delete_run_state(session: Session, run_id: str) -> None:
+        """The service's own records of run `run_id` (optimizer; its checkpoints' publication and expiry),
+        deleted in the transaction that deletes the run."""
+        delete_in(session, RUN_OPTIMIZERS, [run_id])
+        delete_in(session, CHECKPOINT_EXPIRY, prefix=f"{run_id}/")
+        delete_in(session, PUBLIC_CHECKPOINTS, prefix=f"{run_id}/")
 
     def forget(self, run_id: str) -> None:
         """Drop what is kept in memory about the run (read again from the store on its next op)."""
@@ -274,11 +294,16 @@ class Service:
         """
         job = Job(op=op, run_id=run_id, fn=fn, owner=owner, tokens=tokens, batch=batch, shared=shared)
         counted = self.limits.admit_job(owner)
+        try:
+            self.store.add_job(
+                JobRecord(job_id=job.job_id, run_id=run_id, op=op, owner=owner, created_at=job.created_at)
+            )
+        except BaseException:  # never queued: its place in the key's quota is free again
+            if counted:
+                self.limits.job_left(owner)
+            raise
         if counted:
             job.future.add_done_callback(lambda _: self.limits.job_left(owner))
-        self.store.add_job(
-            JobRecord(job_id=job.job_id, run_id=run_id, op=op, owner=owner, created_at=job.created_at)
-        )
         try:
             self.scheduler.submit(job)
         except QueueFullError as exc:
@@ -317,6 +342,8 @@ class Service:
         """`forward_backward` (or `forward`) of engine data; `loss` None: the run's own loss."""
         record = self.live_run(run_id, owner)
         self.limits.check_data(data)
+        if isinstance(loss, LossFunctionConfig):
+            check_loss_config(loss)
         op = TrainOp(run_id, data, loss, backward)
         self.backend.check_data(op)  # a bad request is refused now, not as a failed job later
 
@@ -344,7 +371,7 @@ class Service:
     def optim_step(self, run_id: str, params: AdamParams | DimuonParams, owner: str | None) -> Job:
         """`optim_step` with the params of the run's optimizer (other params are refused now)."""
         record = self.live_run(run_id, owner)
-        check_step_params(self.run_optimizer(run_id), params, run_id)
+        check_step_params(self.run_optimizer(run_id), params, run_id, rank=_lora_rank(record))
         step = (run_id, params)
 
         def stepped(result: OptimStepResult) -> OptimStepOutput:
@@ -382,22 +409,61 @@ class Service:
         _, checkpoint = self.access.readable_checkpoint(request.source_run_id or run_id, request.name, owner)
 
         def loaded(info: RunInfo) -> RunOutput:
-            self.store.update_run(run_id, step=info.step, status="active", num_parameters=info.num_parameters)
+            if not self.store.update_run(
+                run_id, step=info.step, status="active", num_parameters=info.num_parameters
+            ):  # deleted while it loaded: free what the load rebuilt, so the id is free again
+                self._free(run_id)
+                raise NotFoundError(f"run {run_id!r} was deleted while the checkpoint was loading into it")
             self.forget(run_id)  # re-read as active on the next op
             return RunOutput(self.views.get_run(run_id, owner))
 
         def work() -> RunOutput | Deferred:
-            if record.status == "lost":  # rebuild the adapter slot, then fill it from the checkpoint
-                self.backend.create_run(self.spec(record))
+            rebuilt = record.status == "lost" and self._rebuild_lost(run_id, record)
             future = self.backend.load(run_id, Path(checkpoint.path), with_optimizer=request.with_optimizer)
+            if rebuilt:  # a failed load leaves the run lost, as it was: free the slot it rebuilt (this
+                # callback is registered first, so it runs before the job is failed and a retry can start)
+                future.add_done_callback(lambda done: self._free(run_id) if done.exception() else None)
             return when_done(future, loaded)
 
         return self.submit("load", run_id, work, owner)
 
+    def _rebuild_lost(self, run_id: str, record: RunRecord) -> bool:
+        """Rebuild lost run `run_id`'s adapter slot for a load to fill; False if it has one already (an
+        earlier load of the same queue restored it)."""
+        if self.store.get_run(run_id) is None:
+            raise NotFoundError(f"no run {run_id!r} (it was deleted before the load ran)")
+        try:
+            self.backend.create_run(self.spec(record))
+        except ConflictError:
+            return False
+        return True
+
+    def _free(self, run_id: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            self.backend.delete_run(run_id)
+
     def latest_checkpoint(self, run_id: str) -> CheckpointRecord | None:
-        """The run's newest checkpoint (what a restored run resumes from), or None."""
+        """The checkpoint a restored run resumes from: its newest `state` checkpoint (adapter, optimizer
+        and step), else its newest one the server can read (weights only: the optimizer starts afresh);
+        None if it has neither. A newer weights-only save never hides a state checkpoint."""
         checkpoints = self.store.list_checkpoints(run_id=run_id, include_all=True)
-        return max(checkpoints, key=lambda c: (c.created_at, c.step)) if checkpoints else None
+        states = [c for c in checkpoints if c.kind == "state"]
+        readable = states or [c for c in checkpoints if not is_encrypted(c.path)]
+        return max(readable, key=lambda c: (c.created_at, c.step)) if readable else None
+
+    def _resume_hint(self, run_id: str) -> str:
+        """How lost run `run_id` resumes: by loading the checkpoint `latest_checkpoint` picks."""
+        latest = self.latest_checkpoint(run_id)
+        if latest is None:
+            return (
+                "it has no checkpoint: load one of another run's into it (source_run_id), or start a new run"
+            )
+        what = "" if latest.kind == "state" else " (weights only: its optimizer state starts afresh)"
+        return (
+            f"resume it by loading a checkpoint: its latest is {latest.name!r} (step {latest.step}){what}, "
+            f'POST /v1/runs/{run_id}/load {{"name": "{latest.name}"}}, or '
+            f"client.load_checkpoint({run_id!r}, {latest.name!r})"
+        )
 
     def spec(self, record: RunRecord, adapter_path: str | None = None) -> RunSpec:
         """Run `record` to create again, with its configs and optimizer (and `adapter_path`'s weights)."""
@@ -409,3 +475,9 @@ class Service:
             adapter_path=adapter_path,
             optimizer=self.run_optimizer(record.run_id),
         )
+
+
+def _lora_rank(record: RunRecord) -> int | None:
+    """The run's LoRA rank, from its stored config (None if the record lacks one)."""
+    rank = record.lora_config.get("r") if isinstance(record.lora_config, dict) else None
+    return rank if isinstance(rank, int) else None

@@ -123,21 +123,25 @@ def import_adapter(
             )
         request = api.CreateRunRequest(base_model=base_model, lora_config=config, run_id=run_id)
         run = service.create_run(request, owner, peft=str(staging))
-        final = service.checkpoints.path(run.run_id, IMPORTED)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
-        service.store.add_checkpoint(
-            CheckpointRecord(
-                run_id=run.run_id,
-                name=IMPORTED,
-                kind="weights",
-                step=0,
-                path=str(final),
-                size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
-                owner=owner,
-                created_at=time.time(),
+        try:
+            final = service.checkpoints.path(run.run_id, IMPORTED)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(final)
+            service.store.add_checkpoint(
+                CheckpointRecord(
+                    run_id=run.run_id,
+                    name=IMPORTED,
+                    kind="weights",
+                    step=0,
+                    path=str(final),
+                    size_bytes=sum(f.stat().st_size for f in final.iterdir() if f.is_file()),
+                    owner=owner,
+                    created_at=time.time(),
+                )
             )
-        )
+        except BaseException:  # an imported run always holds its import: none is kept without it
+            service.delete_run(run.run_id, owner)
+            raise
         return service.views.get_run(run.run_id, owner)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

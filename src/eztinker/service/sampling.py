@@ -144,7 +144,11 @@ class Sampling:
         if sampler_id is not None:
             info = self.sampler(sampler_id, owner)
             if info is None:
-                raise NotFoundError(f"no sampler {sampler_id!r}")
+                why = self.freed_reason(sampler_id) or (
+                    "snapshots live in the server's memory, so a restart frees them; take one again from the "
+                    "run (save_sampler), or sample a saved checkpoint"
+                )
+                raise NotFoundError(f"no sampler {sampler_id!r}: {why}")
             return ModelTarget(info.base_model, sampler_id, None)
         return ModelTarget(base_model or self.default_base_model(), None, None)
 

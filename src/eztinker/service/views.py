@@ -258,8 +258,14 @@ def _memory() -> list[dict[str, Any]]:
 def _tar(source: str | Path, arcname: str, *, prefix: str) -> Path:
     """`source` as a .tar.gz in a new temporary file, named `arcname` inside."""
     handle, archive = tempfile.mkstemp(prefix=prefix, suffix=".tar.gz")
-    with open(handle, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        tar.add(source, arcname=arcname)
+    try:
+        with open(handle, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.add(source, arcname=arcname)
+    except BaseException as exc:  # no half archive left in the temporary directory
+        Path(archive).unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):  # deleted while (or before) it was read
+            raise NotFoundError(f"checkpoint {arcname!r} has no files any more (it was deleted)") from None
+        raise
     return Path(archive)
 
 

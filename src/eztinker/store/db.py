@@ -26,7 +26,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Generator
+from collections.abc import Callable, Collection, Generator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -140,16 +140,20 @@ class Store:
             result = session.execute(update(RunRow).where(RunRow.run_id == run_id).values(**values))
             return _rowcount(result) > 0
 
-    def delete_run(self, run_id: str) -> bool:
+    def delete_run(self, run_id: str, *, also: Callable[[Session], object] | None = None) -> bool:
         """Delete a run with its checkpoint rows and metrics (the job history stays). False if absent.
 
-        Only the rows: removing the checkpoint directories is the caller's business.
+        Only the rows: removing the checkpoint directories is the caller's business. `also(session)`
+        deletes what else belongs to the run (a facade's records of it) in the same transaction, so that
+        a crash keeps either all of it or none.
         """
         with self._write() as session:
             # Explicit child deletes as well as ON DELETE CASCADE: a database someone opened with
             # foreign keys off must not keep orphans.
             session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id))
             session.execute(delete(StepMetricsRow).where(StepMetricsRow.run_id == run_id))
+            if also is not None:
+                also(session)
             return _rowcount(session.execute(delete(RunRow).where(RunRow.run_id == run_id))) > 0
 
     def mark_active_runs_lost(self, keep: Collection[str] = ()) -> list[str]:
@@ -243,8 +247,11 @@ class Store:
 
     def replace_checkpoint(self, record: CheckpointRecord) -> None:
         """Index a checkpoint in place of the run's one of that name (if any), in one transaction."""
-        with self._write() as session:
-            session.merge(CheckpointRow(**dataclasses.asdict(record)))
+        try:
+            with self._write() as session:
+                session.merge(CheckpointRow(**dataclasses.asdict(record)))
+        except IntegrityError as exc:
+            raise _integrity_error(exc, f"checkpoint {record.name!r} of run {record.run_id!r}") from exc
 
     def get_checkpoint(self, run_id: str, name: str) -> CheckpointRecord | None:
         with self._read() as session:
@@ -321,12 +328,18 @@ class Store:
             with self._write() as session:
                 session.add(row)
         except IntegrityError as exc:
-            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None)
-            if code in _UNIQUE_VIOLATIONS:
-                raise DuplicateError(f"{what} already exists") from exc
-            if code in _FOREIGN_KEY_VIOLATIONS:
-                raise UnknownRunError(f"{what}: no such run") from exc
-            raise
+            raise _integrity_error(exc, what) from exc
+
+
+def _integrity_error(exc: IntegrityError, what: str) -> Exception:
+    """What a failed write of `what` means: `DuplicateError`, `UnknownRunError` (its run is gone), or
+    the database's own error."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "sqlite_errorname", None)
+    if code in _UNIQUE_VIOLATIONS:
+        return DuplicateError(f"{what} already exists")
+    if code in _FOREIGN_KEY_VIOLATIONS:
+        return UnknownRunError(f"{what}: no such run")
+    return exc
 
 
 def _create_engine(url: str) -> Engine:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import JSON, Double, String, delete, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from eztinker.store.db import Store
 
@@ -113,16 +113,22 @@ class FacadeState:
         if not keys and prefix is None:
             return
         with self._store._write() as session:
-            if keys:
-                session.execute(
-                    delete(FacadeRow).where(FacadeRow.namespace == namespace, FacadeRow.key.in_(keys))
-                )
-            if prefix is not None:
-                session.execute(
-                    delete(FacadeRow).where(
-                        FacadeRow.namespace == namespace, FacadeRow.key.startswith(prefix, autoescape=True)
-                    )
-                )
+            delete_in(session, namespace, keys, prefix=prefix)
+
+
+def delete_in(
+    session: Session, namespace: str, keys: Iterable[str] = (), *, prefix: str | None = None
+) -> None:
+    """`FacadeState.delete_many` inside the caller's transaction (`Store.delete_run(..., also=...)`)."""
+    keys = list(keys)
+    if keys:
+        session.execute(delete(FacadeRow).where(FacadeRow.namespace == namespace, FacadeRow.key.in_(keys)))
+    if prefix is not None:
+        session.execute(
+            delete(FacadeRow).where(
+                FacadeRow.namespace == namespace, FacadeRow.key.startswith(prefix, autoescape=True)
+            )
+        )
 
 
 def _record(row: FacadeRow) -> FacadeRecord:
