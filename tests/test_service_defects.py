@@ -92,6 +92,7 @@ def test_ops_queued_for_a_deleted_run_fail_and_never_reach_a_new_run_of_its_id(
         queued = service.forward_backward("reused", [Datum.from_labels(TOKENS)], None, None)
         service.delete_run("reused", None)
         assert queued.status == "failed" and "was deleted before this op ran" in str(queued.error)
+        assert queued.error_category == "user"  # the owner's doing, not the server's
         service.create_run(_create(str(tiny_model_dir), "reused"), None)
         assert service.scheduler.snapshot() == []  # nothing of the old run's is waiting for the new one
     finally:

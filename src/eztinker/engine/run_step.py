@@ -131,7 +131,7 @@ class _Step:
 
 def _prepare_step(index: int, run: TrainingRun, step_params: StepParams) -> _Step:
     """Check the step can go ahead, snapshot the run (cheap for an adapter), and install its gradients."""
-    check_step_params(run.optimizer_name, step_params, run.run_id)
+    check_step_params(run.optimizer_name, step_params, run.run_id, rank=run.lora_config.r)
     clips = step_params.grad_clip_norm > 0
     params = run.params
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]

@@ -195,10 +195,11 @@ class Scheduler:
             ]:
                 del self._jobs[job_id]
 
-    def cancel_queued(self, run_id: str, reason: str) -> int:
+    def cancel_queued(self, run_id: str, reason: str, category: Literal["user", "server"] = "server") -> int:
         """Fail every queued job of run `run_id` with `reason` (its running jobs are left alone).
 
-        For when the state those jobs were sent against is gone, e.g. the run's worker died.
+        For when the state those jobs were sent against is gone: the run's worker died (the server's
+        doing, the default category), or its owner deleted the run (`category="user"`).
         """
         with self._cond:
             pending = list(self._queues.pop(run_id, ()))
@@ -207,7 +208,7 @@ class Scheduler:
                 _tell(self.on_run_idle, run_id)
             self._cond.notify_all()
         for job in pending:
-            self._finish(job, error=reason, category="server")
+            self._finish(job, error=reason, category=category)
         return len(pending)
 
     def cancel(self, job_id: str, reason: str) -> bool:

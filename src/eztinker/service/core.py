@@ -244,7 +244,9 @@ class Service:
         (or undone) at the next start."""
         self.access.run(run_id, owner)
         # Its queued ops were sent against this run: they must not run on a later run of the same id.
-        self.scheduler.cancel_queued(run_id, f"run {run_id!r} was deleted before this op ran")
+        self.scheduler.cancel_queued(
+            run_id, f"run {run_id!r} was deleted before this op ran", category="user"
+        )
         with contextlib.suppress(NotFoundError):  # a lost run has nothing in memory
             self.backend.delete_run(run_id)
         names = [c.name for c in self.store.list_checkpoints(run_id=run_id, include_all=True)]
