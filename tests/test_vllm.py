@@ -13,7 +13,9 @@ on vLLM keeps `optim/kl_sample_train_v1` within it at every step (measured: ~1e-
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -392,20 +394,63 @@ def test_a_grammar_constrains_vllm_as_it_constrains_the_engine(
     sampler: VllmSampler, trained: dict[str, Any]
 ) -> None:
     """Greedy within a JSON schema and within a choice: vLLM (its guidance backend) draws the engine's
-    tokens, both ending on EOS once the grammar is complete. vLLM masks the logits before it reads its
-    log-probabilities, so its are renormalized over what the grammar allows: never below the model's own,
-    which the engine reports."""
+    tokens, both ending on EOS once the grammar is complete, with the model's own log-probabilities and
+    top-k (vLLM's are renormalized over what the grammar allows, so the sample is scored again), also
+    those its streamed `on_token` hears."""
     from eztinker.api.structured import choice_answer, json_answer
 
     engine, name = trained["engine"], trained["name"]
     schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 999}}, "required": ["n"]}
     for answer in (json_answer(schema, "f"), choice_answer(["sunny", "rain", "snow"], "f")):
         params = SamplingParams(max_tokens=30, temperature=0.0, grammar=answer.grammar(None))
-        [ours] = engine.sample(PROMPT, params, base_model=name).sequences
-        [[theirs]] = [r.sequences for r in sampler.sample_sync([_request(params=params)])]
+        [ours] = engine.sample_many(name, [_request(params=params, topk_sample_logprobs=2)])[0].sequences
+        heard: list[tuple[Any, ...]] = []
+        asked = _request(params=params, topk_sample_logprobs=2, on_token=lambda *a: heard.append(a))
+        [[theirs]] = [r.sequences for r in sampler.sample_sync([asked])]
         assert theirs.tokens == ours.tokens and ours.stop_reason == theirs.stop_reason == "stop"
-        assert all(a >= b - LOGPROB_TOLERANCE for a, b in zip(theirs.logprobs, ours.logprobs, strict=True))
-        assert any(a > b + 0.1 for a, b in zip(theirs.logprobs, ours.logprobs, strict=True))
+        assert (
+            max(abs(a - b) for a, b in zip(theirs.logprobs, ours.logprobs, strict=True)) <= LOGPROB_TOLERANCE
+        )
+        assert [[t for t, _ in top] for top in theirs.topk_logprobs or []] == [
+            [t for t, _ in top] for top in ours.topk_logprobs or []
+        ]
+        assert [(a[1], a[2], a[4]) for a in heard] == [
+            (t, lp, i == len(theirs.tokens) - 1)
+            for i, (t, lp) in enumerate(zip(theirs.tokens, theirs.logprobs))
+        ]
+
+
+@needs_vllm
+def test_a_grammar_that_never_stops_is_sampled_by_the_engine(
+    url: str, service: Service, vllm_model_dir: Path
+) -> None:
+    """`stop=[]` with a grammar: the engine ends the sample right after the grammar's last token; vLLM would
+    draw EOS after EOS to max_tokens. Such a request is routed to the engine sampler (whose batches the
+    running service's scheduler steps: hence `url`)."""
+    backend = service.backend
+    assert isinstance(backend, VllmBackend)
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop=[], grammar='start: "yes" | "no"')
+    before = backend.routes["engine"]
+    [result] = backend.sample(str(vllm_model_dir), [_request(params=params)]).result()
+    [seq] = result.sequences
+    assert backend.routes["engine"] == before + 1
+    assert seq.stop_reason == "stop" and EOS not in seq.tokens and len(seq.tokens) < 20
+
+
+@needs_vllm
+def test_vllm_refuses_what_the_engine_refuses(service: Service, vllm_model_dir: Path) -> None:
+    """A prompt + max_tokens beyond the context: vLLM alone samples to the context's end ("length"); the
+    backend checks every request by the engine's rules first, so both samplers answer the same 4xx."""
+    backend = service.backend
+    assert isinstance(backend, VllmBackend)
+    name = str(vllm_model_dir)
+    context = backend.engine.base_model(name).max_length
+    near_end = _request(prompt=[5] * (context - 2), params=SamplingParams(max_tokens=10, temperature=0.0))
+    before = dict(backend.routes)
+    with pytest.raises(InvalidInputError, match="exceeds the model's context") as refused:
+        backend.sample(name, [near_end]).result()
+    assert refused.value.field == "sampling_params.max_tokens"
+    assert backend.routes == before  # refused before it went anywhere
 
 
 @needs_vllm
@@ -509,6 +554,28 @@ def test_streaming_on_token_text_and_cancel(sampler: VllmSampler) -> None:
 
 
 @needs_vllm
+def test_a_streamed_request_gets_its_prompt_logprobs(sampler: VllmSampler) -> None:
+    """vLLM refuses `prompt_logprobs` on a stream (an OpenAI `stream` + `echo` + `logprobs`); the sampler
+    reads them beside it, so a streamed request answers what the same request unstreamed does."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    asked = _request(params=params, prompt_logprobs=True, topk_prompt_logprobs=2, topk_sample_logprobs=1)
+    [plain] = sampler.sample_sync([asked])
+    heard: list[tuple[Any, ...]] = []
+    [streamed] = sampler.sample_sync([dataclasses.replace(asked, on_token=lambda *a: heard.append(a))])
+    assert streamed.sequences[0].tokens == plain.sequences[0].tokens == [a[1] for a in heard]
+    assert streamed.prompt_logprobs is not None and plain.prompt_logprobs is not None
+    assert streamed.prompt_logprobs[0] is None and len(streamed.prompt_logprobs) == len(PROMPT)
+    assert max(_delta(a, b) for a, b in zip(streamed.prompt_logprobs[1:], plain.prompt_logprobs[1:])) <= 1e-6
+    assert [[t for t, _ in e or []] for e in streamed.topk_prompt_logprobs or []] == [
+        [t for t, _ in e or []] for e in plain.topk_prompt_logprobs or []
+    ]
+
+
+def _delta(a: float | None, b: float | None) -> float:
+    return math.inf if a is None or b is None else abs(a - b)
+
+
+@needs_vllm
 def test_snapshot_hot_load_lru_and_unload(
     sampler: VllmSampler, server: VllmServer, trained: dict[str, Any]
 ) -> None:
@@ -530,6 +597,21 @@ def test_snapshot_hot_load_lru_and_unload(
     assert snaps[0] not in served
     with pytest.raises(InvalidInputError, match="not registered"):
         sampler.sample_sync([_request(adapter=snaps[0])])
+
+
+@needs_vllm
+def test_a_burst_beyond_max_loras_leaves_max_loras_loaded(
+    sampler: VllmSampler, trained: dict[str, Any]
+) -> None:
+    """Requests for three adapters at once with max_loras=2: all three load (none may be evicted while in
+    use), and once they are done the least recently used goes, back to two."""
+    root, snaps = trained["root"], trained["snapshots"]
+    for snap in snaps:
+        assert sampler.add_adapter(snap, root / snap) is None
+    params = SamplingParams(max_tokens=64, temperature=0.0, stop=[])
+    results = sampler.sample_sync([_request(params=params, adapter=snap) for snap in snaps])
+    assert [len(r.sequences[0].tokens) for r in results] == [64] * 3
+    assert len(sampler.loaded_adapters) <= 2 and set(sampler.loaded_adapters) <= set(snaps)
 
 
 @needs_vllm

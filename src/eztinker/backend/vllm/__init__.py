@@ -19,7 +19,8 @@ an already running server is used. Three pieces:
   `concurrent.futures.Future`, as the `Backend` protocol does.
 - Adapters: a sampler snapshot is written as a PEFT directory (`Engine.save_weights`; `write_snapshot`) and
   hot-loaded (`/v1/load_lora_adapter`) under its sampler id. At most `max_loras` are loaded at a time, least
-  recently used first out (an adapter in use by a request is never evicted); an evicted or lost one (after a
+  recently used first out (an adapter in use by a request is never evicted: a burst for more loads them
+  all, and the excess is unloaded as its requests finish); an evicted or lost one (after a
   restart) is loaded again from its directory when a request needs it, and `remove_adapter` unloads it
   when the snapshot is deleted. An adapter vLLM cannot serve — rank above `--max-lora-rank`, or layers it
   does not adapt (the output head, embeddings, fused MoE expert weights) — is reported by `add_adapter` and
@@ -33,6 +34,14 @@ as in the engine sampler. Two things differ by design: random draws come from vL
 request is reproducible on vLLM, but not token-for-token equal to the engine sampler's), and the prompt
 extras vLLM has no counterpart for (`target_prompt_tokens`, `prompt_alt_tokens_k`) are left to the engine
 sampler (`unsupported`).
+
+Grammars: vLLM masks the logits with the grammar before it reads log-probabilities, so a constrained
+sample's come back renormalized over what the grammar allows; the sampler scores the drawn tokens again
+without the grammar (`rescore_body`: one prefill per distinct sample) and reports the model's own, as the
+engine does (a streamed grammar request's `on_token` then fires once the sample is scored). A grammar
+request that must end on something else than EOS (`stop=[]`, stop strings alone, other stop ids) is the
+engine's: vLLM's grammar ends on EOS only. Every request routed to vLLM is first checked by the engine's
+rules (`VllmBackend.sample`), so both samplers refuse the same input with the same 4xx.
 
 A vLLM process that dies mid-request fails the request with `VllmUnavailableError` (a `ComputeError`:
 category "server", retry), which says so and names the log; the supervisor restarts the server, and later

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eztinker.backend.base import BackendHooks, SchedulerOptions
+from eztinker.backend.base import BackendHooks, SchedulerOptions, failed
 from eztinker.backend.local import LocalBackend
 from eztinker.backend.vllm.adapters import adapter_problem, safe_name, write_snapshot
 from eztinker.backend.vllm.options import VllmOptions, VllmUnavailableError
@@ -251,6 +251,10 @@ class VllmBackend(LocalBackend):
         if sampler is None:
             self.routes["engine"] += len(requests)
             return super().sample(base_model, requests)
+        try:  # the engine's rules, word for word: vLLM would cut a sample at its context's end, not refuse
+            self.engine.check_requests(base_model, requests)
+        except Exception as exc:
+            return failed(exc)
         self.routes["vllm"] += len(requests)
         future = sampler.sample(requests)
         on_tokens = self._on_tokens

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -24,14 +25,19 @@ from eztinker.backend.vllm.wire import (
     _AdapterMissingError,
     _http_error,
     _json_or_text,
+    _prompt_extras,
     _StreamState,
     completion_body,
     parse_choices,
+    parse_rescored,
+    prompt_body,
+    rescore_body,
     unsupported,
+    without_prompt_extras,
 )
 from eztinker.engine.errors import CancelledRequestError, InvalidInputError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
-from eztinker.engine.types import SampleResult
+from eztinker.engine.types import SampleResult, TopLogprobs
 
 if TYPE_CHECKING:
     pass
@@ -180,7 +186,7 @@ class VllmSampler:
                 return f"adapter {request.adapter!r} is not registered with the vLLM sampler"
             if adapter.problem is not None:
                 return f"adapter {request.adapter!r}: {adapter.problem}"
-        return unsupported(request)
+        return unsupported(request, self.eos_token_ids)
 
     async def _acquire(self, name: str, *, pin: bool = True) -> None:
         """Make sure adapter `name` is loaded (evicting the least recently used if full); pin it if asked."""
@@ -206,6 +212,22 @@ class VllmSampler:
                 self._loaded[name] = None
             if pin:
                 adapter.pins += 1
+
+    async def _trim(self) -> None:
+        """Unload the least recently used adapters beyond `max_loras` that no request uses any more: a
+        burst of requests for more adapters than that loads them all (vLLM queues beyond --max-loras),
+        and they would otherwise stay loaded until the next load."""
+        if len(self._loaded) <= self.max_loras:
+            return
+        if self._adapter_lock is None:
+            self._adapter_lock = asyncio.Lock()
+        async with self._adapter_lock:
+            self._sync_generation()
+            while len(self._loaded) > self.max_loras:
+                victim = next((n for n in self._loaded if self._pins(n) == 0), None)
+                if victim is None:
+                    return  # the rest are in use: the last of them to finish trims
+                await self._unload(victim, locked=True)
 
     def _release(self, name: str) -> None:
         adapter = self._adapters.get(name)
@@ -322,10 +344,9 @@ class VllmSampler:
             if request.adapter is not None:
                 await self._acquire(request.adapter)
             try:
-                body = self._body(request, stream=stream)
-                if stream:
-                    return await self._streamed(request, body, on_text)
-                return await self._completed(request, body)
+                if request.params.grammar is not None:
+                    return await self._constrained(request, stream=stream, on_text=on_text)
+                return await self._draw(request, stream=stream, on_text=on_text)
             except _AdapterMissingError as exc:  # vLLM lost it (an external server restarted): load again
                 if request.adapter is not None:
                     self._loaded.pop(request.adapter, None)
@@ -336,7 +357,72 @@ class VllmSampler:
             finally:
                 if request.adapter is not None:
                     self._release(request.adapter)
+                    await self._trim()
         raise AssertionError("unreachable")
+
+    async def _draw(
+        self, request: SampleRequest, *, stream: bool, on_text: Callable[[int, str], None] | None
+    ) -> SampleResult:
+        """One request's samples, streamed or not. vLLM refuses prompt log-probabilities on a stream, so a
+        streamed request that wants them reads them with a second, one-token request beside the stream."""
+        if not stream:
+            return await self._completed(request, self._body(request, stream=False))
+        if not (request.prompt_logprobs or request.topk_prompt_logprobs):
+            return await self._streamed(request, self._body(request, stream=True), on_text)
+        bare = without_prompt_extras(request)
+        drawn, entries = await asyncio.gather(
+            self._streamed(bare, self._body(bare, stream=True), on_text), self._prompt_entries(request)
+        )
+        logprobs, topk = _prompt_extras(request, entries)
+        return dataclasses.replace(drawn, prompt_logprobs=logprobs, topk_prompt_logprobs=topk)
+
+    async def _prompt_entries(self, request: SampleRequest) -> list[Any]:
+        model = safe_name(request.adapter) if request.adapter else self.endpoint.served_name
+        response = await self._post("/v1/completions", prompt_body(request, model=model))
+        payload = _json_or_text(response)
+        if response.status_code != 200:
+            raise _http_error(response.status_code, payload, request)
+        entries = ((payload.get("choices") or [{}])[0]).get("prompt_logprobs")
+        if not isinstance(entries, list):
+            raise VllmUnavailableError("vLLM answered no prompt log-probabilities; retry the request")
+        return entries
+
+    async def _constrained(
+        self, request: SampleRequest, *, stream: bool, on_text: Callable[[int, str], None] | None
+    ) -> SampleResult:
+        """A grammar request: sampled by vLLM, then its tokens scored again without the grammar (see
+        `rescore_body`), so that its log-probabilities are the model's, as the engine's are. Its `on_token`
+        callbacks fire once the numbers are right: after the sample, in order, not as vLLM draws."""
+        quiet = dataclasses.replace(request, on_token=None)
+        drawn = await self._draw(quiet, stream=stream and on_text is not None, on_text=on_text)
+        distinct = list(dict.fromkeys(tuple(s.tokens) for s in drawn.sequences if s.tokens))  # copies once
+        numbers = await asyncio.gather(*(self._rescore(request, list(key)) for key in distinct))
+        scored = dict(zip(distinct, numbers, strict=True))
+        sequences = []
+        for sequence in drawn.sequences:
+            empty = ([], [] if request.topk_sample_logprobs else None)
+            logprobs, topk = scored.get(tuple(sequence.tokens), empty)
+            sequences.append(dataclasses.replace(sequence, logprobs=logprobs, topk_logprobs=topk))
+        result = dataclasses.replace(drawn, sequences=sequences)
+        if request.on_token is not None:
+            for index, sequence in enumerate(sequences):
+                for j, token in enumerate(sequence.tokens):
+                    top = sequence.topk_logprobs[j] if sequence.topk_logprobs is not None else None
+                    last = j == len(sequence.tokens) - 1
+                    request.on_token(index, token, sequence.logprobs[j], top, last)
+        return result
+
+    async def _rescore(
+        self, request: SampleRequest, tokens: list[int]
+    ) -> tuple[list[float], list[TopLogprobs] | None]:
+        model = safe_name(request.adapter) if request.adapter else self.endpoint.served_name
+        body = rescore_body(request, tokens, model=model, max_model_len=self.endpoint.max_model_len)
+        response = await self._post("/v1/completions", body)
+        payload = _json_or_text(response)
+        if response.status_code != 200:
+            raise _http_error(response.status_code, payload, request)
+        choices = payload.get("choices") or [{}]
+        return parse_rescored(request, tokens, choices[0])
 
     async def _completed(self, request: SampleRequest, body: dict[str, Any]) -> SampleResult:
         post = asyncio.ensure_future(self._http().post(self.endpoint.url + "/v1/completions", json=body))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -34,8 +34,9 @@ def _vllm_seed(seed: int) -> int:
     return (z ^ (z >> 31)) & _SEED_MASK
 
 
-def unsupported(request: SampleRequest) -> str | None:
-    """Why vLLM cannot serve `request` as the engine would (None: it can)."""
+def unsupported(request: SampleRequest, eos_token_ids: Iterable[int] | None = None) -> str | None:
+    """Why vLLM cannot serve `request` as the engine would (None: it can). `eos_token_ids`: the base
+    model's, for the rule of a grammar's end (unchecked without them)."""
     if request.target_prompt_tokens is not None:
         return "target_prompt_tokens (log-probabilities of chosen ids at prompt positions) has no vLLM counterpart"
     if request.prompt_alt_tokens_k:
@@ -44,7 +45,43 @@ def unsupported(request: SampleRequest) -> str | None:
         return "image inputs are sampled by the engine (the vLLM client sends token ids only)"
     if request.params.budget is not None:  # vLLM's thinking_token_budget needs a reasoning parser set
         return "a budget (a thinking budget) is sampled by the engine"
+    if request.params.grammar is not None and eos_token_ids is not None:
+        return _grammar_end_problem(request, set(eos_token_ids))
     return None
+
+
+def _grammar_end_problem(request: SampleRequest, eos: set[int]) -> str | None:
+    """vLLM's grammar ends a sample on the model's EOS, and only there. The engine's ends it on the
+    request's stop tokens (drawn once the grammar is complete), or right after the grammar's last token
+    when it has none (`stop=[]`, stop strings only): vLLM would instead draw EOS after EOS until
+    max_tokens, or never draw a stop token outside the grammar. Those requests stay on the engine."""
+    try:
+        _, ids = _stop_items(request, eos)
+    except InvalidInputError:
+        return None  # refused when the body is built, naming the field
+    if set(ids) == eos:
+        return None
+    return (
+        "a grammar whose sample ends on other stop tokens than the model's EOS "
+        f"(stop ids {sorted(ids)}, EOS {sorted(eos)}) is sampled by the engine"
+    )
+
+
+def _stop_items(request: SampleRequest, eos: Iterable[int]) -> tuple[list[str], list[int]]:
+    """(stop strings, stop token ids) of a request as vLLM takes them: `stop=None` is the EOS ids, and
+    `stop_at_eos` adds them to the request's own."""
+    eos = sorted(set(eos))
+    stop = request.params.stop
+    items = [stop] if isinstance(stop, str | int) else list(stop) if stop is not None else None
+    if items is None:
+        return [], eos
+    strings = [s for s in items if isinstance(s, str)]
+    ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
+    if len(strings) + len(ids) != len(items) or (strings and ids):
+        raise InvalidInputError(
+            "sampling_params.stop", "must be a string, a list of strings or a list of token ids"
+        )
+    return strings, sorted(set(ids) | (set(eos) if request.stop_at_eos else set()))
 
 
 def completion_body(
@@ -77,7 +114,7 @@ def completion_body(
     | prompt_logprobs / topk_prompt_logprobs      | prompt_logprobs = 0 / k                                 |
     | prompt_logprobs_last_n                      | (all positions are scored; the earlier ones dropped)    |
     | grammar (Lark, llguidance's dialect)        | structured_outputs.grammar (`vllm serve` runs guidance; |
-    |                                             | its logprobs are then renormalized over what it allows) |
+    |                                             | the tokens are then scored again: see `rescore_body`)   |
     | (token ids out)                             | return_token_ids, return_tokens_as_token_ids            |
 
     vLLM's other knobs (min_p, repetition_penalty, min_tokens) are sent as off, and special tokens kept in
@@ -95,6 +132,15 @@ def completion_body(
             raise InvalidInputError(
                 "prompt", f"has {len(prompt)} tokens: no room left in the context of {max_model_len}"
             )
+    elif (
+        isinstance(max_tokens, int) and max_model_len is not None and len(prompt) + max_tokens > max_model_len
+    ):
+        # vLLM would sample to its context's end and call that "length"; the engine refuses: so do we.
+        raise InvalidInputError(
+            "sampling_params.max_tokens",
+            f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds the vLLM server's context of "
+            f"{max_model_len} (its --max-model-len)",
+        )
     temperature = float(params.temperature)
     body: dict[str, Any] = {
         "model": model,
@@ -123,23 +169,10 @@ def completion_body(
         body["logit_bias"] = {str(token): float(bias) for token, bias in params.logit_bias.items()}
     if params.grammar is not None:
         body["structured_outputs"] = {"grammar": params.grammar}
-    eos = sorted(set(eos_token_ids))
-    stop = params.stop
-    items = [stop] if isinstance(stop, str | int) else list(stop) if stop is not None else None
-    if items is None:
-        body["stop_token_ids"] = eos
-    else:
-        strings = [s for s in items if isinstance(s, str)]
-        ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
-        if len(strings) + len(ids) != len(items) or (strings and ids):
-            raise InvalidInputError(
-                "sampling_params.stop", "must be a string, a list of strings or a list of token ids"
-            )
-        stop_ids = sorted(set(ids) | (set(eos) if request.stop_at_eos else set()))
-        body["stop_token_ids"] = stop_ids
-        if strings:
-            body["stop"] = strings
-            body["include_stop_str_in_output"] = True
+    strings, body["stop_token_ids"] = _stop_items(request, eos_token_ids)
+    if strings:
+        body["stop"] = strings
+        body["include_stop_str_in_output"] = True
     if request.topk_prompt_logprobs:
         body["prompt_logprobs"] = int(request.topk_prompt_logprobs)
     elif request.prompt_logprobs:
@@ -258,6 +291,99 @@ def parse_choices(request: SampleRequest, choices: Sequence[Mapping[str, Any]]) 
     )
 
 
+def without_prompt_extras(request: SampleRequest) -> SampleRequest:
+    """`request` without its prompt log-probabilities: vLLM refuses `prompt_logprobs` on a streamed
+    request, so a streamed one reads them with `prompt_body`, beside the stream."""
+    return replace(request, prompt_logprobs=False, topk_prompt_logprobs=0, prompt_logprobs_last_n=None)
+
+
+def prompt_body(request: SampleRequest, *, model: str) -> dict[str, Any]:
+    """The body that reads a request's prompt log-probabilities (and top-k) alone: one token, greedy."""
+    return {
+        "model": model,
+        "prompt": _prompt_ids(request.prompt),
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stop_token_ids": [],
+        "skip_special_tokens": False,
+        "logprobs": 0,
+        "prompt_logprobs": int(request.topk_prompt_logprobs),
+        "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
+        "stream": False,
+    }
+
+
+def rescore_body(
+    request: SampleRequest, tokens: Sequence[int], *, model: str, max_model_len: int | None = None
+) -> dict[str, Any]:
+    """The body that scores a grammar sample's `tokens` with the model's own log-probabilities.
+
+    vLLM masks the logits with the grammar before it reads log-probabilities, so a constrained sample's
+    come back renormalized over what the grammar allows (0.0 where it allows one token), not the model's,
+    which the engine reports and training computes. So the sample is scored again, unconstrained: its
+    tokens as prompt log-probabilities (and top-k) of prompt + tokens. At the end of the context, where
+    vLLM would refuse that prompt, the last token is forced instead (+100 logit bias, which raw
+    log-probabilities do not see) and read from the one sampled position.
+    """
+    full = [*_prompt_ids(request.prompt), *(int(t) for t in tokens)]
+    room = max_model_len is None or len(full) < max_model_len
+    k = int(request.topk_sample_logprobs)
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": full if room else full[:-1],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stop_token_ids": [],
+        "skip_special_tokens": False,
+        "logprobs": k,
+        "prompt_logprobs": k,
+        "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
+        "stream": False,
+    }
+    if not room:
+        body["logit_bias"] = {str(full[-1]): 100.0}
+    return body
+
+
+def parse_rescored(
+    request: SampleRequest, tokens: Sequence[int], choice: Mapping[str, Any]
+) -> tuple[list[float], list[TopLogprobs] | None]:
+    """(log-probabilities, top-k or None) of `tokens` from the answer to `rescore_body`."""
+    prompt = [*request.prompt, *tokens]
+    scored = choice.get("prompt_logprobs") or []
+    covered = min(len(tokens), max(0, len(scored) - len(request.prompt)))
+    k = request.topk_sample_logprobs
+    logprobs: list[float | None] = []
+    topk: list[TopLogprobs | None] = []
+    if covered:
+        asked = SampleRequest(
+            prompt=prompt[: len(request.prompt) + covered],
+            params=request.params,
+            prompt_logprobs=True,
+            topk_prompt_logprobs=k,
+            prompt_logprobs_last_n=covered,
+        )
+        found, found_topk = _prompt_extras(asked, scored)
+        logprobs = list(found or [])[-covered:]
+        topk = list(found_topk or [None] * len(prompt))[-covered:]
+    if covered < len(tokens):  # the forced last token, read at the sampled position
+        forced = [int(t) for t in choice.get("token_ids") or []]
+        sampled = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        if covered != len(tokens) - 1 or forced[:1] != [int(tokens[-1])] or not sampled:
+            raise VllmUnavailableError("vLLM did not score the grammar sample's tokens; retry the request")
+        logprobs.append(_logprob(sampled[0]))
+        tops = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
+        topk.append(_top_from_legacy(tops[0], k))
+    if len(logprobs) != len(tokens) or any(lp is None for lp in logprobs):
+        raise VllmUnavailableError("vLLM did not score the grammar sample's tokens; retry the request")
+    checked = [float(lp) for lp in logprobs if lp is not None]
+    return checked, ([t or [] for t in topk] if k else None)
+
+
 @dataclass
 class _StreamSample:
     """One sample of a streamed request: what arrived so far, and the token held back for `on_token`."""
@@ -358,6 +484,7 @@ class _StreamState:
 
 _FIELDS = {  # vLLM's `param` names -> the engine request's
     "prompt": "prompt",
+    "input_tokens": "prompt",  # a prompt longer than --max-model-len
     "n": "num_samples",
     "max_tokens": "sampling_params.max_tokens",
     "temperature": "sampling_params.temperature",
