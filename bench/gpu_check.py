@@ -1193,6 +1193,58 @@ def cuda_paths_section(check: Check, engine: Any, name: str, shape: Shape) -> st
     )
 
 
+def resume_section(check: Check, engine: Any, name: str, shape: Shape) -> str:
+    """Training resumed from a `save_state` checkpoint on this device equals training straight through:
+    AdamW's restored state (its `step` counter, moments) must reach the fused update where that update
+    reads it (on CUDA, the device), or the resumed run crashes or steps differently. 2 steps, save, 2 more;
+    then a new run from the checkpoint, the same 2 steps: the weights are compared, bit for bit, beside
+    the same 4 steps run twice from scratch (the device's own run-to-run noise: attention backward kernels
+    need not be deterministic on a GPU, so "as close as two straight runs" is what resuming must meet)."""
+    from eztinker.engine import AdamParams, Datum
+
+    lora = {"r": check.plan.lora_rank // 4, "lora_alpha": check.plan.lora_rank // 2, "seed": 5}
+    data = [
+        Datum.from_labels(random_rows(1, 64, shape.vocab_size, seed=50 + i)[0].tolist()) for i in range(2)
+    ]
+    adam = [AdamParams(learning_rate=1e-4 * (i + 1), weight_decay=0.01, grad_clip_norm=1.0) for i in range(4)]
+
+    def steps(run_id: str, schedule: list[Any]) -> None:
+        for params in schedule:
+            engine.forward_backward(run_id, data)
+            engine.optim_step(run_id, params)
+
+    def weights(run_id: str) -> list[torch.Tensor]:
+        return [p.detach().float().cpu() for p in engine._run(run_id).params]
+
+    straight = engine.create_run(name, lora).run_id
+    with tempfile.TemporaryDirectory(prefix="gpu-check-resume-") as tmp:
+        steps(straight, adam[:2])
+        engine.save_state(straight, Path(tmp) / "step-2")
+        steps(straight, adam[2:])
+        resumed = engine.create_run(name, adapter_path=Path(tmp) / "step-2").run_id
+        steps(resumed, adam[2:])
+    again = engine.create_run(name, lora).run_id
+    steps(again, adam)
+
+    def max_diff(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
+        return max(float((p - q).abs().max()) for p, q in zip(x, y, strict=True))
+
+    a, b, c = weights(straight), weights(resumed), weights(again)
+    diff, noise = max_diff(a, b), max_diff(a, c)
+    identical = all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for run in (straight, resumed, again):
+        engine.delete_run(run)
+    check.result["resume"] = {
+        "steps_before_save": 2,
+        "steps_after": 2,
+        "max_abs_weight_diff": diff,
+        "straight_run_twice_max_abs_weight_diff": noise,
+        "bit_identical": identical,
+        "within_run_to_run_noise": diff <= noise,
+    }
+    return f"resumed vs straight through: max |Δw| {diff:.3g} (two straight runs: {noise:.3g}), bit-identical {identical}"
+
+
 # --- the big shape: how many layers fit ---------------------------------------------------------------
 
 
@@ -1374,6 +1426,11 @@ def main(argv: list[str] | None = None) -> int:
     check.section(
         "small.cuda_paths",
         lambda: cuda_paths_section(check, engine, "small", plan.small),
+        min_s=10, needs=("small.build",),
+    )  # fmt: skip
+    check.section(
+        "small.resume",
+        lambda: resume_section(check, engine, "small", plan.small),
         min_s=10, needs=("small.build",),
     )  # fmt: skip
     # Free the small models before the big one.

@@ -43,6 +43,7 @@ SECTIONS = [
     "small.sampling",
     "small.constrained",
     "small.logprob_agreement",
+    "small.resume",
     "big.build",
     "big.forward_backward",
 ]
@@ -123,6 +124,8 @@ def test_sections_report_their_details(dry_run: dict) -> None:
     sampling = dry_run["sampling"]
     assert _finite_positive(sampling["eight_adapters_vs_base"])
     assert 0 <= sampling["sample_vs_forward_max_logprob_diff_bf16"] < 0.5
+    # Training resumed from a checkpoint on the device equals training straight through, bit for bit.
+    assert dry_run["resume"]["bit_identical"] and dry_run["resume"]["max_abs_weight_diff"] == 0
     for section in dry_run["sections"].values():
         assert section["seconds"] >= 0 and section["peak_memory_mb"] > 0
 
