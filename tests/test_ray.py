@@ -17,8 +17,10 @@ import pytest
 
 import eztinker
 from eztinker import EZTinkerClient, LossFunctionConfig
+from eztinker.backend import RunSpec
 from eztinker.backend.ray_pool import CancelWatch
-from eztinker.engine import Datum, Engine, SamplingParams
+from eztinker.engine import AdamParams, Datum, Engine, SamplingParams, TrainOp
+from eztinker.engine.errors import ConflictError, NotFoundError
 from eztinker.engine.sampler import SampleRequest
 from eztinker.exceptions import ConflictError as ClientConflictError
 from eztinker.exceptions import JobFailedError
@@ -159,6 +161,42 @@ def test_ops_on_a_worker_equal_ops_in_process(pool_service, tiny_model_dir) -> N
             assert got["logprobs"][0] == pytest.approx(expected.logprobs[0].tolist(), rel=1e-5, abs=1e-6)
             assert got_step["grad_norm"] == pytest.approx(expected_step.grad_norm, rel=1e-4)
         client.delete_run(remote)
+
+
+def test_a_run_id_in_use_on_any_worker_is_a_conflict(pool_service, tiny_model_dir) -> None:
+    """As in-process: creating a run under an id in use fails with `ConflictError`, whichever worker
+    placement would pick — never a second copy of the run on another worker (the service's rebuild of a
+    lost run relies on this)."""
+    service, _ = pool_service
+    backend = service.backend
+    backend.create_run(RunSpec(str(tiny_model_dir), {"r": 4}, run_id="ray-taken"))
+    holder = backend.worker_of("ray-taken")
+    for _ in range(len(backend.workers()) + 1):  # placement would pick each worker in turn
+        with pytest.raises(ConflictError, match="already in use"):
+            backend.create_run(RunSpec(str(tiny_model_dir), {"r": 4}, run_id="ray-taken"))
+    copies = [w.name for w in backend.cluster.alive() if "ray-taken" in _runs_on(backend, w.name)]
+    assert copies == [holder]
+    backend.delete_run("ray-taken")
+
+
+def test_an_op_for_a_run_its_worker_no_longer_holds_fails_as_not_found(pool_service, tiny_model_dir) -> None:
+    """A run deleted on its worker behind this server's back (by a delete racing the op, or another API
+    server of the cluster): its ops fail with `NotFoundError` (a 404, the caller's), not a failed call."""
+    service, _ = pool_service
+    backend = service.backend
+    run_id = backend.create_run(RunSpec(str(tiny_model_dir), {"r": 4})).run_id
+    backend._sync(backend.worker_of(run_id), lambda actor: actor.delete_run.remote(run_id))
+    (trained,) = backend.forward_backward([TrainOp(run_id, [Datum.from_labels(ids(8), ids(8))], None)])
+    (stepped,) = backend.optim_step([(run_id, AdamParams())])
+    for future in (trained, stepped):
+        with pytest.raises(NotFoundError, match=run_id):
+            future.result(120)
+    with pytest.raises(NotFoundError):
+        backend.delete_run(run_id)
+
+
+def _runs_on(backend, worker: str) -> set[str]:
+    return {info.run_id for info in backend._sync(worker, lambda actor: actor.list_runs.remote())}
 
 
 def test_model_workers_page_idle_runs_within_their_budget(pool_service, tiny_model_dir) -> None:
@@ -424,3 +462,18 @@ def test_the_cancel_watch_hangs_up_a_call_once_its_caller_cancels() -> None:
     assert hung_up.wait(30)
     running.set_result(None)
     assert calls == ["running"]
+
+
+def test_reads_of_a_base_model_right_after_its_worker_dies_are_answered_by_another(
+    pool_service, tiny_model_dir
+) -> None:
+    """A worker that died an instant ago (before the health check noticed) does not fail the server's
+    reads of the base models it held — a context length, a request check: a live worker answers."""
+    service, _ = pool_service
+    backend = service.backend
+    wait_until(lambda: len(backend.workers()) >= 2)  # the replacements for earlier kills are up
+    expected = backend.max_context_length(str(tiny_model_dir))
+    backend.kill_worker(backend._with_model(str(tiny_model_dir)))
+
+    assert backend.max_context_length(str(tiny_model_dir)) == expected
+    backend.check_requests(str(tiny_model_dir), [SampleRequest([5, 6], SamplingParams(max_tokens=2))])

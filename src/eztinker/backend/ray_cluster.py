@@ -115,9 +115,13 @@ class RayWorkers:
                 name, options = f"worker-{self._count}", {}
                 actor_name = f"{WORKER_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
                 self._count += 1
-            actor = self._actor_class.options(
-                name=actor_name, namespace=RAY_NAMESPACE, **options, **self._actor_options
-            ).remote(name, **self._worker_kwargs)
+        # Not under the lock: creating a named actor waits on Ray's own I/O thread, which may be running a
+        # call's done-callback that is waiting for this lock (`mark_dead` of another dead worker) — a
+        # deadlock that hung every call once two workers died close together.
+        actor = self._actor_class.options(
+            name=actor_name, namespace=RAY_NAMESPACE, **options, **self._actor_options
+        ).remote(name, **self._worker_kwargs)
+        with self._lock:
             worker = self._workers[name] = Worker(name, actor)
         return worker
 

@@ -31,7 +31,7 @@ from eztinker.backend.ray_cluster import CALL_TIMEOUT, RayWorkers
 from eztinker.backend.ray_worker import Reply
 from eztinker.engine.checkpoint import CheckpointInfo
 from eztinker.engine.engine import RunInfo, SamplerInfo, TrainOp
-from eztinker.engine.errors import ComputeError, EngineError, NotFoundError
+from eztinker.engine.errors import ComputeError, ConflictError, EngineError, NotFoundError
 from eztinker.engine.model import load_tokenizer
 from eztinker.engine.paging import PagingStats
 from eztinker.engine.sampler import SampleRequest
@@ -64,6 +64,7 @@ class RayBackend:
         self._runs: dict[str, str] = {}  # run id -> worker name
         self._samplers: dict[str, tuple[str, SamplerInfo]] = {}  # sampler id -> (worker name, info)
         self._restoring: dict[str, threading.Event] = {}  # runs being re-placed after a worker loss
+        self._creating: set[str] = set()  # run ids being created now (each on one worker only)
         self._tokenizers: dict[str, Any] = {}
         self.cluster = RayWorkers(settings, options, on_lost=self._lost)
         self._cancel_watch = CancelWatch()
@@ -161,7 +162,7 @@ class RayBackend:
                 )
                 return
             except Exception as exc:
-                fail(ComputeError(f"the call to model worker {worker} failed: {exc}"))
+                fail(_unwrapped(worker, exc))
                 return
             for out, reply in zip(outs, replies if count is not None else [replies], strict=True):
                 if reply.error is not None:
@@ -224,6 +225,14 @@ class RayBackend:
         except WorkerLostError:
             return self._on_run(run_id, send).result(CALL_TIMEOUT)
 
+    def _read_model(self, base_model: str, send: Send, adapter: str | None = None) -> Any:
+        """A read on a worker holding `base_model` (and `adapter`, if any): if that worker turns out dead
+        (the health check had not noticed yet), asked again of a live one, as a run's reads are."""
+        try:
+            return self._sync(self._sampling_worker(base_model, adapter), send)
+        except WorkerLostError:
+            return self._sync(self._sampling_worker(base_model, adapter), send)
+
     def _with_model(self, base_model: str) -> str:
         """A live worker that has `base_model` loaded (the least loaded), or the one it is placed on."""
         holders = [s for s in self.workers() if base_model in s.models]
@@ -251,32 +260,68 @@ class RayBackend:
             return self._tokenizers[name]
 
     def default_targets(self, name: str) -> list[str]:
-        return self._sync(self._with_model(name), lambda a: a.default_targets.remote(name))
+        return self._read_model(name, lambda a: a.default_targets.remote(name))
 
     def output_head_name(self, name: str) -> str | None:
-        return self._sync(self._with_model(name), lambda a: a.output_head_name.remote(name))
+        return self._read_model(name, lambda a: a.output_head_name.remote(name))
 
     def max_context_length(self, name: str) -> int:
-        return self._sync(self._with_model(name), lambda a: a.max_context_length.remote(name))
+        return self._read_model(name, lambda a: a.max_context_length.remote(name))
 
     def lora_target_modules(
         self, name: str, *, train_attn: bool = True, train_mlp: bool = True, train_unembed: bool = False
     ) -> list[str] | None:
         flags = {"train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed}
-        return self._sync(self._with_model(name), lambda a: a.lora_target_modules.remote(name, **flags))
+        return self._read_model(name, lambda a: a.lora_target_modules.remote(name, **flags))
 
     # --- runs --------------------------------------------------------------------------------------------
 
     def create_run(self, spec: base.RunSpec) -> RunInfo:
-        worker = self.cluster.place(spec.base_model)
-        info: RunInfo = self._sync(worker, lambda a: a.create_run.remote(spec))
-        with self._lock:
-            self._runs[info.run_id] = worker
+        """On the worker placement picks. A run id in use on any worker is a `ConflictError`, as it is
+        in-process: placement may pick another worker than the one holding it, which would not know."""
+        run_id = spec.run_id
+        if run_id is not None:
+            self._claim(run_id)
+        try:
+            worker, info = self._create_on_a_live_worker(spec)
+            with self._lock:
+                self._runs[info.run_id] = worker
+        finally:
+            if run_id is not None:
+                with self._lock:
+                    self._creating.discard(run_id)
         self.cluster.statuses()  # the next placement sees this run's memory
         return info
 
+    def _create_on_a_live_worker(self, spec: base.RunSpec) -> tuple[str, RunInfo]:
+        """`create_run` on the worker placement picks; placed again if that one turns out dead (nothing
+        was created there). A run re-placed after a worker loss would otherwise be lost when the worker it
+        was restored to died too."""
+        worker = self.cluster.place(spec.base_model)
+        try:
+            return worker, self._sync(worker, lambda a: a.create_run.remote(spec))
+        except WorkerLostError:
+            worker = self.cluster.place(spec.base_model)
+            return worker, self._sync(worker, lambda a: a.create_run.remote(spec))
+
+    def _claim(self, run_id: str) -> None:
+        """Reserve run id `run_id` for a run being created; `ConflictError` if a worker holds it (or it is
+        being created meanwhile)."""
+        held = self._locate(run_id) is not None
+        with self._lock:
+            if held or run_id in self._runs or run_id in self._creating:
+                raise ConflictError(f"run id {run_id!r} is already in use")
+            self._creating.add(run_id)
+
     def delete_run(self, run_id: str) -> None:
-        self._on_run(run_id, lambda a: a.delete_run.remote(run_id)).result(CALL_TIMEOUT)
+        try:
+            self._on_run(run_id, lambda a: a.delete_run.remote(run_id)).result(CALL_TIMEOUT)
+        except NotFoundError:  # its worker holds it no more (deleted through another API server)
+            self._forget_run(run_id)
+            raise
+        self._forget_run(run_id)
+
+    def _forget_run(self, run_id: str) -> None:
         with self._lock:
             self._runs.pop(run_id, None)
 
@@ -294,14 +339,12 @@ class RayBackend:
         self, name: str, chunks: Sequence[Sequence[int] | ImageChunk], where: str, *, frame: bool = False
     ) -> tuple[list[int], tuple[ImageChunk, ...]]:
         """On a worker holding `name` (its image processor reads the model's config)."""
-        worker = self._sampling_worker(name, None)
-        return self._sync(worker, lambda a: a.expand_chunks.remote(name, list(chunks), where, frame))
+        return self._read_model(name, lambda a: a.expand_chunks.remote(name, list(chunks), where, frame))
 
     def check_requests(self, base_model: str, requests: Sequence[SampleRequest]) -> None:
-        adapters = {r.adapter for r in requests} - {None}
-        worker = self._sampling_worker(base_model, next(iter(adapters), None))
+        adapter = next(iter({r.adapter for r in requests} - {None}), None)
         bare = [replace(r, on_token=None, cancelled=None) for r in requests]
-        self._sync(worker, lambda a: a.check_requests.remote(base_model, bare))
+        self._read_model(base_model, lambda a: a.check_requests.remote(base_model, bare), adapter)
 
     # --- ops ---------------------------------------------------------------------------------------------
 
@@ -501,6 +544,17 @@ class CancelWatch:
             time.sleep(CANCEL_POLL_SECONDS)
 
 
+def _unwrapped(worker: str, exc: BaseException) -> EngineError:
+    """A failed call's error as the caller hears it: an engine error the actor method raised (Ray wraps
+    it in a `RayTaskError`) as itself, so it keeps its class and status; anything else a `ComputeError`."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, EngineError):
+        return cause
+    return ComputeError(f"the call to model worker {worker} failed: {exc}")
+
+
 def _relay(
     worker: str,
     stream: Any,
@@ -538,4 +592,4 @@ def _relay(
         out.set_exception(WorkerLostError(f"model worker {worker} died while sampling"))
     except Exception as exc:
         if not out.done():
-            out.set_exception(ComputeError(f"streaming from model worker {worker} failed: {exc}"))
+            out.set_exception(_unwrapped(worker, exc))

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from eztinker.backend.base import SaveOptions, SchedulerOptions, StepOp, WorkerStatus, chain
+from eztinker.backend.base import SaveOptions, SchedulerOptions, StepOp, WorkerStatus, chain, failed
 from eztinker.backend.local import LocalBackend, engine_config
 from eztinker.engine import ComputeError, Engine, EngineError, SampleResult, TrainOp
 from eztinker.engine.sampler import SampleRequest
@@ -174,7 +174,10 @@ class ModelWorker:
 
         batch = None
         if kind is not None:
-            group = self.backend.run_info(run_id).base_model
+            try:  # (a run this worker no longer holds is the caller's NotFoundError, not a failed call)
+                group = self.backend.run_info(run_id).base_model
+            except Exception as exc:
+                return failed(exc)
             batch = Batchable(kind=kind, group=group, request=request, finish=finish)
         job = Job(op=op, run_id=run_id, fn=lambda: finish(run([request])[0]), batch=batch)
         self.backend.scheduler.submit(job)
