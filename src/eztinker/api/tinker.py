@@ -459,8 +459,9 @@ async def retrieve_future(
             {"error": job.error or "the request failed", "category": job.error_category or "unknown"}
         )
     protobuf = wire.PROTOBUF in request.headers.get("accept", "")
+    encoded = state.take_encoded(request_id) if protobuf else None  # measured for retrieve_futures
     try:
-        result = answer(job.op, job.run_id, job.result, protobuf)
+        result = encoded if encoded is not None else answer(job.op, job.run_id, job.result, protobuf)
     except EngineError as exc:
         message, category = failure(exc)
         return JSONResponse({"error": message, "category": category})

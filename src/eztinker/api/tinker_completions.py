@@ -39,7 +39,6 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -95,9 +94,6 @@ class Completions:
         size: Callable[[str], int | None] = lambda _: None,
     ) -> None:
         self._durable, self._outcome, self._live, self._size = durable, outcome, live, size
-        # Sizes measured, by request: an event is reported at every poll until it is acknowledged, and its
-        # result is encoded once for that, not at each poll.
-        self._sizes: OrderedDict[str, int | None] = OrderedDict()
         self._lock = threading.Lock()
         self._queues: dict[QueueKey, _Queue] = {}
         self._where: dict[str, QueueKey] = {}  # tracked request -> its queue
@@ -205,22 +201,11 @@ class Completions:
         completions: list[dict[str, Any]] = []
         for request_id, (_, state) in events:
             completion: dict[str, Any] = {"state": state, "request_id": request_id}
-            size = self._payload_size(request_id) if state == "finished" else None
+            size = self._size(request_id) if state == "finished" else None
             if size is not None:
                 completion["response_payload_uncompressed_size"] = size
             completions.append(completion)
         return completions
-
-    def _payload_size(self, request_id: str) -> int | None:
-        with self._lock:
-            if request_id in self._sizes:
-                return self._sizes[request_id]
-        size = self._size(request_id)
-        with self._lock:
-            self._sizes[request_id] = size
-            while len(self._sizes) > MAX_EVENTS_PER_QUEUE:
-                self._sizes.popitem(last=False)
-        return size
 
     def _acknowledge(
         self,
@@ -261,7 +246,6 @@ class Completions:
                 del self._where[request_id]
                 queue.tracked.discard(request_id)
                 queue.events.pop(request_id, None)
-                self._sizes.pop(request_id, None)
                 self._gone.append(queue.record_key(request_id))
             return len(self._gone) >= DELETE_BATCH
 

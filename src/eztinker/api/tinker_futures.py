@@ -41,6 +41,7 @@ from eztinker.store.facade import FacadeState
 
 LONG_POLL_SECONDS = 25.0  # how long a poll waits for an answer: under the SDK's 45 s read timeout
 MAX_FUTURES = 100_000  # request ids remembered in memory (oldest forgotten first; jobs stay in the store)
+MAX_ENCODED_KEPT = 1024  # finished samples' protobuf answers kept between their size and their fetch
 SEQ_GAP_WAIT_SECONDS = 2.0  # how long an op that arrived early waits for the ops before it
 
 # FacadeState namespaces
@@ -93,6 +94,9 @@ class TinkerState:
     clock: Callable[[], float] = time.time  # of heartbeats and session expiry (a test moves it)
     sessions_checked_at: float = 0.0  # when idle sessions were last looked for (`tinker_sessions`)
     completions: Completions = field(init=False)  # each sampling client's completion queue
+    # Finished samples' protobuf answers, encoded to tell `retrieve_futures` their size and taken by the
+    # `retrieve_future` that fetches them: each result is encoded once, not once per poll and again to send.
+    encoded: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.completions = Completions(
@@ -101,6 +105,10 @@ class TinkerState:
 
     def _payload_size(self, request_id: str) -> int | None:
         """The byte length of finished sample `request_id`'s protobuf result, if its job is at hand."""
+        with self.lock:
+            kept = self.encoded.get(request_id)
+        if kept is not None:
+            return len(kept)
         job = self.service.scheduler.get(request_id)
         if job is None or job.status != "completed" or job.result is None:
             return None
@@ -108,7 +116,18 @@ class TinkerState:
             encoded = answer(job.op, job.run_id, job.result, protobuf=True)
         except EngineError:  # retrieve_future reports it as the request's failure
             return None
-        return len(encoded) if isinstance(encoded, bytes) else None
+        if not isinstance(encoded, bytes):
+            return None
+        with self.lock:
+            self.encoded[request_id] = encoded
+            while len(self.encoded) > MAX_ENCODED_KEPT:  # a sample never fetched: encoded again if it is
+                self.encoded.popitem(last=False)
+        return len(encoded)
+
+    def take_encoded(self, request_id: str) -> bytes | None:
+        """The protobuf answer `_payload_size` encoded for `request_id`, handed over once (None if none)."""
+        with self.lock:
+            return self.encoded.pop(request_id, None)
 
     def _outcome(self, request_id: str) -> Literal["finished", "failed"] | None:
         """How sample `request_id` (its job's id) ended; None while it runs in this process."""
